@@ -1,0 +1,41 @@
+//! A throwaway `redis-server` on a free loopback port, for the demo and the benchmark.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EmbeddedRedis {
+    pub url: String,
+    child: Child,
+}
+
+impl Drop for EmbeddedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts redis-server in `dir`, or returns `None` when it is not installed or does not come up.
+pub async fn start(dir: &Path) -> Option<EmbeddedRedis> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let redis = EmbeddedRedis { url: format!("redis://127.0.0.1:{port}"), child };
+    let client = redis::Client::open(redis.url.as_str()).ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+            if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
+                return Some(redis);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}

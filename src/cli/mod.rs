@@ -1,0 +1,8 @@
+//! The subcommands behind `omni`.
+
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod embedded_redis;
+pub mod publish;
+pub mod view;

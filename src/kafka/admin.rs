@@ -1,0 +1,65 @@
+//! Creating the topics a topology needs, and checking the ones that exist.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{KafkaError, KafkaSettings};
+
+/// A topic omni needs.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// Topic configs such as `cleanup.policy=compact`.
+    pub configs: Vec<(&'static str, String)>,
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The partition count of a topic, or `None` if it does not exist.
+pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<Option<i32>, KafkaError> {
+    let consumer: BaseConsumer = settings.client_config().create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match t.error() {
+        None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as i32)),
+        None => Ok(None),
+        Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => Ok(None),
+        Some(e) => {
+            Err(KafkaError::Topic { topic: topic.to_owned(), reason: format!("{:?}", RDKafkaErrorCode::from(e)) })
+        }
+    }
+}
+
+/// Creates every missing topic; an existing one is left as it is.
+pub async fn ensure_topics(settings: &KafkaSettings, specs: &[TopicSpec]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let configs: Vec<Vec<(&str, &str)>> =
+        specs.iter().map(|s| s.configs.iter().map(|(k, v)| (*k, v.as_str())).collect()).collect();
+    let topics: Vec<NewTopic> = specs
+        .iter()
+        .zip(&configs)
+        .map(|(spec, configs)| {
+            let mut topic = NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(-1));
+            for (key, value) in configs {
+                topic = topic.set(key, value);
+            }
+            topic
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::Topic { topic, reason: format!("create failed: {code}") }),
+        }
+    }
+    Ok(())
+}

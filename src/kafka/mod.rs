@@ -1,0 +1,61 @@
+//! Kafka client setup: connection and security settings shared by every
+//! client omni makes, the Java-compatible partitioner, and topic creation.
+
+mod admin;
+mod partitioner;
+
+use std::collections::BTreeMap;
+
+use rdkafka::ClientConfig;
+
+pub use admin::{ensure_topics, partition_count, TopicSpec};
+pub use partitioner::{murmur2, partition_for};
+
+/// Errors from Kafka clients.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("topic {topic}: {reason}")]
+    Topic { topic: String, reason: String },
+}
+
+/// How to reach and authenticate to the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port[,host:port…]`. `OMNI_BROKERS` overrides it.
+    pub brokers: String,
+    /// Extra librdkafka properties passed to every client, for SASL and TLS:
+    /// `security.protocol`, `sasl.mechanism` (PLAIN, SCRAM-SHA-256/512),
+    /// `sasl.username`, `ssl.ca.location`, … Secrets belong in
+    /// `OMNI_KAFKA_SASL_PASSWORD` or a file named by `sasl.password.file`.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka properties whose values are secrets.
+pub const SECRET_PROPERTIES: [&str; 3] = ["sasl.password", "ssl.key.password", "ssl.keystore.password"];
+
+impl KafkaSettings {
+    pub fn with_brokers(brokers: impl Into<String>) -> KafkaSettings {
+        KafkaSettings { brokers: brokers.into(), properties: BTreeMap::new() }
+    }
+
+    /// A client config with the brokers and every pass-through property set.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// A config for producers whose keyed records must land where Java's and
+    /// Node's default partitioner puts them.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config.set("partitioner", "murmur2_random");
+        config
+    }
+}

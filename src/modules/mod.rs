@@ -1,0 +1,207 @@
+//! Topology modules: the pure folds that turn room events into room state.
+//!
+//! A module owns one named slice of a room's state (`recording`, `tags`, …)
+//! and folds events into it. Folds are pure functions of (state, event): they
+//! do no I/O, so the runtime can run them inside a transaction, replay them,
+//! and tests can drive them without Kafka. The runtime owns everything else.
+//!
+//! Adding a state type is one file here with a [`Module`] impl, one line in
+//! [`Registry::with_builtins`], and the module's name in a topology file.
+
+mod recording;
+mod room;
+mod tags;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::proto::tecate::RoomEvent;
+
+pub use recording::{Recording, RecordingState};
+pub use room::{Change, FoldOutcome, RoomFolder, ROOM_MODULE};
+pub use tags::Tags;
+
+/// Limits a fold enforces; records that break them are dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most tags one room may hold.
+    pub max_tags_per_room: usize,
+    /// Longest tag key, in bytes.
+    pub max_tag_key_bytes: usize,
+    /// Longest tag value, in bytes.
+    pub max_tag_value_bytes: usize,
+    /// Largest input record (key plus value), in bytes.
+    pub max_record_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tags_per_room: 256,
+            max_tag_key_bytes: 128,
+            max_tag_value_bytes: 4096,
+            max_record_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why a record was refused; the kind names the dead-letter header value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Rejection {
+    pub kind: RejectKind,
+    pub message: String,
+}
+
+/// The kinds of refusal, as written in the `omni.error.kind` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    /// The value is not a decodable Tecate event.
+    Undecodable,
+    /// The key is not a valid room path.
+    InvalidKey,
+    /// The record or the state it would produce breaks a configured limit.
+    OverLimit,
+    /// The event decodes but makes no sense (an empty tag key, say).
+    InvalidEvent,
+    /// The room's stored state could not be read back (a module changed its format).
+    CorruptState,
+}
+
+impl RejectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectKind::Undecodable => "undecodable",
+            RejectKind::InvalidKey => "invalid_key",
+            RejectKind::OverLimit => "over_limit",
+            RejectKind::InvalidEvent => "invalid_event",
+            RejectKind::CorruptState => "corrupt_state",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Rejection {
+    pub fn new(kind: RejectKind, message: impl Into<String>) -> Rejection {
+        Rejection { kind, message: message.into() }
+    }
+}
+
+/// A state type: a named, serialisable state and the pure fold over it.
+///
+/// `fold` returns `Ok(None)` for a no-op (nothing changes, nothing is
+/// emitted), `Ok(Some(next))` for an effective change, or a [`Rejection`]
+/// when the event must be dead-lettered instead.
+pub trait Module: Send + Sync + 'static {
+    /// The module's state; `Default` is the empty state of a new or closed room.
+    type State: Default + Serialize + DeserializeOwned + PartialEq;
+
+    /// The name used in topology files, Redis fields and broadcast records.
+    fn name(&self) -> &'static str;
+
+    fn fold(&self, state: &Self::State, event: &RoomEvent, limits: &Limits) -> Result<Option<Self::State>, Rejection>;
+}
+
+/// A module with its state type erased to JSON text, so the runtime can hold
+/// modules of different state types side by side.
+pub trait DynModule: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Folds `event` into the JSON state (`None` = empty) and returns the new JSON state on a change.
+    fn fold_json(&self, state: Option<&str>, event: &RoomEvent, limits: &Limits) -> Result<Option<String>, Rejection>;
+
+    /// The JSON of the empty state.
+    fn empty_json(&self) -> String;
+}
+
+impl<M: Module> DynModule for M {
+    fn name(&self) -> &'static str {
+        Module::name(self)
+    }
+
+    fn fold_json(&self, state: Option<&str>, event: &RoomEvent, limits: &Limits) -> Result<Option<String>, Rejection> {
+        let current: M::State = match state {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                Rejection::new(
+                    RejectKind::CorruptState,
+                    format!("stored {} state does not decode: {e}", Module::name(self)),
+                )
+            })?,
+            None => M::State::default(),
+        };
+        match self.fold(&current, event, limits)? {
+            Some(next) if next != current => Ok(Some(to_json(&next))),
+            _ => Ok(None),
+        }
+    }
+
+    fn empty_json(&self) -> String {
+        to_json(&M::State::default())
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("module states serialise to JSON")
+}
+
+/// Why a topology's module list cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown module {0:?}; registered modules: {1}")]
+    Unknown(String, String),
+    #[error("module {0:?} is listed twice")]
+    Duplicate(String),
+    #[error("module name {0:?} is reserved")]
+    Reserved(String),
+}
+
+/// The modules a process knows by name. Topology files pick from it.
+#[derive(Clone, Default)]
+pub struct Registry {
+    modules: BTreeMap<&'static str, Arc<dyn DynModule>>,
+}
+
+impl Registry {
+    /// The built-in state types. A new state type adds one line here.
+    pub fn with_builtins() -> Registry {
+        Registry::default().register(Recording).register(Tags)
+    }
+
+    /// Adds a module; a later registration of the same name replaces an earlier one.
+    pub fn register<M: Module>(mut self, module: M) -> Registry {
+        self.modules.insert(Module::name(&module), Arc::new(module));
+        self
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.modules.keys().copied().collect()
+    }
+
+    /// The modules named by a topology, in its order.
+    pub fn select(&self, names: &[String]) -> Result<Vec<Arc<dyn DynModule>>, RegistryError> {
+        let mut picked: Vec<Arc<dyn DynModule>> = Vec::with_capacity(names.len());
+        for name in names {
+            if name == ROOM_MODULE {
+                return Err(RegistryError::Reserved(name.clone()));
+            }
+            if picked.iter().any(|m| m.name() == name) {
+                return Err(RegistryError::Duplicate(name.clone()));
+            }
+            let module = self
+                .modules
+                .get(name.as_str())
+                .ok_or_else(|| RegistryError::Unknown(name.clone(), self.names().join(", ")))?;
+            picked.push(Arc::clone(module));
+        }
+        Ok(picked)
+    }
+}

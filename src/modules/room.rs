@@ -1,0 +1,244 @@
+//! The room fold: validates one input record and folds its event through
+//! every module of the topology, producing the room's next state and the
+//! ordered list of effective changes. Still pure: the runtime supplies the
+//! current state and persists what comes out.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::{DynModule, Limits, RejectKind, Rejection};
+use crate::path::Path;
+use crate::proto::omni::RoomState;
+use crate::proto::tecate::room_event::Kind;
+use crate::proto::tecate::RoomEvent;
+
+/// The module name of the change a room close makes.
+pub const ROOM_MODULE: &str = "room";
+
+/// One effective change: a module's full state after it, at a room version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub version: u64,
+    pub module: &'static str,
+    pub state_json: String,
+}
+
+/// What folding one event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoldOutcome {
+    /// Effective changes in order; empty for a no-op.
+    pub changes: Vec<Change>,
+    /// True when the event closed the room (its state is now empty).
+    pub closed: bool,
+}
+
+/// A topology's modules and limits, ready to fold records.
+#[derive(Clone)]
+pub struct RoomFolder {
+    modules: Vec<Arc<dyn DynModule>>,
+    limits: Limits,
+}
+
+impl RoomFolder {
+    pub fn new(modules: Vec<Arc<dyn DynModule>>, limits: Limits) -> RoomFolder {
+        RoomFolder { modules, limits }
+    }
+
+    pub fn modules(&self) -> &[Arc<dyn DynModule>] {
+        &self.modules
+    }
+
+    /// Checks a raw record against the limits and decodes its key and value.
+    pub fn decode(&self, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(Path, RoomEvent), Rejection> {
+        let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+        if size > self.limits.max_record_bytes {
+            return Err(Rejection::new(
+                RejectKind::OverLimit,
+                format!("record is {size} bytes, over the {}-byte limit", self.limits.max_record_bytes),
+            ));
+        }
+        let key = key.ok_or_else(|| Rejection::new(RejectKind::InvalidKey, "record has no key"))?;
+        let key =
+            std::str::from_utf8(key).map_err(|_| Rejection::new(RejectKind::InvalidKey, "record key is not UTF-8"))?;
+        let path = Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
+        let value = value.ok_or_else(|| Rejection::new(RejectKind::Undecodable, "record has no value"))?;
+        let event = RoomEvent::decode(value)
+            .map_err(|e| Rejection::new(RejectKind::Undecodable, format!("not a Tecate RoomEvent: {e}")))?;
+        if event.kind.is_none() {
+            return Err(Rejection::new(RejectKind::Undecodable, "Tecate RoomEvent has no event kind"));
+        }
+        Ok((path, event))
+    }
+
+    /// Folds `event` into `state`. On a rejection `state` is left untouched,
+    /// so an event is applied whole or not at all.
+    pub fn fold(&self, state: &mut RoomState, event: &RoomEvent) -> Result<FoldOutcome, Rejection> {
+        if matches!(event.kind, Some(Kind::RoomClosed(_))) {
+            return Ok(self.close(state, event));
+        }
+        let mut next_states = Vec::new();
+        for module in &self.modules {
+            let current = state.modules.get(module.name()).map(String::as_str);
+            if let Some(next) = module.fold_json(current, event, &self.limits)? {
+                next_states.push((module, next));
+            }
+        }
+        let mut changes = Vec::with_capacity(next_states.len());
+        for (module, next) in next_states {
+            state.version += 1;
+            if next == module.empty_json() {
+                state.modules.remove(module.name());
+            } else {
+                state.modules.insert(module.name().to_owned(), next.clone());
+            }
+            changes.push(Change { version: state.version, module: module.name(), state_json: next });
+        }
+        if !changes.is_empty() {
+            state.updated_at = event.occurred_at;
+            state.closed = false;
+        }
+        Ok(FoldOutcome { changes, closed: false })
+    }
+
+    /// A close clears every module as one change; the version survives so a
+    /// reopened room continues from it. Closing an empty room is a no-op.
+    fn close(&self, state: &mut RoomState, event: &RoomEvent) -> FoldOutcome {
+        if state.modules.is_empty() {
+            return FoldOutcome { changes: Vec::new(), closed: false };
+        }
+        state.modules.clear();
+        state.version += 1;
+        state.closed = true;
+        state.updated_at = event.occurred_at;
+        FoldOutcome {
+            changes: vec![Change { version: state.version, module: ROOM_MODULE, state_json: "{}".to_owned() }],
+            closed: true,
+        }
+    }
+
+    /// Every module's current JSON state, the empty state for modules that hold none.
+    pub fn module_states<'a>(&'a self, state: &'a RoomState) -> impl Iterator<Item = (&'static str, String)> + 'a {
+        self.modules.iter().map(move |m| {
+            let json = state.modules.get(m.name()).cloned().unwrap_or_else(|| m.empty_json());
+            (m.name(), json)
+        })
+    }
+}
+
+/// Event constructors shared by the module tests.
+#[cfg(test)]
+pub(crate) mod test_events {
+    use crate::proto::tecate::{room_event::Kind, *};
+    use crate::proto::Timestamp;
+
+    /// 2026-11-27T10:00:00Z
+    pub const AT: Timestamp = Timestamp { seconds: 1_795_773_600, nanos: 0 };
+
+    pub fn event(kind: Kind) -> RoomEvent {
+        RoomEvent { event_id: "e".into(), occurred_at: Some(AT), kind: Some(kind) }
+    }
+    pub fn start(id: &str, by: &str) -> RoomEvent {
+        event(Kind::RecordingStarted(RecordingStarted { recording_id: id.into(), started_by: by.into() }))
+    }
+    pub fn stop(id: &str, reason: &str) -> RoomEvent {
+        event(Kind::RecordingStopped(RecordingStopped { recording_id: id.into(), reason: reason.into() }))
+    }
+    pub fn tag_set(key: &str, value: &str) -> RoomEvent {
+        event(Kind::TagSet(TagSet { key: key.into(), value: value.into() }))
+    }
+    pub fn tag_remove(key: &str) -> RoomEvent {
+        event(Kind::TagRemoved(TagRemoved { key: key.into() }))
+    }
+    pub fn close() -> RoomEvent {
+        event(Kind::RoomClosed(RoomClosed {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_events::*;
+    use super::*;
+    use crate::modules::Registry;
+
+    fn folder() -> RoomFolder {
+        let names = vec!["recording".to_owned(), "tags".to_owned()];
+        RoomFolder::new(Registry::with_builtins().select(&names).unwrap(), Limits::default())
+    }
+
+    #[test]
+    fn each_effective_change_bumps_the_version_by_one_and_no_ops_do_not() {
+        let f = folder();
+        let mut room = RoomState::default();
+        let events = [
+            start("rec1", "u1"),
+            tag_set("topic", "physics"),
+            tag_set("topic", "chemistry"),
+            tag_remove("absent"),
+            start("rec1", "u1"),
+            stop("rec1", "done"),
+        ];
+        let versions: Vec<Vec<u64>> =
+            events.iter().map(|e| f.fold(&mut room, e).unwrap().changes.iter().map(|c| c.version).collect()).collect();
+        assert_eq!(versions, vec![vec![1], vec![2], vec![3], vec![], vec![], vec![4]]);
+        assert_eq!(room.version, 4);
+        assert_eq!(room.modules["tags"], r#"{"topic":"chemistry"}"#);
+    }
+
+    #[test]
+    fn close_clears_everything_as_one_room_change_and_the_version_survives() {
+        let f = folder();
+        let mut room = RoomState::default();
+        f.fold(&mut room, &start("r", "u")).unwrap();
+        f.fold(&mut room, &tag_set("k", "v")).unwrap();
+        let out = f.fold(&mut room, &close()).unwrap();
+        assert!(out.closed && room.closed);
+        assert_eq!(out.changes, vec![Change { version: 3, module: ROOM_MODULE, state_json: "{}".into() }]);
+        assert!(room.modules.is_empty());
+        // A second close is a no-op; a reopened room continues the version.
+        assert!(f.fold(&mut room, &close()).unwrap().changes.is_empty());
+        assert_eq!(f.fold(&mut room, &tag_set("k", "v")).unwrap().changes[0].version, 4);
+        assert!(!room.closed);
+    }
+
+    #[test]
+    fn a_rejected_event_leaves_the_state_untouched() {
+        let f = RoomFolder::new(
+            Registry::with_builtins().select(&["tags".to_owned()]).unwrap(),
+            Limits { max_tags_per_room: 1, ..Limits::default() },
+        );
+        let mut room = RoomState::default();
+        f.fold(&mut room, &tag_set("a", "1")).unwrap();
+        let before = room.clone();
+        assert_eq!(f.fold(&mut room, &tag_set("b", "2")).unwrap_err().kind, RejectKind::OverLimit);
+        assert_eq!(room, before);
+    }
+
+    #[test]
+    fn a_module_back_at_its_empty_state_is_dropped_from_the_room() {
+        let f = folder();
+        let mut room = RoomState::default();
+        f.fold(&mut room, &tag_set("k", "v")).unwrap();
+        let out = f.fold(&mut room, &tag_remove("k")).unwrap();
+        assert_eq!(out.changes[0].state_json, "{}");
+        assert!(room.modules.is_empty());
+        let states: Vec<_> = f.module_states(&room).collect();
+        assert_eq!(states, vec![("recording", r#"{"active":false}"#.to_owned()), ("tags", "{}".to_owned())]);
+    }
+
+    #[test]
+    fn decode_rejects_bad_records_with_the_right_kind() {
+        let f = folder();
+        let good = tag_set("k", "v").encode_to_vec();
+        assert!(f.decode(Some(b"app/a/room/r"), Some(&good)).is_ok());
+        let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v).unwrap_err().kind;
+        assert_eq!(kind(None, Some(&good)), RejectKind::InvalidKey);
+        assert_eq!(kind(Some(b"app/a"), Some(&good)), RejectKind::InvalidKey);
+        assert_eq!(kind(Some(&[0xff, 0xfe]), Some(&good)), RejectKind::InvalidKey);
+        assert_eq!(kind(Some(b"app/a/room/r"), Some(&[0xff, 0xff, 0xff])), RejectKind::Undecodable);
+        assert_eq!(kind(Some(b"app/a/room/r"), None), RejectKind::Undecodable);
+        assert_eq!(kind(Some(b"app/a/room/r"), Some(&[])), RejectKind::Undecodable);
+        let big = vec![0u8; 64 * 1024];
+        assert_eq!(kind(Some(b"app/a/room/r"), Some(&big)), RejectKind::OverLimit);
+    }
+}

@@ -1,0 +1,100 @@
+//! The operations endpoint: Prometheus metrics, liveness and readiness.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use omni::runtime::Health;
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+                .expect("static buckets are valid")
+                .install_recorder()
+                .expect("the metrics recorder is installed once")
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Binds the endpoint and serves it in the background; returns the bound address.
+pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+    let endpoint = Endpoint { metrics: metrics_handle(), health };
+    describe_metrics();
+    let app = Router::new()
+        .route("/metrics", get(|State(e): State<Endpoint>| async move { e.metrics.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(e): State<Endpoint>| async move {
+                if e.health.ready() {
+                    (StatusCode::OK, format!("ready: {} partitions\n", e.health.assigned()))
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: joining the group or restoring\n".to_owned())
+                }
+            }),
+        )
+        .with_state(endpoint);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the HTTP endpoint on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP endpoint stopped");
+        }
+    });
+    Ok(addr)
+}
+
+/// Registers help texts, and zeroes the counters so they show before their first event.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    let counters = [
+        ("omni_events_consumed_total", "Input records consumed."),
+        ("omni_events_processed_total", "Events folded, per module."),
+        ("omni_noops_total", "Events that changed nothing, per module."),
+        ("omni_changes_emitted_total", "Effective changes broadcast, per module."),
+        ("omni_dead_letters_total", "Records sent to the dead-letter topic, by error kind."),
+        ("omni_transaction_aborts_total", "Aborted transactions."),
+        ("omni_rebalances_total", "Partition assignments and revocations."),
+        ("omni_redis_rooms_written_total", "Room writes applied to Redis."),
+        ("omni_redis_write_errors_total", "Failed Redis pipelines (retried)."),
+        ("omni_restored_records_total", "Changelog records restored into the store."),
+        ("omni_produce_errors_total", "Records Kafka did not accept."),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    let gauges = [
+        ("omni_consumer_lag", "Records behind the end of each input partition."),
+        ("omni_restore_remaining_records", "Changelog records left to restore, per partition."),
+        ("omni_redis_backlog_rooms", "Rooms waiting to be written to Redis."),
+        ("omni_rocksdb_memory_bytes", "RocksDB block cache and memtable memory."),
+        ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk."),
+        ("omni_assigned_partitions", "Input partitions assigned to this instance."),
+    ];
+    for (name, help) in gauges {
+        describe_gauge!(name, help);
+        metrics::gauge!(name).set(0.0);
+    }
+    describe_histogram!("omni_commit_seconds", "Time to commit one transaction.");
+    describe_histogram!("omni_transaction_seconds", "Time from a transaction's first record to its commit.");
+    describe_histogram!("omni_redis_write_seconds", "Time of one Redis pipeline.");
+}

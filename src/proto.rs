@@ -1,0 +1,38 @@
+//! The generated wire types: Tecate room events (input) and omni's own
+//! messages (paths, broadcast state changes, changelog room state).
+
+/// Tecate room events, the processing job's input.
+pub mod tecate {
+    include!(concat!(env!("OUT_DIR"), "/tecate.v1.rs"));
+}
+
+/// omni's own messages.
+pub mod omni {
+    include!(concat!(env!("OUT_DIR"), "/omni.v1.rs"));
+}
+
+pub use prost::Message;
+pub use prost_types::Timestamp;
+
+/// Timestamp of a point in time given as milliseconds since the Unix epoch.
+pub fn timestamp_from_millis(millis: i64) -> Timestamp {
+    Timestamp { seconds: millis.div_euclid(1000), nanos: (millis.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+/// Milliseconds since the Unix epoch of a timestamp (0 when absent).
+pub fn millis_of(ts: Option<&Timestamp>) -> i64 {
+    ts.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000).unwrap_or(0)
+}
+
+/// RFC 3339 text of a timestamp, in UTC with a `Z`, fractional seconds only when present.
+pub fn rfc3339(ts: Option<&Timestamp>) -> String {
+    let ts = ts.cloned().unwrap_or_default();
+    chrono::DateTime::from_timestamp(ts.seconds, ts.nanos.clamp(0, 999_999_999) as u32)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    timestamp_from_millis(chrono::Utc::now().timestamp_millis())
+}

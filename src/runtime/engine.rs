@@ -1,0 +1,473 @@
+//! The engine: folds consumed records into room state inside the current
+//! transaction, and commits the transaction each interval.
+//!
+//! Within one transaction, changed rooms live in per-partition overlays
+//! ("dirty" rooms). A commit sends one changelog record per dirty room, the
+//! consumed offsets with the group metadata (so a zombie is fenced), and
+//! commits. Only then do the overlays go to the store, in one atomic write
+//! per partition together with the changelog offset, and on to Redis. An
+//! aborted transaction drops the overlays and rewinds to the committed
+//! offsets, so nothing it touched is seen anywhere.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
+use super::restore::{RestoreDone, Restores};
+use super::{Health, RuntimeError};
+use crate::modules::{Rejection, RoomFolder};
+use crate::proto::omni::{RoomState, StateChange};
+use crate::proto::{now, rfc3339};
+use crate::store::{PartitionWrite, StateStore};
+use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+const COMMIT_ATTEMPTS: usize = 5;
+
+/// The topics one job reads and writes.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub input: String,
+    pub changelog: String,
+    pub broadcast: String,
+    pub dead_letter: String,
+}
+
+/// A room changed in the open transaction, with the changes that Redis has not seen yet.
+struct DirtyRoom {
+    state: RoomState,
+    changes: Vec<ChangeEntry>,
+}
+
+/// One assigned input partition.
+#[derive(Default)]
+struct Task {
+    restoring: bool,
+    /// First offset that arrived while restoring; consumption resumes from it.
+    rewind_to: Option<i64>,
+    /// Next input offset to commit, once this partition consumed something in the transaction.
+    next_offset: Option<i64>,
+    dirty: HashMap<String, DirtyRoom>,
+}
+
+pub struct Engine {
+    pub(super) folder: RoomFolder,
+    pub(super) store: Arc<dyn StateStore>,
+    pub(super) producer: JobProducer,
+    pub(super) redis: Option<RedisWriter>,
+    pub(super) topics: Topics,
+    pub(super) exactly_once: bool,
+    pub(super) commit_interval: Duration,
+    pub(super) health: Arc<Health>,
+    pub(super) restores: Restores,
+    pub(super) restore_results: mpsc::Receiver<RestoreDone>,
+    tasks: BTreeMap<i32, Task>,
+    /// When the open transaction began; `None` when none is open.
+    open_since: Option<Instant>,
+    /// An error raised inside a rebalance callback, surfaced by the loop.
+    pub(super) failure: Option<RuntimeError>,
+    usage_reported: Instant,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        folder: RoomFolder,
+        store: Arc<dyn StateStore>,
+        producer: JobProducer,
+        redis: Option<RedisWriter>,
+        topics: Topics,
+        exactly_once: bool,
+        commit_interval: Duration,
+        health: Arc<Health>,
+        restores: Restores,
+        restore_results: mpsc::Receiver<RestoreDone>,
+    ) -> Engine {
+        Engine {
+            folder,
+            store,
+            producer,
+            redis,
+            topics,
+            exactly_once,
+            commit_interval,
+            health,
+            restores,
+            restore_results,
+            tasks: BTreeMap::new(),
+            open_since: None,
+            failure: None,
+            usage_reported: Instant::now() - Duration::from_secs(60),
+        }
+    }
+
+    /// How long the loop may wait for a record before a commit falls due.
+    pub(super) fn poll_timeout(&self) -> Duration {
+        let max = Duration::from_millis(100);
+        match self.open_since {
+            Some(since) => self.commit_interval.saturating_sub(since.elapsed()).clamp(Duration::from_millis(1), max),
+            None => max,
+        }
+    }
+
+    pub(super) fn commit_due(&self) -> bool {
+        self.open_since.is_some_and(|since| since.elapsed() >= self.commit_interval)
+    }
+
+    fn begin(&mut self) -> Result<(), RuntimeError> {
+        if self.open_since.is_none() {
+            if self.exactly_once {
+                self.producer.begin_transaction()?;
+            }
+            self.open_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Folds one consumed record.
+    pub(super) fn process(&mut self, message: &BorrowedMessage<'_>) -> Result<(), RuntimeError> {
+        let partition = message.partition();
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            // Revoked after it was fetched; its new owner reads it from the committed offset.
+            return Ok(());
+        };
+        if task.restoring {
+            task.rewind_to.get_or_insert(message.offset());
+            return Ok(());
+        }
+        self.begin()?;
+        metrics::counter!("omni_events_consumed_total").increment(1);
+        let outcome = self.fold(partition, message);
+        if let Err(rejection) = outcome? {
+            self.dead_letter(message, &rejection)?;
+        }
+        if let Some(task) = self.tasks.get_mut(&partition) {
+            task.next_offset = Some(message.offset() + 1);
+        }
+        Ok(())
+    }
+
+    /// Folds a record into its room; the inner result is the record's own rejection.
+    fn fold(&mut self, partition: i32, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
+        let (path, event) = match self.folder.decode(message.key(), message.payload()) {
+            Ok(decoded) => decoded,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        let room = path.to_string();
+        let task = self.tasks.get_mut(&partition).expect("checked by process");
+        let mut state = match task.dirty.get(&room) {
+            Some(dirty) => dirty.state.clone(),
+            None => self.store.get(partition, &room)?.unwrap_or_default(),
+        };
+        let outcome = match self.folder.fold(&mut state, &event) {
+            Ok(outcome) => outcome,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
+        for module in self.folder.modules() {
+            metrics::counter!("omni_events_processed_total", "module" => module.name()).increment(1);
+            if !outcome.changes.iter().any(|c| c.module == module.name()) {
+                metrics::counter!("omni_noops_total", "module" => module.name()).increment(1);
+            }
+        }
+        if outcome.changes.is_empty() {
+            return Ok(Ok(()));
+        }
+        let processed_at = now();
+        let mut entries = Vec::with_capacity(outcome.changes.len());
+        for change in outcome.changes {
+            let record = StateChange {
+                path: room.clone(),
+                version: change.version,
+                module: change.module.to_owned(),
+                state_json: change.state_json,
+                cause_event_id: event.event_id.clone(),
+                occurred_at: event.occurred_at,
+                processed_at: Some(processed_at),
+            };
+            let payload = record.encode_to_vec();
+            send(&self.producer, BaseRecord::to(&self.topics.broadcast).key(room.as_bytes()).payload(&payload[..]))?;
+            metrics::counter!("omni_changes_emitted_total", "module" => change.module).increment(1);
+            entries.push(ChangeEntry {
+                version: record.version,
+                module: record.module,
+                state_json: record.state_json,
+                cause_event_id: record.cause_event_id,
+                occurred_at: rfc3339(record.occurred_at.as_ref()),
+                processed_at: rfc3339(record.processed_at.as_ref()),
+            });
+        }
+        let task = self.tasks.get_mut(&partition).expect("checked by process");
+        let dirty =
+            task.dirty.entry(room).or_insert_with(|| DirtyRoom { state: RoomState::default(), changes: Vec::new() });
+        dirty.state = state;
+        dirty.changes.extend(entries);
+        Ok(Ok(()))
+    }
+
+    fn dead_letter(&mut self, message: &BorrowedMessage<'_>, rejection: &Rejection) -> Result<(), RuntimeError> {
+        tracing::warn!(
+            kind = rejection.kind.as_str(),
+            reason = %rejection.message,
+            topic = message.topic(),
+            partition = message.partition(),
+            offset = message.offset(),
+            "record dead-lettered"
+        );
+        metrics::counter!("omni_dead_letters_total", "kind" => rejection.kind.as_str()).increment(1);
+        let headers = dead_letter_headers(rejection, message.topic(), message.partition(), message.offset());
+        let mut record = BaseRecord::to(&self.topics.dead_letter).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = message.payload() {
+            record = record.payload(value);
+        }
+        send(&self.producer, record)
+    }
+
+    /// Commits the open transaction, if any.
+    pub(super) fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), RuntimeError> {
+        let Some(opened) = self.open_since else {
+            return Ok(());
+        };
+        for (&partition, task) in &self.tasks {
+            for (room, dirty) in &task.dirty {
+                let value = dirty.state.encode_to_vec();
+                send(
+                    &self.producer,
+                    BaseRecord::to(&self.topics.changelog)
+                        .partition(partition)
+                        .key(room.as_bytes())
+                        .payload(&value[..]),
+                )?;
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&partition, task) in &self.tasks {
+            if let Some(next) = task.next_offset {
+                offsets.add_partition_offset(&self.topics.input, partition, Offset::Offset(next))?;
+            }
+        }
+        let started = Instant::now();
+        match self.finish(consumer, &offsets) {
+            Ok(()) => {
+                metrics::histogram!("omni_commit_seconds").record(started.elapsed().as_secs_f64());
+                self.open_since = None;
+                self.after_commit()?;
+                metrics::histogram!("omni_transaction_seconds").record(opened.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) if self.exactly_once && requires_abort(&e) => {
+                tracing::warn!(error = %e, "transaction failed; aborting and rewinding to the committed offsets");
+                self.abort(consumer)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn finish<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        offsets: &TopicPartitionList,
+    ) -> Result<(), RdError> {
+        if !self.exactly_once {
+            self.producer.flush(KAFKA_TIMEOUT)?;
+            if offsets.count() > 0 {
+                consumer.commit(offsets, CommitMode::Sync)?;
+            }
+            return Ok(());
+        }
+        if offsets.count() > 0 {
+            let group = consumer.group_metadata().ok_or(RdError::Canceled)?;
+            self.producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
+        }
+        let mut attempt = 1;
+        loop {
+            match self.producer.commit_transaction(KAFKA_TIMEOUT) {
+                Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
+                    tracing::warn!(error = %e, attempt, "transaction commit will be retried");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Moves the committed overlays into the store, then hands them to Redis.
+    fn after_commit(&mut self) -> Result<(), RuntimeError> {
+        let ends = take_changelog_ends(&self.producer);
+        let mut writes = Vec::new();
+        for (&partition, task) in &mut self.tasks {
+            task.next_offset = None;
+            let dirty = std::mem::take(&mut task.dirty);
+            if dirty.is_empty() && !ends.contains_key(&partition) {
+                continue;
+            }
+            let mut rooms = Vec::with_capacity(dirty.len());
+            for (room, DirtyRoom { state, changes }) in dirty {
+                if self.redis.is_some() {
+                    writes.push(room_write(&self.folder, &room, &state, changes));
+                }
+                rooms.push((room, state));
+            }
+            self.store.write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
+        }
+        if let Some(redis) = &self.redis {
+            redis.send(writes);
+        }
+        Ok(())
+    }
+
+    /// Aborts the open transaction and rewinds every active partition to its committed offset.
+    pub(super) fn abort<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), RuntimeError> {
+        metrics::counter!("omni_transaction_aborts_total").increment(1);
+        if self.exactly_once && self.open_since.is_some() {
+            self.producer.abort_transaction(KAFKA_TIMEOUT)?;
+        }
+        self.open_since = None;
+        take_changelog_ends(&self.producer);
+        let mut active = TopicPartitionList::new();
+        for (&partition, task) in &mut self.tasks {
+            task.dirty.clear();
+            task.next_offset = None;
+            if !task.restoring {
+                active.add_partition(&self.topics.input, partition);
+            }
+        }
+        if active.count() == 0 {
+            return Ok(());
+        }
+        let committed = consumer.committed_offsets(active, KAFKA_TIMEOUT)?;
+        for element in committed.elements() {
+            let offset = match element.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            consumer.seek(element.topic(), element.partition(), offset, KAFKA_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Takes newly assigned partitions: each restores its store before it is consumed.
+    pub(super) fn assign<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
+        let mut paused = TopicPartitionList::new();
+        for &partition in partitions {
+            paused.add_partition(&self.topics.input, partition);
+            self.tasks.insert(partition, Task { restoring: true, ..Task::default() });
+            let from = match self.store.changelog_offset(partition) {
+                Ok(from) => from,
+                Err(e) => {
+                    self.failure.get_or_insert(e.into());
+                    None
+                }
+            };
+            self.restores.start(partition, from);
+        }
+        if let Err(e) = consumer.pause(&paused) {
+            self.failure.get_or_insert(e.into());
+        }
+        self.update_health();
+    }
+
+    /// Gives up partitions: their work is already in the committed transaction.
+    pub(super) fn revoke(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.restores.cancel(*partition);
+            self.tasks.remove(partition);
+            metrics::gauge!("omni_restore_remaining_records", "partition" => partition.to_string()).set(0.0);
+        }
+        self.update_health();
+    }
+
+    /// Resumes partitions whose restore finished, after putting their state in Redis.
+    pub(super) fn finish_restores<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        while let Ok(done) = self.restore_results.try_recv() {
+            self.restores.finished(done.partition);
+            let records = done.result?;
+            let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
+            tracing::info!(partition = done.partition, records, "partition restored");
+            task.restoring = false;
+            if let Some(offset) = task.rewind_to.take() {
+                consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
+            }
+            if let Some(redis) = &self.redis {
+                // Redis may have missed writes (down, or a crash before they
+                // were sent); the compare-and-set makes this catch-up harmless.
+                let writes = self
+                    .store
+                    .rooms(done.partition)?
+                    .into_iter()
+                    .map(|(room, state)| room_write(&self.folder, &room, &state, Vec::new()))
+                    .collect();
+                redis.send(writes);
+            }
+            let mut resume = TopicPartitionList::new();
+            resume.add_partition(&self.topics.input, done.partition);
+            consumer.resume(&resume)?;
+            self.update_health();
+        }
+        Ok(())
+    }
+
+    fn update_health(&self) {
+        let restoring = self.tasks.values().filter(|t| t.restoring).count();
+        self.health.set_partitions(self.tasks.len(), restoring);
+        metrics::gauge!("omni_assigned_partitions").set(self.tasks.len() as f64);
+    }
+
+    /// Publishes the store's memory and disk use every few seconds.
+    pub(super) fn report_store_usage(&mut self) {
+        if self.usage_reported.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.usage_reported = Instant::now();
+        let usage = self.store.usage();
+        metrics::gauge!("omni_rocksdb_memory_bytes").set(usage.memory_bytes as f64);
+        metrics::gauge!("omni_rocksdb_disk_bytes").set(usage.disk_bytes as f64);
+    }
+
+    /// Stops every restore, for shutdown.
+    pub(super) fn shutdown(&mut self) {
+        let partitions: Vec<i32> = self.tasks.keys().copied().collect();
+        self.revoke(&partitions);
+    }
+}
+
+/// The Redis view of a committed room state.
+fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
+    RoomWrite {
+        path: room.to_owned(),
+        version: state.version,
+        closed: state.closed,
+        modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
+        updated_at: rfc3339(state.updated_at.as_ref()),
+        changes,
+    }
+}
+
+fn requires_abort(e: &RdError) -> bool {
+    match e {
+        RdError::Transaction(t) => t.txn_requires_abort(),
+        _ => false,
+    }
+}
+
+fn is_retriable(e: &RdError) -> bool {
+    match e {
+        RdError::Transaction(t) => t.is_retriable(),
+        RdError::Flush(_) => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,331 @@
+//! The processing job's runtime: the consume, fold and commit loop.
+//!
+//! [`run`] wires a topology to Kafka, the state store and Redis, and runs
+//! until `shutdown` resolves: then it finishes the open transaction, hands
+//! the last writes to Redis, and closes the store. All I/O lives here; the
+//! folds in [`crate::modules`] stay pure.
+
+mod context;
+mod engine;
+mod output;
+mod restore;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::kafka::{ensure_topics, partition_count, KafkaError, TopicSpec};
+use crate::modules::{Registry, RegistryError, RoomFolder};
+use crate::store::{RocksStore, StoreError};
+use crate::topology::Topology;
+use crate::view::{spawn_writer, KeyLayout, WriterOptions};
+
+pub use engine::Topics;
+pub use output::{
+    HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
+
+use context::JobContext;
+use engine::Engine;
+use restore::Restores;
+
+/// Why the job stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Modules(#[from] RegistryError),
+    #[error("redis at start-up: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Liveness and readiness, read by the operations endpoint.
+#[derive(Debug, Default)]
+pub struct Health {
+    joined: AtomicBool,
+    assigned: AtomicUsize,
+    restoring: AtomicUsize,
+}
+
+impl Health {
+    fn mark_joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    fn set_partitions(&self, assigned: usize, restoring: usize) {
+        self.assigned.store(assigned, Ordering::Relaxed);
+        self.restoring.store(restoring, Ordering::Relaxed);
+    }
+
+    /// Ready once the instance joined its group and every assigned partition is restored.
+    pub fn ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed) && self.restoring.load(Ordering::Relaxed) == 0
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the job described by `topology` until `shutdown` resolves or an error stops it.
+pub async fn run(
+    topology: Topology,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RuntimeError> {
+    topology.validate().map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    let folder = RoomFolder::new(registry.select(&topology.modules)?, topology.limits.clone());
+    let topics = prepare_topics(&topology).await?;
+
+    let redis = match topology.redis.url.as_str() {
+        "" => None,
+        url => Some(connect_redis(url).await?),
+    };
+    let (redis_writer, redis_task) = match redis {
+        Some(client) => {
+            let options = WriterOptions {
+                keys: KeyLayout::new(&topology.redis.key_prefix),
+                stream_max_len: topology.redis.stream_max_len,
+                batch_rooms: 512,
+            };
+            let (writer, task) = spawn_writer(client, options);
+            (Some(writer), Some(task))
+        }
+        None => (None, None),
+    };
+
+    let store_dir = topology.store.dir.clone();
+    let store_options = topology.store.memory;
+    let store = tokio::task::spawn_blocking(move || RocksStore::open(&store_dir, store_options))
+        .await
+        .map_err(|e| RuntimeError::Invalid(format!("opening the store: {e}")))??;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let loop_stop = Arc::clone(&stop);
+    let loop_topology = topology.clone();
+    let loop_health = Arc::clone(&health);
+    std::thread::Builder::new()
+        .name("omni-processor".into())
+        .spawn(move || {
+            let result = processing_loop(loop_topology, folder, topics, store, redis_writer, loop_health, &loop_stop);
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| RuntimeError::Invalid(format!("spawning the processor thread: {e}")))?;
+
+    tokio::pin!(shutdown);
+    tokio::pin!(done_rx);
+    let result = tokio::select! {
+        result = &mut done_rx => result,
+        () = &mut shutdown => {
+            tracing::info!("shutting down: finishing the open transaction");
+            stop.store(true, Ordering::Relaxed);
+            done_rx.await
+        }
+    }
+    .unwrap_or_else(|_| Err(RuntimeError::Invalid("the processor thread died".into())));
+
+    if let Some(task) = redis_task {
+        // The writer drains what it holds once the engine dropped its handle.
+        if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            tracing::warn!("redis writes still pending at exit; the next start reconciles them");
+        }
+    }
+    result
+}
+
+/// Opens a Redis client and checks it once: bad credentials fail the start,
+/// while an unreachable server only delays writes until it is back.
+async fn connect_redis(url: &str) -> Result<redis::Client, RuntimeError> {
+    let client = redis::Client::open(url)?;
+    let probe = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    })
+    .await;
+    match probe {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) if is_auth_error(&e) => Err(e.into()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "redis is not reachable yet; processing continues and writes wait for it");
+            Ok(client)
+        }
+        Err(_) => {
+            tracing::warn!("redis did not answer within 5 s; processing continues and writes wait for it");
+            Ok(client)
+        }
+    }
+}
+
+fn is_auth_error(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOPERM")
+        || text.contains("NOAUTH")
+}
+
+/// Creates missing topics: the input with the configured partition count,
+/// the outputs and the changelog with as many partitions as the input, so a
+/// room's records share a partition number everywhere.
+async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
+    let settings = &topology.kafka;
+    let input = topology.input_topic().to_owned();
+    if topology.create_topics {
+        ensure_topics(settings, &[TopicSpec { name: input.clone(), partitions: topology.partitions, configs: vec![] }])
+            .await?;
+    }
+    let partitions = partition_count(settings, &input)?
+        .ok_or_else(|| RuntimeError::Invalid(format!("input topic {input} does not exist")))?;
+    let topics = Topics {
+        input,
+        changelog: topology.changelog_topic(),
+        broadcast: topology.broadcast_topic.clone(),
+        dead_letter: topology.dead_letter_topic.clone(),
+    };
+    let changelog_configs = vec![
+        ("cleanup.policy", "compact".to_owned()),
+        ("max.message.bytes", "8388608".to_owned()),
+        ("min.compaction.lag.ms", "0".to_owned()),
+    ];
+    if topology.create_topics {
+        ensure_topics(
+            settings,
+            &[
+                TopicSpec { name: topics.changelog.clone(), partitions, configs: changelog_configs },
+                TopicSpec { name: topics.broadcast.clone(), partitions, configs: vec![] },
+                TopicSpec { name: topics.dead_letter.clone(), partitions, configs: vec![] },
+            ],
+        )
+        .await?;
+    }
+    for topic in [&topics.changelog, &topics.broadcast] {
+        let count = partition_count(settings, topic)?.unwrap_or(0);
+        if count != partitions {
+            return Err(RuntimeError::Invalid(format!(
+                "topic {topic} has {count} partitions but the input has {partitions}; they must match so rooms stay co-partitioned"
+            )));
+        }
+    }
+    Ok(topics)
+}
+
+fn processing_loop(
+    topology: Topology,
+    folder: RoomFolder,
+    topics: Topics,
+    store: Arc<RocksStore>,
+    redis: Option<crate::view::RedisWriter>,
+    health: Arc<Health>,
+    stop: &AtomicBool,
+) -> Result<(), RuntimeError> {
+    let instance_id = match topology.instance.id.as_str() {
+        "" => uuid::Uuid::new_v4().to_string(),
+        id => id.to_owned(),
+    };
+    let transactional_id = format!("{}-{instance_id}", topology.application_id);
+    let producer = output::create_producer(
+        topology.kafka.producer_config(),
+        &topics.changelog,
+        topology.exactly_once.then_some(transactional_id.as_str()),
+        Duration::from_millis(topology.instance.transaction_timeout_ms),
+    )?;
+    tracing::info!(
+        transactional_id = topology.exactly_once.then_some(transactional_id.as_str()),
+        exactly_once = topology.exactly_once,
+        "producer ready"
+    );
+
+    let (restore_tx, restore_rx) = mpsc::channel();
+    let store: Arc<dyn crate::store::StateStore> = store;
+    let restores = Restores::new(
+        topology.kafka.clone(),
+        format!("{}-restore", topology.application_id),
+        topics.changelog.clone(),
+        Arc::clone(&store),
+        restore_tx,
+    );
+    let engine = Engine::new(
+        folder,
+        Arc::clone(&store),
+        producer,
+        redis,
+        topics.clone(),
+        topology.exactly_once,
+        topology.commit_interval(),
+        Arc::clone(&health),
+        restores,
+        restore_rx,
+    );
+    let engine = Arc::new(Mutex::new(engine));
+    let context = JobContext { engine: Arc::clone(&engine), input: topics.input.clone() };
+
+    let mut config = topology.kafka.client_config();
+    config
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    for (key, value) in &topology.kafka.properties {
+        config.set(key, value);
+    }
+    config
+        .set("group.id", &topology.application_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    if topology.instance.static_membership {
+        config.set("group.instance.id", format!("{}-{instance_id}", topology.application_id));
+    }
+    let consumer: BaseConsumer<JobContext> = config.create_with_context(context)?;
+    consumer.subscribe(&[&topics.input])?;
+    tracing::info!(input = %topics.input, group = %topology.application_id, "processing");
+
+    let result = (|| {
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = context::lock(&engine).poll_timeout();
+            let polled = consumer.poll(timeout);
+            let mut engine = context::lock(&engine);
+            if let Some(failure) = engine.failure.take() {
+                return Err(failure);
+            }
+            match polled {
+                Some(Ok(message)) => engine.process(&message)?,
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => {}
+            }
+            engine.finish_restores(&consumer)?;
+            engine.producer.poll(Duration::ZERO);
+            engine.report_store_usage();
+            if engine.commit_due() {
+                engine.commit(&consumer)?;
+            }
+        }
+        context::lock(&engine).commit(&consumer)
+    })();
+    if result.is_ok() {
+        // Leave the group now, serving the revoke it triggers, so partitions
+        // move to the other instances without waiting for a session timeout.
+        consumer.unsubscribe();
+        for _ in 0..40 {
+            consumer.poll(Duration::from_millis(50));
+            if consumer.assignment().map_or(true, |a| a.count() == 0) {
+                break;
+            }
+        }
+    }
+    context::lock(&engine).shutdown();
+    drop(consumer);
+    result
+}

@@ -1,0 +1,168 @@
+//! Restoring a partition's store from its changelog.
+//!
+//! Each restore runs on its own thread with its own consumer, so one
+//! partition's restore never holds up processing of the others. It reads
+//! read_committed from the store's checkpoint and finishes by *position*:
+//! transaction markers and compaction leave gaps in offsets, so waiting for
+//! a record at the end offset could wait forever.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::RuntimeError;
+use crate::kafka::KafkaSettings;
+use crate::proto::omni::RoomState;
+use crate::store::{PartitionWrite, StateStore};
+
+const BATCH: usize = 10_000;
+
+/// A finished restore.
+pub struct RestoreDone {
+    pub partition: i32,
+    /// Records restored.
+    pub result: Result<u64, RuntimeError>,
+}
+
+struct Running {
+    cancel: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// The restores in flight.
+pub struct Restores {
+    settings: KafkaSettings,
+    group_id: String,
+    changelog: String,
+    store: Arc<dyn StateStore>,
+    done: mpsc::Sender<RestoreDone>,
+    running: HashMap<i32, Running>,
+}
+
+impl Restores {
+    pub fn new(
+        settings: KafkaSettings,
+        group_id: String,
+        changelog: String,
+        store: Arc<dyn StateStore>,
+        done: mpsc::Sender<RestoreDone>,
+    ) -> Restores {
+        Restores { settings, group_id, changelog, store, done, running: HashMap::new() }
+    }
+
+    /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
+    pub fn start(&mut self, partition: i32, from: Option<i64>) {
+        self.cancel(partition);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            settings: self.settings.clone(),
+            group_id: self.group_id.clone(),
+            changelog: self.changelog.clone(),
+            store: Arc::clone(&self.store),
+            partition,
+            from,
+            cancel: Arc::clone(&cancel),
+        };
+        let done = self.done.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("restore-{partition}"))
+            .spawn(move || {
+                let result = job.run();
+                let _ = done.send(RestoreDone { partition, result });
+            })
+            .expect("spawning a restore thread");
+        self.running.insert(partition, Running { cancel, thread });
+    }
+
+    /// Stops a restore and waits for its thread, so two never write one partition.
+    pub fn cancel(&mut self, partition: i32) {
+        if let Some(running) = self.running.remove(&partition) {
+            running.cancel.store(true, Ordering::Relaxed);
+            let _ = running.thread.join();
+        }
+    }
+
+    /// Forgets a restore that reported back.
+    pub fn finished(&mut self, partition: i32) {
+        if let Some(running) = self.running.remove(&partition) {
+            let _ = running.thread.join();
+        }
+    }
+}
+
+struct Job {
+    settings: KafkaSettings,
+    group_id: String,
+    changelog: String,
+    store: Arc<dyn StateStore>,
+    partition: i32,
+    from: Option<i64>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    fn run(self) -> Result<u64, RuntimeError> {
+        let mut config = self.settings.client_config();
+        config
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", "52428800");
+        let consumer: BaseConsumer = config.create()?;
+        let (low, high) = consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30))?;
+        let start = self.from.unwrap_or(low).max(low);
+        let gauge = metrics::gauge!("omni_restore_remaining_records", "partition" => self.partition.to_string());
+        if start >= high {
+            gauge.set(0.0);
+            return Ok(0);
+        }
+        tracing::info!(partition = self.partition, from = start, to = high, "restoring from the changelog");
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.changelog, self.partition, Offset::Offset(start))?;
+        consumer.assign(&assignment)?;
+
+        let mut batch: Vec<(String, RoomState)> = Vec::with_capacity(BATCH);
+        let mut restored = 0u64;
+        let mut next = start;
+        while !self.cancel.load(Ordering::Relaxed) {
+            if let Some(polled) = consumer.poll(Duration::from_millis(100)) {
+                let message = polled?;
+                next = message.offset() + 1;
+                if let (Some(key), Some(value)) = (message.key(), message.payload()) {
+                    match RoomState::decode(value) {
+                        Ok(state) => batch.push((String::from_utf8_lossy(key).into_owned(), state)),
+                        Err(e) => {
+                            tracing::error!(partition = self.partition, offset = message.offset(), error = %e, "skipping an undecodable changelog record");
+                            metrics::counter!("omni_restore_skipped_records_total").increment(1);
+                        }
+                    }
+                }
+            }
+            let position =
+                match consumer.position()?.find_partition(&self.changelog, self.partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(p)) => p.max(next),
+                    _ => next,
+                };
+            gauge.set((high - position).max(0) as f64);
+            let finished = position >= high;
+            if batch.len() >= BATCH || finished {
+                let rooms = std::mem::take(&mut batch);
+                restored += rooms.len() as u64;
+                metrics::counter!("omni_restored_records_total").increment(rooms.len() as u64);
+                self.store.write(self.partition, PartitionWrite { rooms, changelog_offset: Some(position) })?;
+            }
+            if finished {
+                return Ok(restored);
+            }
+        }
+        Ok(restored)
+    }
+}

@@ -1,0 +1,56 @@
+//! Room state stores. The runtime sees only [`StateStore`]; [`rocks`] is the
+//! one place in omni that knows RocksDB exists.
+//!
+//! A store holds, per input partition, every room's [`RoomState`] and the
+//! changelog offset it has caught up to. Both move together in one atomic
+//! write, and only after the Kafka transaction that produced them committed,
+//! so a store never holds uncommitted state and never needs a wipe after an
+//! unclean stop.
+
+mod rocks;
+
+use crate::proto::omni::RoomState;
+
+pub use rocks::{RocksStore, StoreOptions};
+
+/// Errors from a state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Backend(String),
+    #[error("state store entry for {0:?} does not decode: {1}")]
+    Corrupt(String, prost::DecodeError),
+}
+
+/// One atomic update of a partition's store.
+#[derive(Debug, Default)]
+pub struct PartitionWrite {
+    /// Rooms with their new state (canonical path text → state).
+    pub rooms: Vec<(String, RoomState)>,
+    /// The changelog offset the store has now caught up to (next offset to read).
+    pub changelog_offset: Option<i64>,
+}
+
+/// Memory and disk use, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreUsage {
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Per-partition room state, durable across restarts.
+pub trait StateStore: Send + Sync {
+    /// A room's state, if the partition holds it.
+    fn get(&self, partition: i32, room: &str) -> Result<Option<RoomState>, StoreError>;
+
+    /// Applies a write atomically.
+    fn write(&self, partition: i32, write: PartitionWrite) -> Result<(), StoreError>;
+
+    /// The changelog offset the partition has caught up to; `None` if never written.
+    fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, StoreError>;
+
+    /// Every room of a partition, for reconciling Redis after a restore.
+    fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError>;
+
+    fn usage(&self) -> StoreUsage;
+}

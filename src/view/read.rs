@@ -1,0 +1,125 @@
+//! Reading room state back from Redis: snapshots, the changes after a
+//! version, and the rooms that exist. Used by `omni snapshot`, `omni watch`
+//! and late joiners; any client in any language can do the same with the
+//! layout documented in the README.
+
+use std::collections::BTreeMap;
+
+use redis::aio::ConnectionLike;
+use redis::AsyncCommands;
+
+use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
+
+/// A room's state as Redis holds it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoomSnapshot {
+    pub path: String,
+    pub version: u64,
+    /// Module name → state.
+    #[serde(flatten)]
+    pub modules: BTreeMap<String, serde_json::Value>,
+    pub updated_at: String,
+}
+
+/// One entry of a room's change stream.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChangeRecord {
+    pub path: String,
+    pub version: u64,
+    pub module: String,
+    pub state: serde_json::Value,
+    pub cause_event_id: String,
+    pub occurred_at: String,
+    pub processed_at: String,
+}
+
+fn malformed(key: &str, reason: impl Into<String>) -> ViewError {
+    ViewError::Malformed { key: key.to_owned(), reason: reason.into() }
+}
+
+/// The room's snapshot, or `None` if Redis holds no hash for it.
+pub async fn snapshot<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    keys: &KeyLayout,
+    path: &str,
+) -> Result<Option<RoomSnapshot>, ViewError> {
+    let key = keys.room(path);
+    let fields: BTreeMap<String, String> = conn.hgetall(&key).await?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut snapshot =
+        RoomSnapshot { path: path.to_owned(), version: 0, modules: BTreeMap::new(), updated_at: String::new() };
+    for (field, value) in fields {
+        match field.as_str() {
+            VERSION_FIELD => {
+                snapshot.version = value.parse().map_err(|_| malformed(&key, format!("version {value:?}")))?
+            }
+            UPDATED_AT_FIELD => snapshot.updated_at = value,
+            _ => {
+                let state = serde_json::from_str(&value).map_err(|e| malformed(&key, format!("field {field}: {e}")))?;
+                snapshot.modules.insert(field, state);
+            }
+        }
+    }
+    Ok(Some(snapshot))
+}
+
+/// The changes with a version above `after`, oldest first, as far as the
+/// capped stream still holds them. The caller checks the first version for a gap.
+pub async fn changes_after<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    keys: &KeyLayout,
+    path: &str,
+    after: u64,
+) -> Result<Vec<ChangeRecord>, ViewError> {
+    let key = keys.changes(path);
+    let reply: redis::streams::StreamRangeReply = conn.xrange(&key, format!("{}-0", after + 1), "+").await?;
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let text = |name: &str| -> Result<String, ViewError> {
+                entry.get::<String>(name).ok_or_else(|| malformed(&key, format!("entry {} has no {name}", entry.id)))
+            };
+            let version = text("version")?.parse().map_err(|_| malformed(&key, "version is not a number"))?;
+            let state = serde_json::from_str(&text("state")?).map_err(|e| malformed(&key, e.to_string()))?;
+            Ok(ChangeRecord {
+                path: path.to_owned(),
+                version,
+                module: text("module")?,
+                state,
+                cause_event_id: text("cause_event_id")?,
+                occurred_at: text("occurred_at")?,
+                processed_at: text("processed_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Every room path that has a hash in Redis, found with SCAN (never KEYS).
+pub async fn room_paths<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    keys: &KeyLayout,
+) -> Result<Vec<String>, ViewError> {
+    let mut cursor: u64 = 0;
+    let mut paths = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(keys.scan_pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        paths.extend(batch.iter().filter_map(|k| keys.path_of(k)));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
+}

@@ -1,0 +1,319 @@
+//! Writes committed room state to Redis.
+//!
+//! The runtime hands over writes only after their Kafka transaction
+//! committed. Writes to one room coalesce while they wait, so a hot room
+//! costs one round trip per flush, and every flush is one pipeline. Each
+//! room is written by a Lua compare-and-set that applies only a newer
+//! version: replays, a lagging previous owner after a rebalance, and retries
+//! are all harmless, and Redis never goes back to an older version. If Redis
+//! is down, writes wait (coalesced) and are retried until it is back.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+
+use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
+
+/// Compare-and-set of a room hash plus its change stream.
+///
+/// KEYS: room hash, change stream.
+/// ARGV: version, closed (0/1), updated_at, stream max length, field count,
+///       field/value pairs, then per change: version, module, state, cause,
+///       occurred_at, processed_at.
+const ROOM_CAS: &str = r#"
+local version = tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if current == 0 then
+  -- A closed room has no hash; its last version is its stream's last id.
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #last > 0 then current = tonumber(string.match(last[1][1], '^(%d+)')) end
+end
+if version <= current then return 0 end
+local nfields = tonumber(ARGV[5])
+local i = 6 + 2 * nfields
+while i + 5 <= #ARGV do
+  if tonumber(ARGV[i]) > current then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], ARGV[i] .. '-0',
+      'version', ARGV[i], 'module', ARGV[i + 1], 'state', ARGV[i + 2],
+      'cause_event_id', ARGV[i + 3], 'occurred_at', ARGV[i + 4], 'processed_at', ARGV[i + 5])
+  end
+  i = i + 6
+end
+redis.call('DEL', KEYS[1])
+if ARGV[2] == '0' then
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3])
+  for f = 0, nfields - 1 do
+    redis.call('HSET', KEYS[1], ARGV[6 + 2 * f], ARGV[7 + 2 * f])
+  end
+end
+return 1
+"#;
+
+/// One change, as written to a room's change stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEntry {
+    pub version: u64,
+    pub module: String,
+    pub state_json: String,
+    pub cause_event_id: String,
+    pub occurred_at: String,
+    pub processed_at: String,
+}
+
+/// A room's committed state to publish in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomWrite {
+    pub path: String,
+    pub version: u64,
+    /// A closed room's hash is deleted; its stream stays.
+    pub closed: bool,
+    /// Module name → state JSON.
+    pub modules: Vec<(String, String)>,
+    pub updated_at: String,
+    /// The changes since the previous write, oldest first. Empty for a reconcile.
+    pub changes: Vec<ChangeEntry>,
+}
+
+impl RoomWrite {
+    /// Folds a newer write for the same room into this one.
+    fn absorb(&mut self, newer: RoomWrite, max_changes: usize) {
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.extend(newer.changes);
+        if newer.version >= self.version {
+            *self = RoomWrite { changes: Vec::new(), ..newer };
+        }
+        let excess = changes.len().saturating_sub(max_changes);
+        changes.drain(..excess);
+        self.changes = changes;
+    }
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub keys: KeyLayout,
+    /// Length cap of each room's change stream.
+    pub stream_max_len: usize,
+    /// Most rooms per pipeline.
+    pub batch_rooms: usize,
+}
+
+/// The runtime's handle to the writer task. Dropping every handle lets the
+/// task finish what it holds and stop.
+#[derive(Clone)]
+pub struct RedisWriter {
+    tx: mpsc::UnboundedSender<Vec<RoomWrite>>,
+}
+
+impl RedisWriter {
+    /// Queues committed room writes; never blocks.
+    pub fn send(&self, writes: Vec<RoomWrite>) {
+        if !writes.is_empty() && self.tx.send(writes).is_err() {
+            tracing::warn!("redis writer has stopped; dropping a write that the next reconcile will repair");
+        }
+    }
+}
+
+/// Starts the writer task on the current tokio runtime.
+pub fn spawn_writer(client: redis::Client, options: WriterOptions) -> (RedisWriter, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(client, options, rx));
+    (RedisWriter { tx }, task)
+}
+
+async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::UnboundedReceiver<Vec<RoomWrite>>) {
+    let script = redis::Script::new(ROOM_CAS);
+    let mut pending: HashMap<String, RoomWrite> = HashMap::new();
+    let mut connection: Option<ConnectionManager> = None;
+    let mut backoff = Duration::from_millis(50);
+    let mut open = true;
+    loop {
+        if pending.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(writes) => absorb_all(&mut pending, writes, options.stream_max_len),
+                None => return,
+            }
+        }
+        while let Ok(writes) = rx.try_recv() {
+            absorb_all(&mut pending, writes, options.stream_max_len);
+        }
+        metrics::gauge!("omni_redis_backlog_rooms").set(pending.len() as f64);
+
+        let conn = match &mut connection {
+            Some(conn) => conn,
+            None => match ConnectionManager::new(client.clone()).await {
+                Ok(conn) => connection.insert(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, backlog = pending.len(), "redis unreachable; holding writes");
+                    open = wait_or_closed(&mut rx, &mut pending, &options, &mut backoff, open).await;
+                    continue;
+                }
+            },
+        };
+        let keys: Vec<String> = pending.keys().take(options.batch_rooms).cloned().collect();
+        let batch: Vec<RoomWrite> = keys.iter().filter_map(|k| pending.remove(k)).collect();
+        let started = Instant::now();
+        match write_batch(conn, &script, &options, &batch).await {
+            Ok(()) => {
+                metrics::histogram!("omni_redis_write_seconds").record(started.elapsed().as_secs_f64());
+                metrics::counter!("omni_redis_rooms_written_total").increment(batch.len() as u64);
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
+                metrics::counter!("omni_redis_write_errors_total").increment(1);
+                for write in batch {
+                    requeue(&mut pending, write, options.stream_max_len);
+                }
+                open = wait_or_closed(&mut rx, &mut pending, &options, &mut backoff, open).await;
+            }
+        }
+    }
+}
+
+/// Backs off before a retry while still taking in new writes.
+async fn wait_or_closed(
+    rx: &mut mpsc::UnboundedReceiver<Vec<RoomWrite>>,
+    pending: &mut HashMap<String, RoomWrite>,
+    options: &WriterOptions,
+    backoff: &mut Duration,
+    open: bool,
+) -> bool {
+    let sleep = tokio::time::sleep(*backoff);
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    if !open {
+        sleep.await;
+        return false;
+    }
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            msg = rx.recv() => match msg {
+                Some(writes) => absorb_all(pending, writes, options.stream_max_len),
+                None => { sleep.await; return false; }
+            },
+        }
+    }
+}
+
+fn absorb_all(pending: &mut HashMap<String, RoomWrite>, writes: Vec<RoomWrite>, max_changes: usize) {
+    for write in writes {
+        match pending.get_mut(&write.path) {
+            Some(existing) => existing.absorb(write, max_changes),
+            None => {
+                pending.insert(write.path.clone(), write);
+            }
+        }
+    }
+}
+
+/// Puts a failed write back in front of anything newer that arrived meanwhile.
+fn requeue(pending: &mut HashMap<String, RoomWrite>, mut failed: RoomWrite, max_changes: usize) {
+    if let Some(newer) = pending.remove(&failed.path) {
+        failed.absorb(newer, max_changes);
+    }
+    pending.insert(failed.path.clone(), failed);
+}
+
+async fn write_batch(
+    conn: &mut ConnectionManager,
+    script: &redis::Script,
+    options: &WriterOptions,
+    batch: &[RoomWrite],
+) -> Result<(), ViewError> {
+    let mut pipe = redis::pipe();
+    for write in batch {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(2)
+            .arg(options.keys.room(&write.path))
+            .arg(options.keys.changes(&write.path))
+            .arg(write.version)
+            .arg(if write.closed { "1" } else { "0" })
+            .arg(&write.updated_at)
+            .arg(options.stream_max_len)
+            .arg(write.modules.len());
+        for (module, json) in &write.modules {
+            debug_assert!(module != VERSION_FIELD && module != UPDATED_AT_FIELD);
+            cmd.arg(module).arg(json);
+        }
+        for change in &write.changes {
+            cmd.arg(change.version)
+                .arg(&change.module)
+                .arg(&change.state_json)
+                .arg(&change.cause_event_id)
+                .arg(&change.occurred_at)
+                .arg(&change.processed_at);
+        }
+        pipe.add_command(cmd).ignore();
+    }
+    match pipe.query_async::<()>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            Ok(pipe.query_async::<()>(conn).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(version: u64, changes: &[u64]) -> RoomWrite {
+        RoomWrite {
+            path: "app/a/room/r".into(),
+            version,
+            closed: false,
+            modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
+            updated_at: String::new(),
+            changes: changes
+                .iter()
+                .map(|&v| ChangeEntry {
+                    version: v,
+                    module: "tags".into(),
+                    state_json: "{}".into(),
+                    cause_event_id: String::new(),
+                    occurred_at: String::new(),
+                    processed_at: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn versions(w: &RoomWrite) -> Vec<u64> {
+        w.changes.iter().map(|c| c.version).collect()
+    }
+
+    #[test]
+    fn a_newer_write_takes_over_the_state_and_appends_its_changes() {
+        let mut w = write(2, &[1, 2]);
+        w.absorb(write(4, &[3, 4]), 100);
+        assert_eq!(w.version, 4);
+        assert_eq!(w.modules, write(4, &[]).modules);
+        assert_eq!(versions(&w), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_pending_change_list_is_capped_to_the_newest() {
+        let mut w = write(2, &[1, 2]);
+        w.absorb(write(4, &[3, 4]), 3);
+        assert_eq!(versions(&w), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_requeued_failure_keeps_the_newer_state_and_every_change_in_order() {
+        let mut pending = HashMap::new();
+        absorb_all(&mut pending, vec![write(5, &[5])], 100);
+        requeue(&mut pending, write(4, &[3, 4]), 100);
+        let w = &pending["app/a/room/r"];
+        assert_eq!(w.version, 5);
+        assert_eq!(versions(w), vec![3, 4, 5]);
+    }
+}

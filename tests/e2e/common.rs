@@ -1,0 +1,438 @@
+//! Shared test utilities: the real services, a fresh topology (topics,
+//! group, Redis prefix, state dir) per test so tests run in parallel without
+//! cleanup, a generator of room events, a reference model built from the
+//! pure folds, and readers for every output.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use omni::kafka::KafkaSettings;
+use omni::modules::{Limits, Registry, RoomFolder};
+use omni::proto::omni::{RoomState, StateChange};
+use omni::proto::tecate::{room_event::Kind, *};
+use omni::proto::{timestamp_from_millis, Message as _};
+use omni::runtime::Health;
+use omni::topology::Topology;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
+
+/// Brokers and Redis URL of the real services.
+pub struct Services {
+    pub brokers: String,
+    pub redis_url: String,
+}
+
+/// The services from `OMNI_BROKERS` / `OMNI_REDIS_URL`, or started through the harness once per run.
+pub fn services() -> &'static Services {
+    static SERVICES: OnceLock<Services> = OnceLock::new();
+    SERVICES.get_or_init(|| {
+        if let (Ok(brokers), Ok(redis_url)) = (std::env::var("OMNI_BROKERS"), std::env::var("OMNI_REDIS_URL")) {
+            return Services { brokers, redis_url };
+        }
+        let script = repo_root().join("integration/services.sh");
+        let up = std::process::Command::new("bash").arg(&script).arg("up").status().expect("running services.sh up");
+        assert!(up.success(), "integration/services.sh up failed");
+        let env = std::process::Command::new("bash").arg(&script).arg("env").output().expect("services.sh env");
+        let text = String::from_utf8_lossy(&env.stdout).into_owned();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.trim_start_matches("export ").strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("services.sh env printed no {name}"))
+                .trim_matches('"')
+                .to_owned()
+        };
+        Services { brokers: value("OMNI_BROKERS"), redis_url: value("OMNI_REDIS_URL") }
+    })
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn kafka() -> KafkaSettings {
+    KafkaSettings::with_brokers(services().brokers.clone())
+}
+
+/// Logs of the job under test, shown for failing tests (filter with `OMNI_LOG`).
+fn init_logs() {
+    static LOGS: OnceLock<()> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("OMNI_LOG").unwrap_or_else(|_| "info".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
+}
+
+/// A topology of its own: topics, group, Redis prefix and state dir nobody else uses.
+pub fn fresh_topology(name: &str, partitions: i32, state_dir: &FsPath) -> Topology {
+    init_logs();
+    let id = unique(name);
+    let mut t = Topology::with_defaults(&id, &["recording", "tags"]);
+    t.inputs = vec![format!("{id}.events")];
+    t.broadcast_topic = format!("{id}.state");
+    t.dead_letter_topic = format!("{id}.dlq");
+    t.partitions = partitions;
+    t.kafka = kafka();
+    t.redis.url = services().redis_url.clone();
+    t.redis.key_prefix = id.clone();
+    t.store.dir = state_dir.to_owned();
+    t
+}
+
+/// A job running in this process.
+pub struct RunningJob {
+    pub health: Arc<Health>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), omni::runtime::RuntimeError>>,
+}
+
+impl RunningJob {
+    pub fn start(topology: Topology, registry: Registry) -> RunningJob {
+        let health = Arc::new(Health::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(omni::runtime::run(topology, registry, Arc::clone(&health), async {
+            let _ = stopped.await;
+        }));
+        RunningJob { health, stop: Some(stop), task }
+    }
+
+    /// Stops the job cleanly and returns its result.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("job stops within 60 s");
+        result.expect("job task").expect("job ends without error");
+    }
+}
+
+/// A job running as a separate `omni run` process (for kill -9).
+pub struct JobProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl JobProcess {
+    pub fn spawn(topology: &Topology, dir: &FsPath, instance: &str) -> JobProcess {
+        let file = dir.join(format!("{instance}.toml"));
+        let mut t = topology.clone();
+        t.instance.id = instance.to_owned();
+        std::fs::write(&file, toml::to_string(&t).unwrap()).unwrap();
+        let log = dir.join(format!("{instance}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_omni"))
+            .args(["run", "--topology"])
+            .arg(&file)
+            .env_remove("OMNI_BROKERS")
+            .env_remove("OMNI_REDIS_URL")
+            .env_remove("OMNI_STATE_DIR")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning omni run");
+        JobProcess { child, log }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "omni run exited with {status}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "omni run did not exit within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn event(id: usize, at_ms: i64, kind: Kind) -> RoomEvent {
+    RoomEvent { event_id: format!("e{id}"), occurred_at: Some(timestamp_from_millis(at_ms)), kind: Some(kind) }
+}
+
+/// A reproducible mix of events over `rooms` rooms: mostly tag sets, some
+/// removals, recording starts and stops, a few closes.
+pub fn generate(seed: u64, count: usize, rooms: usize) -> Vec<(String, RoomEvent)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| {
+            let room = format!("app/a{}/room/r{}", rng.random_range(0..3), rng.random_range(0..rooms));
+            let roll = rng.random_range(0..100);
+            let kind = match roll {
+                0..=54 => Kind::TagSet(TagSet {
+                    key: format!("k{}", rng.random_range(0..6)),
+                    value: format!("v{}", rng.random_range(0..4)),
+                }),
+                55..=69 => Kind::TagRemoved(TagRemoved { key: format!("k{}", rng.random_range(0..6)) }),
+                70..=84 => Kind::RecordingStarted(RecordingStarted {
+                    recording_id: format!("rec{}", rng.random_range(0..3)),
+                    started_by: "u1".into(),
+                }),
+                85..=97 => {
+                    Kind::RecordingStopped(RecordingStopped { recording_id: String::new(), reason: "done".into() })
+                }
+                _ => Kind::RoomClosed(RoomClosed {}),
+            };
+            (room, event(i, 1_795_773_600_000 + i as i64, kind))
+        })
+        .collect()
+}
+
+/// What the job must produce, computed with the pure folds.
+#[derive(Debug, Default)]
+pub struct Expected {
+    pub rooms: BTreeMap<String, RoomState>,
+    pub changes: BTreeMap<String, Vec<(u64, String, String)>>,
+    pub total_changes: usize,
+}
+
+pub fn folder(modules: &[&str]) -> RoomFolder {
+    let names: Vec<String> = modules.iter().map(|m| m.to_string()).collect();
+    RoomFolder::new(Registry::with_builtins().select(&names).unwrap(), Limits::default())
+}
+
+pub fn model(folder: &RoomFolder, events: &[(String, RoomEvent)]) -> Expected {
+    let mut expected = Expected::default();
+    for (room, event) in events {
+        let state = expected.rooms.entry(room.clone()).or_default();
+        let Ok(outcome) = folder.fold(state, event) else { continue };
+        for change in outcome.changes {
+            expected.total_changes += 1;
+            expected.changes.entry(room.clone()).or_default().push((
+                change.version,
+                change.module.to_owned(),
+                change.state_json,
+            ));
+        }
+    }
+    expected.rooms.retain(|_, s| s.version > 0);
+    expected
+}
+
+pub fn producer() -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+pub fn produce_raw(producer: &BaseProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let mut record = BaseRecord::<[u8], [u8]>::to(topic);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    let mut record = record;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((_, returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+pub fn produce(producer: &BaseProducer, topic: &str, events: &[(String, RoomEvent)]) {
+    for (room, event) in events {
+        produce_raw(producer, topic, Some(room.as_bytes()), Some(&event.encode_to_vec()));
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// Creates the input topic with `partitions` before anything is produced to it.
+pub async fn create_input(topology: &Topology) {
+    omni::kafka::ensure_topics(
+        &topology.kafka,
+        &[omni::kafka::TopicSpec {
+            name: topology.input_topic().to_owned(),
+            partitions: topology.partitions,
+            configs: vec![],
+        }],
+    )
+    .await
+    .expect("creating the input topic");
+}
+
+/// A record as read back from an output topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads a topic read_committed from the beginning until `want` records arrived or `timeout` passed.
+pub fn read_committed(topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Read {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// Reads the broadcast topic until `want` changes, then keeps reading briefly to catch extras (duplicates).
+pub fn read_broadcast(topic: &str, want: usize) -> Vec<StateChange> {
+    let mut records = read_committed(topic, want, Duration::from_secs(90));
+    assert_eq!(
+        records.len(),
+        want,
+        "broadcast topic {topic} holds {} committed changes, expected {want}",
+        records.len()
+    );
+    records.extend(read_committed_after(topic, &records));
+    records
+        .iter()
+        .map(|r| StateChange::decode(r.value.as_deref().unwrap_or_default()).expect("broadcast value decodes"))
+        .collect()
+}
+
+/// Any records beyond those already read (nothing, for an exact run).
+fn read_committed_after(topic: &str, seen: &[Read]) -> Vec<Read> {
+    let all = read_committed(topic, seen.len() + 1, Duration::from_secs(3));
+    all.into_iter().skip(seen.len()).collect()
+}
+
+/// Asserts the broadcast is exactly the model's changes: per room, contiguous versions from 1, no duplicate, same states.
+pub fn assert_broadcast_exact(changes: &[StateChange], expected: &Expected) {
+    let mut by_room: BTreeMap<String, Vec<(u64, String, String)>> = BTreeMap::new();
+    for c in changes {
+        by_room.entry(c.path.clone()).or_default().push((c.version, c.module.clone(), c.state_json.clone()));
+    }
+    assert_eq!(by_room.len(), expected.changes.len(), "rooms with changes");
+    for (room, want) in &expected.changes {
+        let got = by_room.get(room).unwrap_or_else(|| panic!("no broadcast for {room}"));
+        let versions: Vec<u64> = got.iter().map(|c| c.0).collect();
+        let contiguous: Vec<u64> = (1..=got.len() as u64).collect();
+        assert_eq!(versions, contiguous, "versions of {room} are contiguous from 1 without duplicates");
+        assert_eq!(got, want, "changes of {room}");
+    }
+}
+
+/// Waits until Redis holds the model's final state for every room, then checks it exactly.
+pub async fn assert_redis_exact(topology: &Topology, folder: &RoomFolder, expected: &Expected) {
+    let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
+    for (room, state) in &expected.rooms {
+        let want_version = state.version;
+        let snapshot = wait_for(Duration::from_secs(60), &format!("redis version {want_version} of {room}"), || {
+            let mut conn = conn.clone();
+            let keys = keys.clone();
+            let room = room.clone();
+            async move {
+                if state.closed {
+                    let hash: HashMap<String, String> =
+                        redis::AsyncCommands::hgetall(&mut conn, keys.room(&room)).await.ok()?;
+                    let last = omni::view::changes_after(&mut conn, &keys, &room, want_version - 1).await.ok()?;
+                    (hash.is_empty() && last.first().map(|c| c.version) == Some(want_version)).then_some(None)
+                } else {
+                    let snap = omni::view::snapshot(&mut conn, &keys, &room).await.ok()??;
+                    (snap.version == want_version).then_some(Some(snap))
+                }
+            }
+        })
+        .await;
+        if let Some(snapshot) = snapshot {
+            for (module, json) in folder.module_states(state) {
+                let want: serde_json::Value = serde_json::from_str(&json).unwrap();
+                assert_eq!(snapshot.modules.get(module), Some(&want), "redis {module} of {room}");
+            }
+        }
+    }
+    let _ = &mut conn;
+}
+
+/// Checks the RocksDB store (after the job stopped) holds exactly the model's rooms.
+pub fn assert_store_exact(dirs: &[&FsPath], partitions: i32, expected: &Expected) {
+    let mut found: BTreeMap<String, RoomState> = BTreeMap::new();
+    for dir in dirs {
+        let store = omni::store::RocksStore::open(dir, Default::default()).expect("store reopens");
+        for p in 0..partitions {
+            use omni::store::StateStore;
+            for (room, state) in store.rooms(p).unwrap() {
+                let newer = found.get(&room).map_or(true, |s| s.version < state.version);
+                if newer {
+                    found.insert(room, state);
+                }
+            }
+        }
+    }
+    let versions = |m: &BTreeMap<String, RoomState>| {
+        m.iter().map(|(k, v)| (k.clone(), (v.version, v.modules.clone(), v.closed))).collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(versions(&found), versions(&expected.rooms), "store contents");
+}

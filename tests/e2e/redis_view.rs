@@ -1,0 +1,83 @@
+//! The Redis view against a real Redis: compare-and-set by version, closes,
+//! and the change stream a late joiner catches up from.
+
+use std::time::Duration;
+
+use omni::view::{changes_after, snapshot, spawn_writer, ChangeEntry, KeyLayout, RoomWrite, WriterOptions};
+
+use crate::common::*;
+
+fn write(version: u64, closed: bool, tags: &str, changes: std::ops::RangeInclusive<u64>) -> RoomWrite {
+    RoomWrite {
+        path: "app/a/room/r".into(),
+        version,
+        closed,
+        modules: vec![("tags".into(), tags.into())],
+        updated_at: "2026-11-27T10:00:00Z".into(),
+        changes: changes
+            .map(|v| ChangeEntry {
+                version: v,
+                module: "tags".into(),
+                state_json: format!("{{\"v\":\"{v}\"}}"),
+                cause_event_id: format!("e{v}"),
+                occurred_at: "2026-11-27T10:00:00Z".into(),
+                processed_at: "2026-11-27T10:00:01Z".into(),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
+    let keys = KeyLayout::new(&unique("view"));
+    let client = redis::Client::open(services().redis_url.as_str()).unwrap();
+    let (writer, task) =
+        spawn_writer(client.clone(), WriterOptions { keys: keys.clone(), stream_max_len: 3, batch_rooms: 16 });
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let version = |conn: redis::aio::MultiplexedConnection, keys: KeyLayout| async move {
+        let mut conn = conn;
+        snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().map(|s| s.version)
+    };
+
+    writer.send(vec![write(5, false, r#"{"k":"new"}"#, 1..=5)]);
+    wait_for(Duration::from_secs(10), "version 5", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { (f.await == Some(5)).then_some(()) }
+    })
+    .await;
+    // An older write (a replay, or a lagging previous owner) changes nothing.
+    writer.send(vec![write(3, false, r#"{"k":"old"}"#, 2..=3)]);
+    writer.send(vec![write(6, false, r#"{"k":"newer"}"#, 6..=6)]);
+    wait_for(Duration::from_secs(10), "version 6", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { (f.await == Some(6)).then_some(()) }
+    })
+    .await;
+    let snap = snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().unwrap();
+    assert_eq!(snap.modules["tags"], serde_json::json!({"k": "newer"}));
+    // The stream is capped at 3 and holds each version once, in order.
+    let stream: Vec<u64> =
+        changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
+    assert_eq!(stream, vec![4, 5, 6]);
+    let after_five = changes_after(&mut conn, &keys, "app/a/room/r", 5).await.unwrap();
+    assert_eq!(after_five.len(), 1);
+    assert_eq!(after_five[0].cause_event_id, "e6");
+
+    // A close deletes the hash; the stream remembers the version, so a replay cannot resurrect the room.
+    writer.send(vec![write(7, true, "{}", 7..=7)]);
+    wait_for(Duration::from_secs(10), "the hash to go", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { f.await.is_none().then_some(()) }
+    })
+    .await;
+    writer.send(vec![write(6, false, r#"{"k":"zombie"}"#, 6..=6), write(8, false, r#"{"k":"reopened"}"#, 8..=8)]);
+    wait_for(Duration::from_secs(10), "version 8", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { (f.await == Some(8)).then_some(()) }
+    })
+    .await;
+    let snap = snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().unwrap();
+    assert_eq!(snap.modules["tags"], serde_json::json!({"k": "reopened"}));
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+}
