@@ -1,5 +1,6 @@
 //! A throwaway `redis-server` on a free loopback port, for the demo and the benchmark.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +25,9 @@ pub async fn start(dir: &Path) -> Option<EmbeddedRedis> {
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        // Its own process group: a Ctrl-C meant for omni must not kill Redis
+        // before omni has flushed its last writes to it.
+        .process_group(0)
         .spawn()
         .ok()?;
     let redis = EmbeddedRedis { url: format!("redis://127.0.0.1:{port}"), child };

@@ -1,0 +1,211 @@
+//! `omni bench`: how fast omni is, next to the ceiling, on a real broker.
+//!
+//! Against the Kafka and Redis it is pointed at (the harness's, normally) it
+//! preloads Zipf-skewed room events, runs a stateless transactional
+//! passthrough over them (the ceiling), then omni itself from a cold start
+//! as a child process (throughput, CPU, peak RSS), then a fixed-rate load
+//! (latency to the broadcast topic and to Redis), then a restore from the
+//! changelog with the state directory deleted. It prints a table and, last,
+//! one JSON object with every figure.
+
+mod latency;
+mod passthrough;
+mod process;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
+use omni::topology::Topology;
+use serde_json::json;
+
+use process::OmniProcess;
+use workload::{Expected, Workload};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Events to preload.
+    #[arg(long, default_value = "2000000")]
+    pub events: u64,
+    /// Rooms, Zipf-skewed (rank 1 is the hot room).
+    #[arg(long, default_value = "10000")]
+    pub rooms: usize,
+    /// Zipf exponent of room popularity.
+    #[arg(long, default_value = "1.0")]
+    pub zipf: f64,
+    /// Input partitions.
+    #[arg(long, default_value = "8")]
+    pub partitions: i32,
+    /// Commit interval of both jobs, in milliseconds.
+    #[arg(long, default_value = "100")]
+    pub commit_interval_ms: u64,
+    /// Fixed rate of the latency phase, events per second.
+    #[arg(long, default_value = "20000")]
+    pub rate: u64,
+    /// Duration of the latency phase in seconds (0 skips it).
+    #[arg(long, default_value = "60")]
+    pub latency_secs: u64,
+    /// Skip the restore phase.
+    #[arg(long)]
+    pub skip_restore: bool,
+    /// Random seed of the workload.
+    #[arg(long, default_value = "42")]
+    pub seed: u64,
+}
+
+pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> anyhow::Result<()> {
+    let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let input = format!("{id}.events");
+    let commit_interval = Duration::from_millis(args.commit_interval_ms);
+    ensure_topics(
+        &kafka,
+        &[
+            TopicSpec { name: input.clone(), partitions: args.partitions, configs: vec![] },
+            TopicSpec { name: format!("{id}.passthrough"), partitions: args.partitions, configs: vec![] },
+        ],
+    )
+    .await?;
+    eprintln!("bench {id}: preloading {} events over {} rooms on {} partitions", args.events, args.rooms, args.partitions);
+    let (expected, preload_rate, mut workload) = {
+        let (brokers, input, events) = (kafka.brokers.clone(), input.clone(), args.events);
+        let mut workload = Workload::new(args.seed, args.rooms, args.zipf);
+        tokio::task::spawn_blocking(move || {
+            workload::preload(&brokers, &input, &mut workload, events).map(|(expected, rate)| (expected, rate, workload))
+        })
+        .await??
+    };
+    eprintln!("bench {id}: preloaded at {preload_rate:.0} events/s; {} changes expected", expected.changes);
+
+    eprintln!("bench {id}: passthrough (the ceiling)");
+    let passthrough_rate = {
+        let (brokers, input, output, id, events) = (kafka.brokers.clone(), input.clone(), format!("{id}.passthrough"), id.clone(), args.events);
+        tokio::task::spawn_blocking(move || passthrough::run(&brokers, &input, &output, events, commit_interval, &id)).await??
+    };
+    eprintln!("bench {id}: passthrough {passthrough_rate:.0} events/s");
+
+    let state = tempfile::tempdir()?;
+    let mut topology = Topology::with_defaults(&format!("{id}-omni"), &["recording", "tags"]);
+    topology.inputs = vec![input.clone()];
+    topology.broadcast_topic = format!("{id}.state");
+    topology.dead_letter_topic = format!("{id}.dlq");
+    topology.partitions = args.partitions;
+    topology.commit_interval_ms = args.commit_interval_ms;
+    topology.kafka = kafka.clone();
+    topology.redis.url = redis_url.clone();
+    topology.redis.key_prefix = id.clone();
+    topology.store.dir = state.path().join("state");
+    topology.instance.id = "bench".into();
+
+    eprintln!("bench {id}: omni from a cold start");
+    let omni = OmniProcess::spawn(&topology, state.path())?;
+    let started = Instant::now();
+    wait_until_final(&kafka, &topology, &expected, &redis_url, args.events).await?;
+    let omni_secs = started.elapsed().as_secs_f64();
+    let omni_rate = args.events as f64 / omni_secs;
+    let cpu = omni.cpu_seconds()?;
+    let throughput_rss = omni.peak_rss_bytes()?;
+    eprintln!("bench {id}: omni {omni_rate:.0} events/s");
+
+    let latency = if args.latency_secs > 0 {
+        eprintln!("bench {id}: latency at {} events/s for {} s", args.rate, args.latency_secs);
+        let run = latency::LatencyRun {
+            brokers: &kafka.brokers,
+            input: &input,
+            broadcast: &topology.broadcast_topic,
+            redis_url: &redis_url,
+            key_prefix: &id,
+            rate: args.rate,
+            duration: Duration::from_secs(args.latency_secs),
+        };
+        Some(run.run(&mut workload).await?)
+    } else {
+        None
+    };
+    let peak_rss = omni.peak_rss_bytes()?;
+    omni.terminate()?;
+
+    let restore = if args.skip_restore {
+        None
+    } else {
+        eprintln!("bench {id}: restore with the state directory deleted");
+        std::fs::remove_dir_all(&topology.store.dir)?;
+        let omni = OmniProcess::spawn(&topology, state.path())?;
+        let restore = omni.time_restore(args.partitions).await?;
+        omni.terminate()?;
+        Some(restore)
+    };
+
+    let ratio = omni_rate / passthrough_rate;
+    let report = json!({
+        "omni_over_passthrough_ratio": ratio,
+        "omni_events_per_s": omni_rate,
+        "passthrough_events_per_s": passthrough_rate,
+        "events": args.events,
+        "rooms": args.rooms,
+        "partitions": args.partitions,
+        "commit_interval_ms": args.commit_interval_ms,
+        "changes": expected.changes,
+        "preload_events_per_s": preload_rate,
+        "omni_seconds": omni_secs,
+        "cpu_seconds_per_million_events": cpu / (args.events as f64 / 1e6),
+        "peak_rss_mib_throughput": throughput_rss as f64 / 1048576.0,
+        "peak_rss_mib": peak_rss as f64 / 1048576.0,
+        "latency": latency,
+        "restore": restore,
+    });
+    print_table(&report);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Waits until the job committed every input offset and Redis holds every room's final version.
+async fn wait_until_final(kafka: &KafkaSettings, topology: &Topology, expected: &Expected, redis_url: &str, events: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let group = process::group_reader(kafka, &topology.application_id)?;
+    while process::committed_total(&group, topology.input_topic())? < events {
+        anyhow::ensure!(Instant::now() < deadline, "omni did not consume the preload within 30 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
+    let open: Vec<(&String, u64)> = expected.rooms.iter().filter(|(_, s)| !s.closed && s.version > 0).map(|(r, s)| (r, s.version)).collect();
+    loop {
+        let mut pipe = redis::pipe();
+        for (room, _) in &open {
+            pipe.hget(keys.room(room), "version");
+        }
+        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        if open.iter().zip(&versions).all(|((_, want), got)| *got == Some(*want)) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "Redis did not reach the final versions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn print_table(report: &serde_json::Value) {
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |f| format!("{f:.1}"));
+    let rows = [
+        ("events", report["events"].to_string()),
+        ("passthrough events/s", num(&report["passthrough_events_per_s"])),
+        ("omni events/s (cold start, EOS, Redis)", num(&report["omni_events_per_s"])),
+        ("omni / passthrough", format!("{:.2}", report["omni_over_passthrough_ratio"].as_f64().unwrap_or(0.0))),
+        ("CPU s per million events", num(&report["cpu_seconds_per_million_events"])),
+        ("peak RSS MiB", num(&report["peak_rss_mib"])),
+        ("latency → broadcast p50/p99/p999/max ms", percentiles(&report["latency"]["to_broadcast"])),
+        ("latency → Redis p50/p99/p999/max ms", percentiles(&report["latency"]["to_redis"])),
+        ("restore records/s", num(&report["restore"]["records_per_s"])),
+    ];
+    for (name, value) in rows {
+        println!("{name:<44} {value}");
+    }
+}
+
+fn percentiles(p: &serde_json::Value) -> String {
+    if p.is_null() {
+        return "-".into();
+    }
+    let f = |k: &str| p[k].as_f64().map_or("-".to_owned(), |v| format!("{v:.0}"));
+    format!("{}/{}/{}/{} ({} samples)", f("p50_ms"), f("p99_ms"), f("p999_ms"), f("max_ms"), p["samples"])
+}
