@@ -3,12 +3,14 @@
 
 mod admin;
 mod partitioner;
+mod producer;
 
 use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
 
 pub use admin::{ensure_topics, partition_count, TopicSpec};
+pub use producer::drain;
 pub use partitioner::{murmur2, partition_for};
 
 /// Errors from Kafka clients.

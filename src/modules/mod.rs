@@ -109,6 +109,12 @@ pub trait Module: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     fn fold(&self, state: &Self::State, event: &RoomEvent, limits: &Limits) -> Result<Option<Self::State>, Rejection>;
+
+    /// Whether `event` can concern this module at all. `false` skips decoding
+    /// the state for it, which matters on the hot path; the default is `true`.
+    fn reacts_to(&self, _event: &RoomEvent) -> bool {
+        true
+    }
 }
 
 /// A module with its state type erased to JSON text, so the runtime can hold
@@ -129,6 +135,9 @@ impl<M: Module> DynModule for M {
     }
 
     fn fold_json(&self, state: Option<&str>, event: &RoomEvent, limits: &Limits) -> Result<Option<String>, Rejection> {
+        if !self.reacts_to(event) {
+            return Ok(None);
+        }
         let current: M::State = match state {
             Some(json) => serde_json::from_str(json).map_err(|e| {
                 Rejection::new(

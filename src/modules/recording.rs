@@ -33,6 +33,10 @@ impl Module for Recording {
         "recording"
     }
 
+    fn reacts_to(&self, event: &RoomEvent) -> bool {
+        matches!(event.kind, Some(Kind::RecordingStarted(_) | Kind::RecordingStopped(_)))
+    }
+
     fn fold(
         &self,
         state: &RecordingState,

@@ -37,12 +37,15 @@ pub struct FoldOutcome {
 #[derive(Clone)]
 pub struct RoomFolder {
     modules: Vec<Arc<dyn DynModule>>,
+    /// Each module's empty-state JSON, computed once.
+    empty: Vec<String>,
     limits: Limits,
 }
 
 impl RoomFolder {
     pub fn new(modules: Vec<Arc<dyn DynModule>>, limits: Limits) -> RoomFolder {
-        RoomFolder { modules, limits }
+        let empty = modules.iter().map(|m| m.empty_json()).collect();
+        RoomFolder { modules, empty, limits }
     }
 
     pub fn modules(&self) -> &[Arc<dyn DynModule>] {
@@ -78,16 +81,16 @@ impl RoomFolder {
             return Ok(self.close(state, event));
         }
         let mut next_states = Vec::new();
-        for module in &self.modules {
+        for (module, empty) in self.modules.iter().zip(&self.empty) {
             let current = state.modules.get(module.name()).map(String::as_str);
             if let Some(next) = module.fold_json(current, event, &self.limits)? {
-                next_states.push((module, next));
+                next_states.push((module, empty, next));
             }
         }
         let mut changes = Vec::with_capacity(next_states.len());
-        for (module, next) in next_states {
+        for (module, empty, next) in next_states {
             state.version += 1;
-            if next == module.empty_json() {
+            if next == *empty {
                 state.modules.remove(module.name());
             } else {
                 state.modules.insert(module.name().to_owned(), next.clone());
@@ -119,8 +122,8 @@ impl RoomFolder {
 
     /// Every module's current JSON state, the empty state for modules that hold none.
     pub fn module_states<'a>(&'a self, state: &'a RoomState) -> impl Iterator<Item = (&'static str, String)> + 'a {
-        self.modules.iter().map(move |m| {
-            let json = state.modules.get(m.name()).cloned().unwrap_or_else(|| m.empty_json());
+        self.modules.iter().zip(&self.empty).map(move |(m, empty)| {
+            let json = state.modules.get(m.name()).unwrap_or(empty).clone();
             (m.name(), json)
         })
     }

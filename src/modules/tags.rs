@@ -16,6 +16,10 @@ impl Module for Tags {
         "tags"
     }
 
+    fn reacts_to(&self, event: &RoomEvent) -> bool {
+        matches!(event.kind, Some(Kind::TagSet(_) | Kind::TagRemoved(_)))
+    }
+
     fn fold(&self, state: &Self::State, event: &RoomEvent, limits: &Limits) -> Result<Option<Self::State>, Rejection> {
         match &event.kind {
             Some(Kind::TagSet(set)) => {

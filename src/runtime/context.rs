@@ -70,8 +70,9 @@ impl ConsumerContext for JobContext {
                 tracing::info!(?partitions, "partitions assigned");
                 metrics::counter!("omni_rebalances_total", "kind" => "assign").increment(1);
                 let mut engine = self.lock();
-                engine.health.mark_joined();
                 engine.assign(consumer, &partitions);
+                // Only now: the new partitions already count as restoring.
+                engine.health.mark_joined();
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}

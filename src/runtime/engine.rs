@@ -9,6 +9,7 @@
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer}
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError};
 use crate::modules::{Rejection, RoomFolder};
+use crate::kafka::drain;
 use crate::proto::omni::{RoomState, StateChange};
 use crate::proto::{now, rfc3339};
 use crate::store::{PartitionWrite, StateStore};
@@ -42,10 +44,39 @@ pub struct Topics {
     pub dead_letter: String,
 }
 
-/// A room changed in the open transaction, with the changes that Redis has not seen yet.
+/// A room touched in the open transaction, with the changes that Redis has not seen yet.
 struct DirtyRoom {
     state: RoomState,
+    /// False while every event on it was a no-op: nothing to write then.
+    changed: bool,
+    /// The state as sent to the changelog at commit, then written to the store.
+    encoded: Vec<u8>,
     changes: Vec<ChangeEntry>,
+}
+
+/// Most committed room states kept decoded in memory per partition, so hot
+/// rooms skip the store read; past it the cache starts over.
+const RECENT_ROOMS_PER_PARTITION: usize = 20_000;
+
+/// Metric handles per module, resolved once rather than per event.
+pub(super) struct ModuleCounters {
+    processed: metrics::Counter,
+    noops: metrics::Counter,
+    changes: metrics::Counter,
+}
+
+impl ModuleCounters {
+    pub(super) fn for_modules(folder: &RoomFolder) -> Vec<ModuleCounters> {
+        folder
+            .modules()
+            .iter()
+            .map(|m| ModuleCounters {
+                processed: metrics::counter!("omni_events_processed_total", "module" => m.name()),
+                noops: metrics::counter!("omni_noops_total", "module" => m.name()),
+                changes: metrics::counter!("omni_changes_emitted_total", "module" => m.name()),
+            })
+            .collect()
+    }
 }
 
 /// One assigned input partition.
@@ -57,6 +88,8 @@ struct Task {
     /// Next input offset to commit, once this partition consumed something in the transaction.
     next_offset: Option<i64>,
     dirty: HashMap<String, DirtyRoom>,
+    /// Committed states of recently touched rooms.
+    recent: HashMap<String, RoomState>,
 }
 
 pub struct Engine {
@@ -71,6 +104,8 @@ pub struct Engine {
     pub(super) restores: Restores,
     pub(super) restore_results: mpsc::Receiver<RestoreDone>,
     tasks: BTreeMap<i32, Task>,
+    counters: Vec<ModuleCounters>,
+    consumed: metrics::Counter,
     /// When the open transaction began; `None` when none is open.
     open_since: Option<Instant>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
@@ -93,6 +128,8 @@ impl Engine {
         restore_results: mpsc::Receiver<RestoreDone>,
     ) -> Engine {
         Engine {
+            counters: ModuleCounters::for_modules(&folder),
+            consumed: metrics::counter!("omni_events_consumed_total"),
             folder,
             store,
             producer,
@@ -145,7 +182,7 @@ impl Engine {
             return Ok(());
         }
         self.begin()?;
-        metrics::counter!("omni_events_consumed_total").increment(1);
+        self.consumed.increment(1);
         let outcome = self.fold(partition, message);
         if let Err(rejection) = outcome? {
             self.dead_letter(message, &rejection)?;
@@ -162,30 +199,42 @@ impl Engine {
             Ok(decoded) => decoded,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        let room = path.to_string();
-        let task = self.tasks.get_mut(&partition).expect("checked by process");
-        let mut state = match task.dirty.get(&room) {
-            Some(dirty) => dirty.state.clone(),
-            None => self.store.get(partition, &room)?.unwrap_or_default(),
+        let Engine { tasks, store, folder, producer, topics, counters, .. } = self;
+        let task = tasks.get_mut(&partition).expect("checked by process");
+        let room = match task.dirty.entry(path.to_string()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let state = match task.recent.remove(entry.key()) {
+                    Some(state) => state,
+                    None => store.get(partition, entry.key())?.unwrap_or_default(),
+                };
+                entry.insert(DirtyRoom { state, changed: false, encoded: Vec::new(), changes: Vec::new() })
+            }
         };
-        let outcome = match self.folder.fold(&mut state, &event) {
+        // A rejected event leaves the state as it was, so folding in place is safe.
+        let outcome = match folder.fold(&mut room.state, &event) {
             Ok(outcome) => outcome,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        for module in self.folder.modules() {
-            metrics::counter!("omni_events_processed_total", "module" => module.name()).increment(1);
-            if !outcome.changes.iter().any(|c| c.module == module.name()) {
-                metrics::counter!("omni_noops_total", "module" => module.name()).increment(1);
+        for (module, counter) in folder.modules().iter().zip(counters.iter()) {
+            counter.processed.increment(1);
+            if outcome.changes.iter().any(|c| c.module == module.name()) {
+                counter.changes.increment(1);
+            } else {
+                counter.noops.increment(1);
             }
         }
         if outcome.changes.is_empty() {
             return Ok(Ok(()));
         }
+        room.changed = true;
+        let path_text = path.to_string();
         let processed_at = now();
-        let mut entries = Vec::with_capacity(outcome.changes.len());
+        let occurred_text = rfc3339(event.occurred_at.as_ref());
+        let processed_text = rfc3339(Some(&processed_at));
         for change in outcome.changes {
             let record = StateChange {
-                path: room.clone(),
+                path: path_text.clone(),
                 version: change.version,
                 module: change.module.to_owned(),
                 state_json: change.state_json,
@@ -194,22 +243,16 @@ impl Engine {
                 processed_at: Some(processed_at),
             };
             let payload = record.encode_to_vec();
-            send(&self.producer, BaseRecord::to(&self.topics.broadcast).key(room.as_bytes()).payload(&payload[..]))?;
-            metrics::counter!("omni_changes_emitted_total", "module" => change.module).increment(1);
-            entries.push(ChangeEntry {
+            send(producer, BaseRecord::to(&topics.broadcast).key(path_text.as_bytes()).payload(&payload[..]))?;
+            room.changes.push(ChangeEntry {
                 version: record.version,
                 module: record.module,
                 state_json: record.state_json,
                 cause_event_id: record.cause_event_id,
-                occurred_at: rfc3339(record.occurred_at.as_ref()),
-                processed_at: rfc3339(record.processed_at.as_ref()),
+                occurred_at: occurred_text.clone(),
+                processed_at: processed_text.clone(),
             });
         }
-        let task = self.tasks.get_mut(&partition).expect("checked by process");
-        let dirty =
-            task.dirty.entry(room).or_insert_with(|| DirtyRoom { state: RoomState::default(), changes: Vec::new() });
-        dirty.state = state;
-        dirty.changes.extend(entries);
         Ok(Ok(()))
     }
 
@@ -239,16 +282,14 @@ impl Engine {
         let Some(opened) = self.open_since else {
             return Ok(());
         };
-        for (&partition, task) in &self.tasks {
-            for (room, dirty) in &task.dirty {
+        for (&partition, task) in &mut self.tasks {
+            for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed) {
                 let value = dirty.state.encode_to_vec();
                 send(
                     &self.producer,
-                    BaseRecord::to(&self.topics.changelog)
-                        .partition(partition)
-                        .key(room.as_bytes())
-                        .payload(&value[..]),
+                    BaseRecord::to(&self.topics.changelog).partition(partition).key(room.as_bytes()).payload(&value[..]),
                 )?;
+                dirty.encoded = value;
             }
         }
         let mut offsets = TopicPartitionList::new();
@@ -279,8 +320,8 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         offsets: &TopicPartitionList,
     ) -> Result<(), RdError> {
+        drain(&self.producer, KAFKA_TIMEOUT)?;
         if !self.exactly_once {
-            self.producer.flush(KAFKA_TIMEOUT)?;
             if offsets.count() > 0 {
                 consumer.commit(offsets, CommitMode::Sync)?;
             }
@@ -313,13 +354,21 @@ impl Engine {
                 continue;
             }
             let mut rooms = Vec::with_capacity(dirty.len());
-            for (room, DirtyRoom { state, changes }) in dirty {
-                if self.redis.is_some() {
-                    writes.push(room_write(&self.folder, &room, &state, changes));
+            for (room, DirtyRoom { state, changed, encoded, changes }) in dirty {
+                if changed {
+                    if self.redis.is_some() {
+                        writes.push(room_write(&self.folder, &room, &state, changes));
+                    }
+                    rooms.push((room.as_bytes().to_vec(), encoded));
                 }
-                rooms.push((room, state));
+                if task.recent.len() >= RECENT_ROOMS_PER_PARTITION {
+                    task.recent.clear();
+                }
+                task.recent.insert(room, state);
             }
-            self.store.write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
+            if !rooms.is_empty() || ends.contains_key(&partition) {
+                self.store.write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
+            }
         }
         if let Some(redis) = &self.redis {
             redis.send(writes);

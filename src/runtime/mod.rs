@@ -274,7 +274,9 @@ fn processing_loop(
     config
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Bounds prefetched input, so memory stays flat however far behind the job is.
+        .set("queued.max.messages.kbytes", "32768");
     for (key, value) in &topology.kafka.properties {
         config.set(key, value);
     }

@@ -64,7 +64,7 @@ pub fn create_producer(
         .set("linger.ms", "5")
         .set("batch.size", "262144")
         .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
+        .set("queue.buffering.max.kbytes", "65536")
         // Room states can approach a megabyte at the tag limits.
         .set("message.max.bytes", "8388608")
         .set("compression.type", "lz4")
@@ -92,7 +92,8 @@ pub fn send(producer: &JobProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> R
             Ok(()) => return Ok(()),
             Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
-                producer.poll(Duration::from_millis(10));
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(e.into()),
         }

@@ -12,14 +12,12 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::RuntimeError;
 use crate::kafka::KafkaSettings;
-use crate::proto::omni::RoomState;
 use crate::store::{PartitionWrite, StateStore};
 
 const BATCH: usize = 10_000;
@@ -115,7 +113,9 @@ impl Job {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", "52428800");
+            .set("fetch.max.bytes", "52428800")
+            // A restore reads to the end: waiting there for more bytes only delays it.
+            .set("fetch.wait.max.ms", "10");
         let consumer: BaseConsumer = config.create()?;
         let (low, high) = consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30))?;
         let start = self.from.unwrap_or(low).max(low);
@@ -129,28 +129,30 @@ impl Job {
         assignment.add_partition_offset(&self.changelog, self.partition, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
 
-        let mut batch: Vec<(String, RoomState)> = Vec::with_capacity(BATCH);
+        let mut batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(BATCH);
         let mut restored = 0u64;
         let mut next = start;
         while !self.cancel.load(Ordering::Relaxed) {
-            if let Some(polled) = consumer.poll(Duration::from_millis(100)) {
+            let polled = consumer.poll(Duration::from_millis(10));
+            let idle = polled.is_none();
+            if let Some(polled) = polled {
                 let message = polled?;
                 next = message.offset() + 1;
+                // Stored as they are: the store keeps the changelog's own bytes.
                 if let (Some(key), Some(value)) = (message.key(), message.payload()) {
-                    match RoomState::decode(value) {
-                        Ok(state) => batch.push((String::from_utf8_lossy(key).into_owned(), state)),
-                        Err(e) => {
-                            tracing::error!(partition = self.partition, offset = message.offset(), error = %e, "skipping an undecodable changelog record");
-                            metrics::counter!("omni_restore_skipped_records_total").increment(1);
-                        }
-                    }
+                    batch.push((key.to_vec(), value.to_vec()));
                 }
             }
-            let position =
+            // Markers and compaction leave gaps, so the end is judged by the
+            // consumer's position, which moves past them, not by a last record.
+            let position = if idle || batch.len() >= BATCH || next >= high {
                 match consumer.position()?.find_partition(&self.changelog, self.partition).map(|e| e.offset()) {
                     Some(Offset::Offset(p)) => p.max(next),
                     _ => next,
-                };
+                }
+            } else {
+                next
+            };
             gauge.set((high - position).max(0) as f64);
             let finished = position >= high;
             if batch.len() >= BATCH || finished {

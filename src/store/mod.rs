@@ -25,8 +25,9 @@ pub enum StoreError {
 /// One atomic update of a partition's store.
 #[derive(Debug, Default)]
 pub struct PartitionWrite {
-    /// Rooms with their new state (canonical path text → state).
-    pub rooms: Vec<(String, RoomState)>,
+    /// Rooms with their new state: canonical path text → encoded [`RoomState`],
+    /// the very bytes of its changelog record, so neither side encodes twice.
+    pub rooms: Vec<(Vec<u8>, Vec<u8>)>,
     /// The changelog offset the store has now caught up to (next offset to read).
     pub changelog_offset: Option<i64>,
 }

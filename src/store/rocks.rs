@@ -107,7 +107,7 @@ impl StateStore for RocksStore {
         let cf = self.cf(partition)?;
         let mut batch = WriteBatch::default();
         for (room, state) in &write.rooms {
-            batch.put_cf(&cf, room.as_bytes(), state.encode_to_vec());
+            batch.put_cf(&cf, room, state);
         }
         if let Some(offset) = write.changelog_offset {
             batch.put_cf(&cf, CHANGELOG_OFFSET_KEY, offset.to_be_bytes());
@@ -153,6 +153,10 @@ mod tests {
         RoomState { version, modules: [("tags".to_owned(), tags.to_owned())].into(), updated_at: None, closed: false }
     }
 
+    fn encoded(room: &str, state: RoomState) -> (Vec<u8>, Vec<u8>) {
+        (room.as_bytes().to_vec(), state.encode_to_vec())
+    }
+
     #[test]
     fn state_and_offset_survive_a_reopen_per_partition() {
         let dir = tempfile::tempdir().unwrap();
@@ -162,13 +166,13 @@ mod tests {
             store
                 .write(
                     3,
-                    PartitionWrite { rooms: vec![("app/a/room/r".into(), room(2, "{}"))], changelog_offset: Some(17) },
+                    PartitionWrite { rooms: vec![encoded("app/a/room/r", room(2, "{}"))], changelog_offset: Some(17) },
                 )
                 .unwrap();
             store
                 .write(
                     5,
-                    PartitionWrite { rooms: vec![("app/a/room/q".into(), room(9, "{}"))], changelog_offset: None },
+                    PartitionWrite { rooms: vec![encoded("app/a/room/q", room(9, "{}"))], changelog_offset: None },
                 )
                 .unwrap();
         }

@@ -436,3 +436,124 @@ pub fn assert_store_exact(dirs: &[&FsPath], partitions: i32, expected: &Expected
     };
     assert_eq!(versions(&found), versions(&expected.rooms), "store contents");
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the pub/sub, CLI and operations tests.
+
+/// A loopback port nobody listens on right now.
+pub fn pick_free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` of a test's own on a free loopback port, killed when dropped.
+pub struct ScratchRedis {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl ScratchRedis {
+    /// Starts redis-server in `dir` (no persistence) and waits until it accepts connections.
+    pub fn start(dir: &FsPath) -> ScratchRedis {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = pick_free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let redis = ScratchRedis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    /// The URL for `userinfo` (`""`, `"user:password"`).
+    pub fn url(&self, userinfo: &str) -> String {
+        match userinfo {
+            "" => format!("redis://127.0.0.1:{}", self.port),
+            u => format!("redis://{u}@127.0.0.1:{}", self.port),
+        }
+    }
+}
+
+impl Drop for ScratchRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: `(status, body)`, or `None` when nothing answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.ok().flatten()
+}
+
+/// The sum of a Prometheus metric's samples (every label set) in `/metrics` text.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The `omni` binary with the real services in its environment and no other `OMNI_*` variable.
+pub fn omni_cli() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_omni"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OMNI_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("OMNI_BROKERS", &services().brokers).env("OMNI_REDIS_URL", &services().redis_url);
+    command
+}
+
+/// Writes `topology` as a TOML file the binary reads.
+pub fn write_topology(topology: &Topology, file: &FsPath) {
+    std::fs::write(file, toml::to_string(topology).unwrap()).unwrap();
+}
+
+/// The lines a child process writes to a pipe, read on a thread so they can be awaited with a deadline.
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Lines {
+    pub fn new(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx }
+    }
+
+    /// The next line, or `None` when none came within `timeout` (or the pipe closed).
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}

@@ -7,3 +7,6 @@ mod extension;
 mod faults;
 mod processor;
 mod redis_view;
+mod pubsub;
+mod cli;
+mod ops;

@@ -54,7 +54,8 @@ pub fn run(brokers: &str, input: &str, output: &str, total: u64, commit_interval
                         Ok(()) => break,
                         Err((_, returned)) => {
                             record = returned;
-                            producer.poll(Duration::from_millis(5));
+                            producer.poll(Duration::ZERO);
+                            std::thread::sleep(Duration::from_millis(1));
                         }
                     }
                 }
@@ -71,6 +72,7 @@ pub fn run(brokers: &str, input: &str, output: &str, total: u64, commit_interval
             }
             let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("no group metadata"))?;
             producer.send_offsets_to_transaction(&list, &group, Duration::from_secs(30))?;
+            omni::kafka::drain(&producer, Duration::from_secs(30))?;
             producer.commit_transaction(Duration::from_secs(30))?;
             open_since = None;
         }

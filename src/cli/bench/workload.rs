@@ -105,7 +105,8 @@ pub fn send(producer: &BaseProducer, topic: &str, key: &str, value: &[u8]) {
             Ok(()) => return,
             Err((_, returned)) => {
                 record = returned;
-                producer.poll(Duration::from_millis(5));
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
