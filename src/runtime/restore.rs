@@ -113,7 +113,7 @@ impl Job {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", "52428800")
+            .set("fetch.max.bytes", "8388608")
             // A restore reads to the end: waiting there for more bytes only delays it.
             .set("fetch.wait.max.ms", "10");
         let consumer: BaseConsumer = config.create()?;

@@ -143,8 +143,8 @@ impl LatencyRun<'_> {
 
     /// Produces at the fixed rate for the duration; returns the achieved rate.
     fn produce(&self, workload: &mut Workload) -> anyhow::Result<f64> {
-        // No lingering: the measurement starts when the event is handed to Kafka.
-        let producer = fast_producer(self.brokers, 0)?;
+        // A producer as services configure one: 2 ms linger, counted in the latency.
+        let producer = fast_producer(self.brokers, 2)?;
         let started = Instant::now();
         let mut sent = 0u64;
         let mut probe = 0u64;
