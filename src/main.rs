@@ -153,6 +153,9 @@ pub async fn run_job(topology: omni::topology::Topology, registry: Registry) -> 
     let health = Arc::new(Health::default());
     let addr = ops::serve(&topology.http.listen, Arc::clone(&health)).await?;
     tracing::info!(metrics = %format!("http://{addr}/metrics"), "operations endpoint listening on {addr}");
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        tokio::spawn(ops::restore_progress_bar(Arc::clone(&health)));
+    }
     omni::runtime::run(topology, registry, health, shutdown_signal()).await.context("processing job failed")
 }
 

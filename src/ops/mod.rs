@@ -62,6 +62,35 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
     Ok(addr)
 }
 
+/// Shows a progress bar on the terminal while partitions restore from their changelogs.
+pub async fn restore_progress_bar(health: Arc<Health>) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (done, total) = health.restore_progress();
+        match &bar {
+            None if done < total => {
+                let b = indicatif::ProgressBar::new(total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("restoring {bar:40} {pos}/{len} records ({per_sec}, {eta})")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b.set_position(done);
+                bar = Some(b);
+            }
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+                if done >= total {
+                    b.finish_and_clear();
+                    bar = None;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
 /// Registers help texts, and zeroes the counters so they show before their first event.
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};

@@ -11,7 +11,7 @@ mod output;
 mod restore;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Health {
     joined: AtomicBool,
     assigned: AtomicUsize,
     restoring: AtomicUsize,
+    restore_total: AtomicU64,
+    restore_done: AtomicU64,
 }
 
 impl Health {
@@ -74,6 +76,19 @@ impl Health {
 
     pub fn assigned(&self) -> usize {
         self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Changelog records restored so far and to restore in all, since start-up.
+    pub fn restore_progress(&self) -> (u64, u64) {
+        (self.restore_done.load(Ordering::Relaxed), self.restore_total.load(Ordering::Relaxed))
+    }
+
+    fn restore_planned(&self, records: u64) {
+        self.restore_total.fetch_add(records, Ordering::Relaxed);
+    }
+
+    fn restore_advanced(&self, records: u64) {
+        self.restore_done.fetch_add(records, Ordering::Relaxed);
     }
 }
 
@@ -253,6 +268,7 @@ fn processing_loop(
         format!("{}-restore", topology.application_id),
         topics.changelog.clone(),
         Arc::clone(&store),
+        Arc::clone(&health),
         restore_tx,
     );
     let engine = Engine::new(

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::RuntimeError;
+use super::{Health, RuntimeError};
 use crate::kafka::KafkaSettings;
 use crate::store::{PartitionWrite, StateStore};
 
@@ -40,6 +40,7 @@ pub struct Restores {
     group_id: String,
     changelog: String,
     store: Arc<dyn StateStore>,
+    health: Arc<Health>,
     done: mpsc::Sender<RestoreDone>,
     running: HashMap<i32, Running>,
 }
@@ -50,9 +51,10 @@ impl Restores {
         group_id: String,
         changelog: String,
         store: Arc<dyn StateStore>,
+        health: Arc<Health>,
         done: mpsc::Sender<RestoreDone>,
     ) -> Restores {
-        Restores { settings, group_id, changelog, store, done, running: HashMap::new() }
+        Restores { settings, group_id, changelog, store, health, done, running: HashMap::new() }
     }
 
     /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
@@ -64,6 +66,7 @@ impl Restores {
             group_id: self.group_id.clone(),
             changelog: self.changelog.clone(),
             store: Arc::clone(&self.store),
+            health: Arc::clone(&self.health),
             partition,
             from,
             cancel: Arc::clone(&cancel),
@@ -100,6 +103,7 @@ struct Job {
     group_id: String,
     changelog: String,
     store: Arc<dyn StateStore>,
+    health: Arc<Health>,
     partition: i32,
     from: Option<i64>,
     cancel: Arc<AtomicBool>,
@@ -125,6 +129,8 @@ impl Job {
             return Ok(0);
         }
         tracing::info!(partition = self.partition, from = start, to = high, "restoring from the changelog");
+        self.health.restore_planned((high - start) as u64);
+        let mut reported = start;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&self.changelog, self.partition, Offset::Offset(start))?;
         consumer.assign(&assignment)?;
@@ -155,6 +161,11 @@ impl Job {
             };
             gauge.set((high - position).max(0) as f64);
             let finished = position >= high;
+            let reached = position.min(high);
+            if reached > reported {
+                self.health.restore_advanced((reached - reported) as u64);
+                reported = reached;
+            }
             if batch.len() >= BATCH || finished {
                 let rooms = std::mem::take(&mut batch);
                 restored += rooms.len() as u64;

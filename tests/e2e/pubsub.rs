@@ -558,12 +558,16 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
     let seed = 0x1a7e;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let restart_after = 8;
-    let schedule: BTreeMap<usize, (&str, Duration)> = BTreeMap::from([
-        (0, ("app/*/room/r1", omni::pubsub::DEFAULT_LOOKBACK)),
-        (rng.random_range(1..4), ("app/a1/room/>", omni::pubsub::DEFAULT_LOOKBACK)),
-        (rng.random_range(4..restart_after), ("app/*/room/r3", Duration::from_secs(3))),
-        (rng.random_range(restart_after + 2..chunks - 1), ("app/*/room/*", Duration::from_secs(3))),
-    ]);
+    // (chunk, pattern, look-back). A zero look-back joins with no overlap
+    // between the snapshot and the stream, so changes committed around the
+    // moment it starts must be repaired from Redis.
+    let schedule: Vec<(usize, &str, Duration)> = vec![
+        (0, "app/*/room/r1", omni::pubsub::DEFAULT_LOOKBACK),
+        (rng.random_range(1..4), "app/a1/room/>", omni::pubsub::DEFAULT_LOOKBACK),
+        (rng.random_range(4..restart_after), "app/*/room/r3", Duration::from_secs(3)),
+        (rng.random_range(4..restart_after), "app/*/room/*", Duration::ZERO),
+        (rng.random_range(restart_after + 2..chunks - 1), "app/*/room/*", Duration::from_secs(3)),
+    ];
     tracing::info!(seed, ?schedule, "late joiner schedule");
 
     let producer = producer();
@@ -590,8 +594,8 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
     };
     for c in 0..chunks {
         let k = c * chunk;
-        if let Some((pattern, lookback)) = schedule.get(&c) {
-            start(format!("follower@{k}"), pattern, *lookback, k);
+        for (_, pattern, lookback) in schedule.iter().filter(|s| s.0 == c) {
+            start(format!("follower@{k}-{pattern}-{lookback:?}"), pattern, *lookback, k);
         }
         if c == restart_after {
             // One joins while the job stops, another while it is down.
