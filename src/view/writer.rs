@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
 
-/// Compare-and-set of a room hash plus its change stream.
+/// Compare-and-set of a room hash plus its change stream. The stream is
+/// trimmed approximately (`MAXLEN ~`), which Redis does in whole nodes: it
+/// keeps at least the configured number of entries at a fraction of the cost.
 ///
 /// KEYS: room hash, change stream.
 /// ARGV: version, closed (0/1), updated_at, stream max length, field count,
@@ -35,18 +37,17 @@ local nfields = tonumber(ARGV[5])
 local i = 6 + 2 * nfields
 while i + 5 <= #ARGV do
   if tonumber(ARGV[i]) > current then
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], ARGV[i] .. '-0',
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[i] .. '-0',
       'version', ARGV[i], 'module', ARGV[i + 1], 'state', ARGV[i + 2],
       'cause_event_id', ARGV[i + 3], 'occurred_at', ARGV[i + 4], 'processed_at', ARGV[i + 5])
   end
   i = i + 6
 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == '0' then
-  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3])
-  for f = 0, nfields - 1 do
-    redis.call('HSET', KEYS[1], ARGV[6 + 2 * f], ARGV[7 + 2 * f])
-  end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  -- Every module's field is written each time, so nothing stale survives.
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3], unpack(ARGV, 6, 5 + 2 * nfields))
 end
 return 1
 "#;
