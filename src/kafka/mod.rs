@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use rdkafka::ClientConfig;
 
 pub use admin::{ensure_topics, partition_count, TopicSpec};
-pub use producer::drain;
 pub use partitioner::{murmur2, partition_for};
+pub use producer::drain;
 
 /// Errors from Kafka clients.
 #[derive(Debug, thiserror::Error)]

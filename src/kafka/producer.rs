@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 
 /// Serves delivery reports until nothing is in flight, or fails after `timeout`.
-pub fn drain<C: ProducerContext>(producer: &BaseProducer<C>, timeout: Duration) -> Result<(), rdkafka::error::KafkaError> {
+pub fn drain<C: ProducerContext>(
+    producer: &BaseProducer<C>,
+    timeout: Duration,
+) -> Result<(), rdkafka::error::KafkaError> {
     let deadline = Instant::now() + timeout;
     loop {
         producer.poll(Duration::ZERO);

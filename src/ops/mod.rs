@@ -72,8 +72,10 @@ pub async fn restore_progress_bar(health: Arc<Health>) {
             None if done < total => {
                 let b = indicatif::ProgressBar::new(total);
                 b.set_style(
-                    indicatif::ProgressStyle::with_template("restoring {bar:40} {pos}/{len} records ({per_sec}, {eta})")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    indicatif::ProgressStyle::with_template(
+                        "restoring {bar:40} {pos}/{len} records ({per_sec}, {eta})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                 );
                 b.set_position(done);
                 bar = Some(b);

@@ -25,8 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError};
-use crate::modules::{Rejection, RoomFolder};
 use crate::kafka::drain;
+use crate::modules::{Rejection, RoomFolder};
 use crate::proto::omni::{RoomState, StateChange};
 use crate::proto::{now, rfc3339};
 use crate::store::{PartitionWrite, StateStore};
@@ -287,7 +287,10 @@ impl Engine {
                 let value = dirty.state.encode_to_vec();
                 send(
                     &self.producer,
-                    BaseRecord::to(&self.topics.changelog).partition(partition).key(room.as_bytes()).payload(&value[..]),
+                    BaseRecord::to(&self.topics.changelog)
+                        .partition(partition)
+                        .key(room.as_bytes())
+                        .payload(&value[..]),
                 )?;
                 dirty.encoded = value;
             }
@@ -367,7 +370,8 @@ impl Engine {
                 task.recent.insert(room, state);
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
-                self.store.write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
+                self.store
+                    .write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
             }
         }
         if let Some(redis) = &self.redis {

@@ -113,6 +113,7 @@ pub async fn run(
                 keys: KeyLayout::new(&topology.redis.key_prefix),
                 stream_max_len: topology.redis.stream_max_len,
                 batch_rooms: 512,
+                max_pending_changes: 200_000,
             };
             let (writer, task) = spawn_writer(client, options);
             (Some(writer), Some(task))

@@ -99,6 +99,8 @@ pub struct WriterOptions {
     pub stream_max_len: usize,
     /// Most rooms per pipeline.
     pub batch_rooms: usize,
+    /// Most change entries held for Redis at once (bounds memory when Redis lags).
+    pub max_pending_changes: usize,
 }
 
 /// The runtime's handle to the writer task. Dropping every handle lets the
@@ -126,7 +128,7 @@ pub fn spawn_writer(client: redis::Client, options: WriterOptions) -> (RedisWrit
 
 async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::UnboundedReceiver<Vec<RoomWrite>>) {
     let script = redis::Script::new(ROOM_CAS);
-    let mut pending: HashMap<String, RoomWrite> = HashMap::new();
+    let mut pending = Pending::new(&options);
     let mut connection: Option<ConnectionManager> = None;
     let mut backoff = Duration::from_millis(50);
     let mut open = true;
@@ -136,28 +138,27 @@ async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::Unboun
                 return;
             }
             match rx.recv().await {
-                Some(writes) => absorb_all(&mut pending, writes, options.stream_max_len),
+                Some(writes) => pending.absorb_all(writes),
                 None => return,
             }
         }
         while let Ok(writes) = rx.try_recv() {
-            absorb_all(&mut pending, writes, options.stream_max_len);
+            pending.absorb_all(writes);
         }
-        metrics::gauge!("omni_redis_backlog_rooms").set(pending.len() as f64);
+        metrics::gauge!("omni_redis_backlog_rooms").set(pending.rooms.len() as f64);
 
         let conn = match &mut connection {
             Some(conn) => conn,
             None => match ConnectionManager::new(client.clone()).await {
                 Ok(conn) => connection.insert(conn),
                 Err(e) => {
-                    tracing::warn!(error = %e, backlog = pending.len(), "redis unreachable; holding writes");
-                    open = wait_or_closed(&mut rx, &mut pending, &options, &mut backoff, open).await;
+                    tracing::warn!(error = %e, backlog = pending.rooms.len(), "redis unreachable; holding writes");
+                    open = wait_or_closed(&mut rx, &mut pending, &mut backoff, open).await;
                     continue;
                 }
             },
         };
-        let keys: Vec<String> = pending.keys().take(options.batch_rooms).cloned().collect();
-        let batch: Vec<RoomWrite> = keys.iter().filter_map(|k| pending.remove(k)).collect();
+        let batch = pending.take(options.batch_rooms);
         let started = Instant::now();
         match write_batch(conn, &script, &options, &batch).await {
             Ok(()) => {
@@ -169,9 +170,9 @@ async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::Unboun
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
                 for write in batch {
-                    requeue(&mut pending, write, options.stream_max_len);
+                    pending.requeue(write);
                 }
-                open = wait_or_closed(&mut rx, &mut pending, &options, &mut backoff, open).await;
+                open = wait_or_closed(&mut rx, &mut pending, &mut backoff, open).await;
             }
         }
     }
@@ -180,8 +181,7 @@ async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::Unboun
 /// Backs off before a retry while still taking in new writes.
 async fn wait_or_closed(
     rx: &mut mpsc::UnboundedReceiver<Vec<RoomWrite>>,
-    pending: &mut HashMap<String, RoomWrite>,
-    options: &WriterOptions,
+    pending: &mut Pending,
     backoff: &mut Duration,
     open: bool,
 ) -> bool {
@@ -196,30 +196,78 @@ async fn wait_or_closed(
         tokio::select! {
             _ = &mut sleep => return true,
             msg = rx.recv() => match msg {
-                Some(writes) => absorb_all(pending, writes, options.stream_max_len),
+                Some(writes) => pending.absorb_all(writes),
                 None => { sleep.await; return false; }
             },
         }
     }
 }
 
-fn absorb_all(pending: &mut HashMap<String, RoomWrite>, writes: Vec<RoomWrite>, max_changes: usize) {
-    for write in writes {
-        match pending.get_mut(&write.path) {
-            Some(existing) => existing.absorb(write, max_changes),
+/// Writes waiting for Redis, coalesced per room, with a bound on the change
+/// entries they hold. Past the bound (Redis far behind or down), new change
+/// entries are dropped while room states are still kept: Redis converges all
+/// the same, and a late joiner that meets the hole re-snapshots.
+struct Pending {
+    rooms: HashMap<String, RoomWrite>,
+    changes: usize,
+    max_changes_per_room: usize,
+    max_changes: usize,
+}
+
+impl Pending {
+    fn new(options: &WriterOptions) -> Pending {
+        Pending {
+            rooms: HashMap::new(),
+            changes: 0,
+            max_changes_per_room: options.stream_max_len,
+            max_changes: options.max_pending_changes,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    fn absorb_all(&mut self, writes: Vec<RoomWrite>) {
+        for write in writes {
+            self.absorb(write);
+        }
+    }
+
+    fn absorb(&mut self, mut write: RoomWrite) {
+        if self.changes + write.changes.len() > self.max_changes {
+            metrics::counter!("omni_redis_stream_entries_dropped_total").increment(write.changes.len() as u64);
+            write.changes.clear();
+        }
+        self.changes += write.changes.len();
+        match self.rooms.get_mut(&write.path) {
+            Some(existing) => {
+                let before = existing.changes.len() + write.changes.len();
+                existing.absorb(write, self.max_changes_per_room);
+                self.changes -= before - existing.changes.len();
+            }
             None => {
-                pending.insert(write.path.clone(), write);
+                self.rooms.insert(write.path.clone(), write);
             }
         }
     }
-}
 
-/// Puts a failed write back in front of anything newer that arrived meanwhile.
-fn requeue(pending: &mut HashMap<String, RoomWrite>, mut failed: RoomWrite, max_changes: usize) {
-    if let Some(newer) = pending.remove(&failed.path) {
-        failed.absorb(newer, max_changes);
+    /// Up to `n` rooms' writes, taken out.
+    fn take(&mut self, n: usize) -> Vec<RoomWrite> {
+        let keys: Vec<String> = self.rooms.keys().take(n).cloned().collect();
+        let batch: Vec<RoomWrite> = keys.iter().filter_map(|k| self.rooms.remove(k)).collect();
+        self.changes -= batch.iter().map(|w| w.changes.len()).sum::<usize>();
+        batch
     }
-    pending.insert(failed.path.clone(), failed);
+
+    /// Puts a failed write back in front of anything newer that arrived meanwhile.
+    fn requeue(&mut self, mut failed: RoomWrite) {
+        if let Some(newer) = self.rooms.remove(&failed.path) {
+            self.changes -= newer.changes.len();
+            failed.absorb(newer, self.max_changes_per_room);
+        }
+        self.absorb(failed);
+    }
 }
 
 async fn write_batch(
@@ -308,13 +356,31 @@ mod tests {
         assert_eq!(versions(&w), vec![2, 3, 4]);
     }
 
+    fn pending(max_changes: usize) -> Pending {
+        Pending { rooms: HashMap::new(), changes: 0, max_changes_per_room: 100, max_changes }
+    }
+
     #[test]
     fn a_requeued_failure_keeps_the_newer_state_and_every_change_in_order() {
-        let mut pending = HashMap::new();
-        absorb_all(&mut pending, vec![write(5, &[5])], 100);
-        requeue(&mut pending, write(4, &[3, 4]), 100);
-        let w = &pending["app/a/room/r"];
+        let mut pending = pending(1000);
+        pending.absorb_all(vec![write(5, &[5])]);
+        pending.requeue(write(4, &[3, 4]));
+        let w = &pending.rooms["app/a/room/r"];
         assert_eq!(w.version, 5);
         assert_eq!(versions(w), vec![3, 4, 5]);
+        assert_eq!(pending.changes, 3);
+        assert_eq!(pending.take(10).len(), 1);
+        assert_eq!(pending.changes, 0);
+    }
+
+    #[test]
+    fn past_the_budget_states_are_kept_and_change_entries_dropped() {
+        let mut pending = pending(3);
+        pending.absorb(write(2, &[1, 2]));
+        pending.absorb(write(4, &[3, 4]));
+        let w = &pending.rooms["app/a/room/r"];
+        assert_eq!(w.version, 4, "the newest state is kept");
+        assert_eq!(versions(w), vec![1, 2], "entries past the budget are dropped");
+        assert_eq!(pending.changes, 2);
     }
 }

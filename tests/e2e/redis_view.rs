@@ -31,8 +31,10 @@ fn write(version: u64, closed: bool, tags: &str, changes: std::ops::RangeInclusi
 async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     let keys = KeyLayout::new(&unique("view"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
-    let (writer, task) =
-        spawn_writer(client.clone(), WriterOptions { keys: keys.clone(), stream_max_len: 3, batch_rooms: 16 });
+    let (writer, task) = spawn_writer(
+        client.clone(),
+        WriterOptions { keys: keys.clone(), stream_max_len: 3, batch_rooms: 16, max_pending_changes: 100_000 },
+    );
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let version = |conn: redis::aio::MultiplexedConnection, keys: KeyLayout| async move {
         let mut conn = conn;
@@ -86,7 +88,10 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
 async fn the_change_stream_is_capped() {
     let keys = KeyLayout::new(&unique("cap"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
-    let (writer, task) = spawn_writer(client.clone(), WriterOptions { keys: keys.clone(), stream_max_len: 100, batch_rooms: 16 });
+    let (writer, task) = spawn_writer(
+        client.clone(),
+        WriterOptions { keys: keys.clone(), stream_max_len: 100, batch_rooms: 16, max_pending_changes: 100_000 },
+    );
     for v in 1..=1000u64 {
         writer.send(vec![write(v, false, "{}", v..=v)]);
     }

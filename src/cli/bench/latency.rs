@@ -117,7 +117,11 @@ impl LatencyRun<'_> {
     }
 
     /// Subscribes to keyspace notifications of the probe rooms' hashes.
-    async fn watch_probes(&self, samples: Arc<Mutex<Vec<f64>>>, stop: Arc<AtomicBool>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    async fn watch_probes(
+        &self,
+        samples: Arc<Mutex<Vec<f64>>>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let client = redis::Client::open(self.redis_url)?;
         let mut config = client.get_multiplexed_async_connection().await?;
         redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("Kh").query_async::<()>(&mut config).await?;
@@ -133,7 +137,8 @@ impl LatencyRun<'_> {
                 }
                 let seen = now_ms();
                 let key = message.get_channel_name()[keys_prefix..].to_owned();
-                let updated: Option<String> = redis::AsyncCommands::hget(&mut config, &key, "updated_at").await.ok().flatten();
+                let updated: Option<String> =
+                    redis::AsyncCommands::hget(&mut config, &key, "updated_at").await.ok().flatten();
                 if let Some(at) = updated.and_then(|u| chrono::DateTime::parse_from_rfc3339(&u).ok()) {
                     samples.lock().expect("samples").push((seen - at.timestamp_millis()) as f64);
                 }

@@ -65,12 +65,16 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
         ],
     )
     .await?;
-    eprintln!("bench {id}: preloading {} events over {} rooms on {} partitions", args.events, args.rooms, args.partitions);
+    eprintln!(
+        "bench {id}: preloading {} events over {} rooms on {} partitions",
+        args.events, args.rooms, args.partitions
+    );
     let (expected, preload_rate, mut workload) = {
         let (brokers, input, events) = (kafka.brokers.clone(), input.clone(), args.events);
         let mut workload = Workload::new(args.seed, args.rooms, args.zipf);
         tokio::task::spawn_blocking(move || {
-            workload::preload(&brokers, &input, &mut workload, events).map(|(expected, rate)| (expected, rate, workload))
+            workload::preload(&brokers, &input, &mut workload, events)
+                .map(|(expected, rate)| (expected, rate, workload))
         })
         .await??
     };
@@ -78,8 +82,10 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
 
     eprintln!("bench {id}: passthrough (the ceiling)");
     let passthrough_rate = {
-        let (brokers, input, output, id, events) = (kafka.brokers.clone(), input.clone(), format!("{id}.passthrough"), id.clone(), args.events);
-        tokio::task::spawn_blocking(move || passthrough::run(&brokers, &input, &output, events, commit_interval, &id)).await??
+        let (brokers, input, output, id, events) =
+            (kafka.brokers.clone(), input.clone(), format!("{id}.passthrough"), id.clone(), args.events);
+        tokio::task::spawn_blocking(move || passthrough::run(&brokers, &input, &output, events, commit_interval, &id))
+            .await??
     };
     eprintln!("bench {id}: passthrough {passthrough_rate:.0} events/s");
 
@@ -153,13 +159,62 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
         "latency": latency,
         "restore": restore,
     });
+    clean_up(&kafka, &redis_url, &id, &topology).await;
     print_table(&report);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
+/// Deletes the run's topics and Redis keys, so repeated runs do not weigh on the services.
+async fn clean_up(kafka: &KafkaSettings, redis_url: &str, id: &str, topology: &Topology) {
+    let topics = [
+        topology.input_topic().to_owned(),
+        format!("{id}.passthrough"),
+        topology.broadcast_topic.clone(),
+        topology.dead_letter_topic.clone(),
+        topology.changelog_topic(),
+    ];
+    if let Ok(admin) =
+        kafka.client_config().create::<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>()
+    {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = admin.delete_topics(&names, &rdkafka::admin::AdminOptions::new()).await {
+            eprintln!("bench {id}: could not delete its topics: {e}");
+        }
+    }
+    let Ok(client) = redis::Client::open(redis_url) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{id}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async::<(u64, Vec<String>)>(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _ = redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
 /// Waits until the job committed every input offset and Redis holds every room's final version.
-async fn wait_until_final(kafka: &KafkaSettings, topology: &Topology, expected: &Expected, redis_url: &str, events: u64) -> anyhow::Result<()> {
+async fn wait_until_final(
+    kafka: &KafkaSettings,
+    topology: &Topology,
+    expected: &Expected,
+    redis_url: &str,
+    events: u64,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let group = process::group_reader(kafka, &topology.application_id)?;
     while process::committed_total(&group, topology.input_topic())? < events {
@@ -169,7 +224,8 @@ async fn wait_until_final(kafka: &KafkaSettings, topology: &Topology, expected: 
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
-    let open: Vec<(&String, u64)> = expected.rooms.iter().filter(|(_, s)| !s.closed && s.version > 0).map(|(r, s)| (r, s.version)).collect();
+    let open: Vec<(&String, u64)> =
+        expected.rooms.iter().filter(|(_, s)| !s.closed && s.version > 0).map(|(r, s)| (r, s.version)).collect();
     loop {
         let mut pipe = redis::pipe();
         for (room, _) in &open {

@@ -9,7 +9,14 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// Copies `total` records from `input` to `output`; returns events per second.
-pub fn run(brokers: &str, input: &str, output: &str, total: u64, commit_interval: Duration, id: &str) -> anyhow::Result<f64> {
+pub fn run(
+    brokers: &str,
+    input: &str,
+    output: &str,
+    total: u64,
+    commit_interval: Duration,
+    id: &str,
+) -> anyhow::Result<f64> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{id}-passthrough"))

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use omni::modules::{Limits, Registry, RoomFolder};
 use omni::proto::omni::RoomState;
-use omni::proto::tecate::{room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet};
+use omni::proto::tecate::{
+    room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet,
+};
 use omni::proto::{timestamp_from_millis, Message as _};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -55,14 +57,26 @@ impl Workload {
     pub fn event(&mut self, at_ms: i64) -> RoomEvent {
         let rng = &mut self.rng;
         let kind = match rng.random_range(0..1000) {
-            0..=779 => Kind::TagSet(TagSet { key: format!("k{}", rng.random_range(0..12)), value: format!("v{}", rng.random_range(0..1000)) }),
+            0..=779 => Kind::TagSet(TagSet {
+                key: format!("k{}", rng.random_range(0..12)),
+                value: format!("v{}", rng.random_range(0..1000)),
+            }),
             780..=859 => Kind::TagRemoved(TagRemoved { key: format!("k{}", rng.random_range(0..12)) }),
-            860..=929 => Kind::RecordingStarted(RecordingStarted { recording_id: format!("rec{}", rng.random_range(0..4)), started_by: format!("u{}", rng.random_range(0..50)) }),
-            930..=994 => Kind::RecordingStopped(RecordingStopped { recording_id: String::new(), reason: "host stopped".into() }),
+            860..=929 => Kind::RecordingStarted(RecordingStarted {
+                recording_id: format!("rec{}", rng.random_range(0..4)),
+                started_by: format!("u{}", rng.random_range(0..50)),
+            }),
+            930..=994 => {
+                Kind::RecordingStopped(RecordingStopped { recording_id: String::new(), reason: "host stopped".into() })
+            }
             _ => Kind::RoomClosed(RoomClosed {}),
         };
         self.next_id += 1;
-        RoomEvent { event_id: format!("b{}", self.next_id), occurred_at: Some(timestamp_from_millis(at_ms)), kind: Some(kind) }
+        RoomEvent {
+            event_id: format!("b{}", self.next_id),
+            occurred_at: Some(timestamp_from_millis(at_ms)),
+            kind: Some(kind),
+        }
     }
 }
 
@@ -74,7 +88,10 @@ pub struct Expected {
 }
 
 pub fn folder() -> RoomFolder {
-    RoomFolder::new(Registry::with_builtins().select(&["recording".into(), "tags".into()]).expect("built-in modules"), Limits::default())
+    RoomFolder::new(
+        Registry::with_builtins().select(&["recording".into(), "tags".into()]).expect("built-in modules"),
+        Limits::default(),
+    )
 }
 
 impl Expected {
