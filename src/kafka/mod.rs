@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 
 pub use admin::{ensure_topics, partition_count, TopicSpec};
 pub use partitioner::{murmur2, partition_for};
-pub use producer::drain;
+pub use producer::{drain, send};
 
 /// Errors from Kafka clients.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! Waiting for a producer's records without oversleeping.
+//! Producing without oversleeping: sending through a full local queue, and
+//! waiting for acknowledgements.
 //!
 //! rust-rdkafka's `BaseProducer::flush` (and so `commit_transaction`, which
 //! flushes first) serves delivery reports in 100 ms naps, so every commit
@@ -7,13 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 /// Serves delivery reports until nothing is in flight, or fails after `timeout`.
-pub fn drain<C: ProducerContext>(
-    producer: &BaseProducer<C>,
-    timeout: Duration,
-) -> Result<(), rdkafka::error::KafkaError> {
+pub fn drain<C: ProducerContext>(producer: &BaseProducer<C>, timeout: Duration) -> Result<(), KafkaError> {
     let deadline = Instant::now() + timeout;
     loop {
         producer.poll(Duration::ZERO);
@@ -21,8 +20,26 @@ pub fn drain<C: ProducerContext>(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(rdkafka::error::KafkaError::Flush(rdkafka::types::RDKafkaErrorCode::MessageTimedOut));
+            return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut));
         }
         std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Sends a record; while the local queue is full, serves delivery reports and tries again.
+pub fn send<C: ProducerContext>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
     }
 }

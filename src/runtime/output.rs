@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
@@ -86,18 +85,8 @@ pub fn take_changelog_ends(producer: &JobProducer) -> HashMap<i32, i64> {
 }
 
 /// Sends a record, serving delivery reports while the local queue is full.
-pub fn send(producer: &JobProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), RuntimeError> {
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                record = returned;
-                producer.poll(Duration::ZERO);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
+pub fn send(producer: &JobProducer, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), RuntimeError> {
+    Ok(crate::kafka::send(producer, record)?)
 }
 
 /// Headers that explain a dead letter.

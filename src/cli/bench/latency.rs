@@ -165,10 +165,10 @@ impl LatencyRun<'_> {
                         occurred_at: Some(timestamp_from_millis(at)),
                         kind: Some(Kind::TagSet(TagSet { key: "seq".into(), value: probe.to_string() })),
                     };
-                    send(&producer, self.input, &room, &event.encode_to_vec());
+                    send(&producer, self.input, &room, &event.encode_to_vec())?;
                 } else {
                     let room = workload.room();
-                    send(&producer, self.input, &room, &workload.event(at).encode_to_vec());
+                    send(&producer, self.input, &room, &workload.event(at).encode_to_vec())?;
                 }
                 sent += 1;
             }

@@ -56,16 +56,7 @@ pub fn run(
                 if let Some(value) = message.payload() {
                     record = record.payload(value);
                 }
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((_, returned)) => {
-                            record = returned;
-                            producer.poll(Duration::ZERO);
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                }
+                omni::kafka::send(&producer, record)?;
                 offsets.insert(message.partition(), message.offset() + 1);
                 copied += 1;
             }

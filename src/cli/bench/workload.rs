@@ -115,18 +115,8 @@ pub fn fast_producer(brokers: &str, linger_ms: u32) -> anyhow::Result<BaseProduc
         .create()?)
 }
 
-pub fn send(producer: &BaseProducer, topic: &str, key: &str, value: &[u8]) {
-    let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(value);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((_, returned)) => {
-                record = returned;
-                producer.poll(Duration::ZERO);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
+pub fn send(producer: &BaseProducer, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+    Ok(omni::kafka::send(producer, BaseRecord::to(topic).key(key.as_bytes()).payload(value))?)
 }
 
 /// Produces `count` events and returns what the job must end with, and the produce rate.
@@ -140,7 +130,7 @@ pub fn preload(brokers: &str, topic: &str, workload: &mut Workload, count: u64) 
         let room = workload.room();
         let event = workload.event(base_ms + i as i64 / 1000);
         expected.apply(&folder, &room, &event);
-        send(&producer, topic, &room, &event.encode_to_vec());
+        send(&producer, topic, &room, &event.encode_to_vec())?;
         if i % 10_000 == 0 {
             producer.poll(Duration::ZERO);
         }
