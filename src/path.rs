@@ -116,11 +116,18 @@ impl Path {
             return Err(PathError::EmptyValue(hop.tag.as_str().to_owned()));
         }
         let path = Path { hops };
-        let len = path.to_string().len();
+        let len = path.text_len();
         if len > MAX_PATH_BYTES {
             return Err(PathError::TooLong(len));
         }
         Ok(path)
+    }
+
+    /// The length of the canonical text, without building it.
+    fn text_len(&self) -> usize {
+        let separators = 2 * self.hops.len() - 1;
+        let escaped = |v: &str| v.len() + v.bytes().filter(|b| *b == b'/' || *b == b'\\').count();
+        separators + self.hops.iter().map(|h| h.tag.as_str().len() + escaped(&h.value)).sum::<usize>()
     }
 
     /// The canonical room path `app/<app_id>/room/<room_id>`.
@@ -289,6 +296,15 @@ mod tests {
         assert_eq!(path.to_string().parse::<Path>().unwrap(), path);
         // Unescaped, the same characters read as more hops.
         assert!("app/a/b/room/r".parse::<Path>().is_err());
+    }
+
+    #[test]
+    fn the_length_limit_counts_the_canonical_text() {
+        let path = Path::room("a/b", "r").unwrap();
+        assert_eq!(path.text_len(), path.to_string().len());
+        let at_limit = format!("app/{}", "x".repeat(MAX_PATH_BYTES - 4));
+        assert!(at_limit.parse::<Path>().is_ok());
+        assert!(Path::room(&"/".repeat(600), "r").is_err(), "escapes count towards the limit");
     }
 
     #[test]

@@ -201,7 +201,8 @@ impl Engine {
         };
         let Engine { tasks, store, folder, producer, topics, counters, .. } = self;
         let task = tasks.get_mut(&partition).expect("checked by process");
-        let room = match task.dirty.entry(path.to_string()) {
+        let path_text = path.to_string();
+        let room = match task.dirty.entry(path_text.clone()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 let state = match task.recent.remove(entry.key()) {
@@ -228,7 +229,6 @@ impl Engine {
             return Ok(Ok(()));
         }
         room.changed = true;
-        let path_text = path.to_string();
         let processed_at = now();
         let occurred_text = rfc3339(event.occurred_at.as_ref());
         let processed_text = rfc3339(Some(&processed_at));
