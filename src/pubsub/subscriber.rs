@@ -126,10 +126,20 @@ impl Subscriber {
                 tracing::warn!(topic, ?unknown, "start offsets name partitions the topic does not have; ignoring them");
             }
         }
-        let resolved = {
-            let consumer = Arc::clone(&consumer);
-            let topic = topic.to_owned();
-            blocking(move || resolve_offsets(&consumer, &topic, &partitions, &start)).await?
+        let resolved = loop {
+            let query = {
+                let (consumer, topic, partitions, start) =
+                    (Arc::clone(&consumer), topic.to_owned(), partitions.clone(), start.clone());
+                blocking(move || resolve_offsets(&consumer, &topic, &partitions, &start)).await
+            };
+            match query {
+                // A new topic's metadata can name a leader before that broker serves it.
+                Err(e) if is_not_ready(&e) => {
+                    tracing::debug!(topic, error = %e, "topic not served yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => break other?,
+            }
         };
         let mut assignment = TopicPartitionList::new();
         for (&partition, &offset) in &resolved {
@@ -353,6 +363,20 @@ fn ready_partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec
     let mut ids: Vec<i32> = partitions.iter().map(|p| p.id()).collect();
     ids.sort_unstable();
     Ok(Some(ids))
+}
+
+/// Whether an error only says the topic is not served yet, right after its creation.
+fn is_not_ready(error: &PubSubError) -> bool {
+    let PubSubError::Kafka(e) = error else { return false };
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::NotCoordinator
+        )
+    )
 }
 
 /// Queries the watermarks (and, for a timestamp, the offsets for it) and

@@ -26,7 +26,7 @@ use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer}
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError};
 use crate::kafka::drain;
-use crate::modules::{Rejection, RoomFolder};
+use crate::modules::{Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::omni::{RoomState, StateChange};
 use crate::proto::{now, rfc3339};
 use crate::store::{PartitionWrite, StateStore};
@@ -105,6 +105,8 @@ pub struct Engine {
     pub(super) restore_results: mpsc::Receiver<RestoreDone>,
     tasks: BTreeMap<i32, Task>,
     counters: Vec<ModuleCounters>,
+    /// Room closes, counted as changes of the `room` module.
+    closes: metrics::Counter,
     consumed: metrics::Counter,
     /// When the open transaction began; `None` when none is open.
     open_since: Option<Instant>,
@@ -129,6 +131,7 @@ impl Engine {
     ) -> Engine {
         Engine {
             counters: ModuleCounters::for_modules(&folder),
+            closes: metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE),
             consumed: metrics::counter!("omni_events_consumed_total"),
             folder,
             store,
@@ -199,7 +202,7 @@ impl Engine {
             Ok(decoded) => decoded,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        let Engine { tasks, store, folder, producer, topics, counters, .. } = self;
+        let Engine { tasks, store, folder, producer, topics, counters, closes, .. } = self;
         let task = tasks.get_mut(&partition).expect("checked by process");
         let path_text = path.to_string();
         let room = match task.dirty.entry(path_text.clone()) {
@@ -227,6 +230,9 @@ impl Engine {
         }
         if outcome.changes.is_empty() {
             return Ok(Ok(()));
+        }
+        if outcome.closed {
+            closes.increment(1);
         }
         room.changed = true;
         let processed_at = now();

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Health, RuntimeError};
@@ -110,6 +111,31 @@ struct Job {
 }
 
 impl Job {
+    /// The changelog partition's watermarks, waiting out a leader that is not
+    /// serving yet (a topic created moments ago, a leader moving).
+    fn watermarks(&self, consumer: &BaseConsumer) -> Result<(i64, i64), RuntimeError> {
+        let mut attempts = 0;
+        loop {
+            match consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
+                Err(e)
+                    if attempts < 50
+                        && matches!(
+                            e.rdkafka_error_code(),
+                            Some(
+                                RDKafkaErrorCode::NotLeaderForPartition
+                                    | RDKafkaErrorCode::LeaderNotAvailable
+                                    | RDKafkaErrorCode::UnknownTopicOrPartition
+                            )
+                        ) =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
     fn run(self) -> Result<u64, RuntimeError> {
         let mut config = self.settings.client_config();
         config
@@ -121,7 +147,7 @@ impl Job {
             // A restore reads to the end: waiting there for more bytes only delays it.
             .set("fetch.wait.max.ms", "10");
         let consumer: BaseConsumer = config.create()?;
-        let (low, high) = consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30))?;
+        let (low, high) = self.watermarks(&consumer)?;
         let start = self.from.unwrap_or(low).max(low);
         let gauge = metrics::gauge!("omni_restore_remaining_records", "partition" => self.partition.to_string());
         if start >= high {

@@ -24,8 +24,13 @@ fn input() -> Vec<(String, RoomEvent)> {
         .map(|v| {
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
             let kind = match v["type"].as_str().unwrap() {
-                "recording_started" => Kind::RecordingStarted(RecordingStarted { recording_id: s("recording_id"), started_by: s("started_by") }),
-                "recording_stopped" => Kind::RecordingStopped(RecordingStopped { recording_id: s("recording_id"), reason: s("reason") }),
+                "recording_started" => Kind::RecordingStarted(RecordingStarted {
+                    recording_id: s("recording_id"),
+                    started_by: s("started_by"),
+                }),
+                "recording_stopped" => {
+                    Kind::RecordingStopped(RecordingStopped { recording_id: s("recording_id"), reason: s("reason") })
+                }
                 "tag_set" => Kind::TagSet(TagSet { key: s("key"), value: s("value") }),
                 "tag_removed" => Kind::TagRemoved(TagRemoved { key: s("key") }),
                 "room_closed" => Kind::RoomClosed(RoomClosed {}),

@@ -2,11 +2,12 @@
 //! (see `integration/services.sh`). Each test owns its topics, group, Redis
 //! key prefix and state directory, so they run in parallel.
 
+mod cli;
 mod common;
 mod extension;
 mod faults;
-mod processor;
-mod redis_view;
-mod pubsub;
-mod cli;
+mod golden;
 mod ops;
+mod processor;
+mod pubsub;
+mod redis_view;

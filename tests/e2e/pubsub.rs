@@ -19,10 +19,12 @@ use rdkafka::producer::Producer as _;
 
 use crate::common::*;
 
+/// Creates a topic and waits until its partitions' leaders serve offset queries.
 async fn create_topic(name: &str, partitions: i32) {
     ensure_topics(&kafka(), &[TopicSpec { name: name.to_owned(), partitions, configs: vec![] }])
         .await
         .expect("creating a topic");
+    drop(subscribe_retrying(&kafka(), name).await);
 }
 
 fn path(text: &str) -> Path {
@@ -76,7 +78,12 @@ fn assert_in_partition_order(deliveries: &[Delivery], who: &str) {
     let mut last: HashMap<i32, i64> = HashMap::new();
     for d in deliveries {
         if let Some(previous) = last.insert(d.partition, d.offset) {
-            assert!(d.offset > previous, "{who}: partition {} went from offset {previous} to {}", d.partition, d.offset);
+            assert!(
+                d.offset > previous,
+                "{who}: partition {} went from offset {previous} to {}",
+                d.partition,
+                d.offset
+            );
         }
     }
 }
@@ -96,8 +103,14 @@ async fn subscribers_with_a_wildcard_each_receive_every_matching_record_and_noth
     let matching = subjects.len();
     // Same topic, subjects the pattern must drop: other tags, deeper paths, another root.
     subjects.extend(
-        ["app/a1/user/u1", "app/a1/room/r1/user/u1", "app/a1/channel/c1", "region/eu/room/r1", "app/a2/room/r2/session/s"]
-            .map(String::from),
+        [
+            "app/a1/user/u1",
+            "app/a1/room/r1/user/u1",
+            "app/a1/channel/c1",
+            "region/eu/room/r1",
+            "app/a2/room/r2/session/s",
+        ]
+        .map(String::from),
     );
     let publisher = Publisher::new(&settings, &topic).unwrap();
     let mut expected = Vec::new();
@@ -130,7 +143,12 @@ async fn subscribers_with_a_wildcard_each_receive_every_matching_record_and_noth
         assert_in_partition_order(&got, who);
         for d in &got {
             assert_eq!(d.topic, topic);
-            assert_eq!(d.partition, partition_for(d.subject.as_bytes(), 4), "{who}: {} on its hash partition", d.subject);
+            assert_eq!(
+                d.partition,
+                partition_for(d.subject.as_bytes(), 4),
+                "{who}: {} on its hash partition",
+                d.subject
+            );
             let sent = expected.iter().find(|e| e.0 == d.partition && e.1 == d.offset).unwrap();
             assert_eq!(d.content_type, sent.4, "{who}: content type of {}@{}", d.partition, d.offset);
             assert!(d.timestamp_millis.is_some_and(|t| t > 0));
@@ -150,7 +168,8 @@ async fn queue_members_split_the_records_each_exactly_once() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Delivery)>();
     let mut members = Vec::new();
     for member in 0..2 {
-        let mut sub = QueueSubscriber::join(&settings, &topic, &queue, pattern.clone(), StartAt::Earliest).await.unwrap();
+        let mut sub =
+            QueueSubscriber::join(&settings, &topic, &queue, pattern.clone(), StartAt::Earliest).await.unwrap();
         assert_eq!(sub.queue(), queue);
         let tx = tx.clone();
         members.push(tokio::spawn(async move {
@@ -301,8 +320,7 @@ async fn start_points_earliest_latest_offsets_and_timestamp_resolve_as_documente
 
     let after_set: BTreeSet<Key> = after.iter().cloned().collect();
     let everything: BTreeSet<Key> = before.iter().chain(&after).cloned().collect();
-    let from_mid: BTreeSet<Key> =
-        before.iter().filter(|k| k.0 == 0 && k.1 >= mid).chain(&after).cloned().collect();
+    let from_mid: BTreeSet<Key> = before.iter().filter(|k| k.0 == 0 && k.1 >= mid).chain(&after).cloned().collect();
     for (who, sub, want) in [
         ("earliest", &mut earliest, everything),
         ("latest", &mut latest, after_set.clone()),
@@ -360,8 +378,60 @@ async fn records_land_on_the_java_clients_murmur2_partition() {
     assert_eq!(read_keys, keys_sent.into_iter().collect::<BTreeSet<_>>());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_waiting_for_missing_topics_start_once_they_are_created() {
+    // `subscribe` documents that it waits for the topic to exist. Several
+    // subscribers wait on topics that are then created, as a processing job
+    // creates its broadcast topic while followers already wait for it.
+    let settings = kafka();
+    let topics: Vec<String> = (0..16).map(|_| unique("later")).collect();
+    let waiting: Vec<_> = topics
+        .iter()
+        .map(|topic| {
+            let settings = settings.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                Subscriber::subscribe(&settings, &topic, Pattern::parse(">").unwrap(), StartAt::Earliest).await
+            })
+        })
+        .collect();
+    for topic in &topics {
+        ensure_topics(&settings, &[TopicSpec { name: topic.clone(), partitions: 4, configs: vec![] }]).await.unwrap();
+    }
+    let publisher = Publisher::new(&settings, &topics[0]).unwrap();
+    let mut failures = Vec::new();
+    for (topic, task) in topics.iter().zip(waiting) {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(mut sub))) => {
+                let room = Path::room("a", "r").unwrap();
+                publisher.publish_to(topic, &room, b"hello", None).await.unwrap();
+                let got = collect(&mut sub, 1, Duration::from_secs(30)).await;
+                assert_eq!(got.len(), 1, "{topic}: the first record after creation arrives");
+            }
+            Ok(Ok(Err(e))) => failures.push(format!("{topic}: {e}")),
+            Ok(Err(e)) => failures.push(format!("{topic}: task {e}")),
+            Err(_) => failures.push(format!("{topic}: still waiting after 60 s")),
+        }
+    }
+    assert!(failures.is_empty(), "subscribing to a topic being created failed: {failures:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Late joiners.
+
+/// A subscriber from the beginning of `topic`, retrying while a new topic's leaders settle.
+async fn subscribe_retrying(settings: &omni::kafka::KafkaSettings, topic: &str) -> Subscriber {
+    wait_for(Duration::from_secs(60), &format!("a subscription to {topic}"), || async {
+        match Subscriber::subscribe(settings, topic, Pattern::parse(">").unwrap(), StartAt::Earliest).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "subscribing failed; retrying");
+                None
+            }
+        }
+    })
+    .await
+}
 
 /// What one follower reported, and what it had to reach.
 struct Followed {
@@ -406,9 +476,11 @@ fn spawn_follower(
             .filter(|(r, s)| !s.closed || prefix_versions.get(r.as_str()).copied().unwrap_or(0) < s.version)
             .map(|(r, s)| (*r, s.version))
             .collect();
-        let started =
-            tokio::time::timeout(Duration::from_secs(60), Follower::start(&settings, &broadcast, redis, keys, pattern, lookback))
-                .await;
+        let started = tokio::time::timeout(
+            Duration::from_secs(60),
+            Follower::start(&settings, &broadcast, redis, keys, pattern, lookback),
+        )
+        .await;
         let mut follower = match started {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
@@ -465,7 +537,12 @@ struct SeenRoom {
     modules: BTreeMap<String, serde_json::Value>,
 }
 
-fn check_follower(f: &Followed, folder: &RoomFolder, finals: &BTreeMap<String, RoomState>, prefix: &HashMap<String, u64>) {
+fn check_follower(
+    f: &Followed,
+    folder: &RoomFolder,
+    finals: &BTreeMap<String, RoomState>,
+    prefix: &HashMap<String, u64>,
+) {
     let label = &f.label;
     assert!(f.failure.is_none(), "{label} ({}): {}", f.pattern, f.failure.as_deref().unwrap_or_default());
     assert!(f.errors.is_empty(), "{label} reported errors: {:?}", f.errors);
@@ -570,20 +647,28 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
     ];
     tracing::info!(seed, ?schedule, "late joiner schedule");
 
+    // The broadcast topic exists before anyone subscribes, so the progress
+    // counter below starts from its beginning.
+    ensure_topics(
+        &topology.kafka,
+        &[TopicSpec { name: topology.broadcast_topic.clone(), partitions: topology.partitions, configs: vec![] }],
+    )
+    .await
+    .unwrap();
+    let mut progress_sub = subscribe_retrying(&topology.kafka, &topology.broadcast_topic).await;
+
     let producer = producer();
     let mut job = Some(RunningJob::start(topology.clone(), Registry::with_builtins()));
     // Counts committed broadcast changes, so followers join while the job is mid-stream.
     let progress = Arc::new(AtomicUsize::new(0));
     let counter = {
         let progress = Arc::clone(&progress);
-        let settings = topology.kafka.clone();
-        let topic = topology.broadcast_topic.clone();
         tokio::spawn(async move {
-            let mut sub = Subscriber::subscribe(&settings, &topic, Pattern::parse(">").unwrap(), StartAt::Earliest)
-                .await
-                .unwrap();
-            while let Some(Ok(_)) = sub.next().await {
-                progress.fetch_add(1, Ordering::Relaxed);
+            while let Some(next) = progress_sub.next().await {
+                match next {
+                    Ok(_) => progress.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => panic!("progress subscriber: {e}"),
+                };
             }
         })
     };
@@ -611,6 +696,7 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
             // Stay about one chunk ahead of the job.
             let want = changes_after(k);
             wait_for(Duration::from_secs(90), &format!("the job to broadcast {want} changes"), || {
+                assert!(!counter.is_finished(), "the progress counter stopped");
                 let done = progress.load(Ordering::Relaxed) >= want;
                 async move { done.then_some(()) }
             })
@@ -639,4 +725,104 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
             assert!(snapshots > 0, "{} joined late and started from snapshots", f.label);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_resynchronises_a_room_whose_history_redis_no_longer_holds() {
+    use omni::proto::tecate::{room_event::Kind, RoomClosed, TagSet};
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("resync", 2, &dir.path().join("state"));
+    // Each room's change stream keeps only its last few versions.
+    topology.redis.stream_max_len = 5;
+    create_input(&topology).await;
+    ensure_topics(
+        &topology.kafka,
+        &[TopicSpec { name: topology.broadcast_topic.clone(), partitions: topology.partitions, configs: vec![] }],
+    )
+    .await
+    .unwrap();
+    drop(subscribe_retrying(&topology.kafka, &topology.broadcast_topic).await);
+    let folder = folder(&["recording", "tags"]);
+    let (closed, open) = ("app/r/room/closed", "app/r/room/open");
+    let tag = |i: usize, key: &str| Kind::TagSet(TagSet { key: key.into(), value: format!("v{i}") });
+    // A long history for both rooms, then one of them closes.
+    let mut events: Vec<(String, omni::proto::tecate::RoomEvent)> = Vec::new();
+    for i in 0..300 {
+        events.push((closed.into(), event(i, 1_795_773_600_000 + i as i64, tag(i, "k"))));
+        events.push((open.into(), event(1000 + i, 1_795_773_600_000 + i as i64, tag(i, "k"))));
+    }
+    events.push((closed.into(), event(400, 1_795_773_700_000, Kind::RoomClosed(RoomClosed {}))));
+    let before = model(&folder, &events);
+    assert_eq!(before.rooms[closed].version, 301);
+
+    let producer = producer();
+    produce(&producer, topology.input_topic(), &events);
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    assert_redis_exact(&topology, &folder, &before).await;
+    let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = KeyLayout::new(&topology.redis.key_prefix);
+    let held = omni::view::changes_after(&mut conn, &keys, closed, 0).await.unwrap();
+    assert!(held.first().is_some_and(|c| c.version > 1), "the stream no longer holds the room's first versions");
+
+    // No look-back: the closed room has no snapshot and its history is not in the stream.
+    let mut follower = Follower::start(
+        &topology.kafka,
+        &topology.broadcast_topic,
+        client.clone(),
+        keys.clone(),
+        Pattern::parse("app/r/room/*").unwrap(),
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let later = vec![
+        (closed.to_owned(), event(500, 1_795_773_800_000, tag(500, "reopened"))),
+        (open.to_owned(), event(501, 1_795_773_800_000, tag(501, "k"))),
+        (closed.to_owned(), event(502, 1_795_773_800_001, tag(502, "again"))),
+    ];
+    produce(&producer, topology.input_topic(), &later);
+    events.extend(later);
+    let expected = model(&folder, &events);
+    let finals = expected.rooms.clone();
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while finals.iter().any(|(room, s)| follower.known_version(room) != Some(s.version)) {
+        match tokio::time::timeout_at(deadline, follower.next()).await {
+            Ok(Some(Ok(event))) => seen.push(event),
+            Ok(Some(Err(e))) => panic!("follower error: {e}"),
+            Ok(None) => panic!("follower ended"),
+            Err(_) => panic!("the follower did not reach the final versions; saw {seen:?}"),
+        }
+    }
+    while let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(1), follower.next()).await {
+        seen.push(next.unwrap());
+    }
+    job.stop().await;
+
+    let resynced: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            FollowEvent::Resynchronised(s) if s.path == closed => Some(s.version),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resynced.len(), 1, "one resynchronisation of {closed}: {seen:?}");
+    assert!((301..=303).contains(&resynced[0]), "resynchronised at {}", resynced[0]);
+    assert!(
+        !seen.iter().any(|e| matches!(e, FollowEvent::Snapshot(s) if s.path == closed)),
+        "a closed room has no snapshot"
+    );
+    assert!(seen.iter().any(|e| matches!(e, FollowEvent::Snapshot(s) if s.path == open && s.version == 300)));
+    let outcome = Followed {
+        label: "resync follower".into(),
+        pattern: Pattern::parse("app/r/room/*").unwrap(),
+        published_before: events.len() - 3,
+        events: seen,
+        errors: Vec::new(),
+        failure: None,
+    };
+    let prefix: HashMap<String, u64> = before.rooms.iter().map(|(r, s)| (r.clone(), s.version)).collect();
+    check_follower(&outcome, &folder, &finals, &prefix);
 }
