@@ -20,20 +20,41 @@ pub struct TopicSpec {
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The partition count of a topic, or `None` if it does not exist.
-pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<Option<i32>, KafkaError> {
+/// The partition count of a topic, or `None` while it does not exist or
+/// some partition has no leader yet (as right after its creation).
+fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<Option<i32>, KafkaError> {
     let consumer: BaseConsumer = settings.client_config().create()?;
     let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Ok(None);
     };
+    let served = |p: &rdkafka::metadata::MetadataPartition| p.error().is_none() && p.leader() >= 0;
     match t.error() {
-        None if !t.partitions().is_empty() => Ok(Some(t.partitions().len() as i32)),
+        None if !t.partitions().is_empty() && t.partitions().iter().all(served) => {
+            Ok(Some(t.partitions().len() as i32))
+        }
         None => Ok(None),
         Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => Ok(None),
         Some(e) => {
             Err(KafkaError::Topic { topic: topic.to_owned(), reason: format!("{:?}", RDKafkaErrorCode::from(e)) })
         }
+    }
+}
+
+/// Waits until `topic` exists with a leader for every partition, up to `timeout`;
+/// `None` if it never did.
+pub async fn wait_for_topic(
+    settings: &KafkaSettings,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, KafkaError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let count = partition_count(settings, topic)?;
+        if count.is_some() || tokio::time::Instant::now() >= deadline {
+            return Ok(count);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
 
-pub use admin::{ensure_topics, partition_count, TopicSpec};
+pub use admin::{ensure_topics, wait_for_topic, TopicSpec};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{drain, send};
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::kafka::{ensure_topics, partition_count, KafkaError, TopicSpec};
+use crate::kafka::{ensure_topics, wait_for_topic, KafkaError, TopicSpec};
 use crate::modules::{Registry, RegistryError, RoomFolder};
 use crate::store::{RocksStore, StoreError};
 use crate::topology::Topology;
@@ -113,7 +113,7 @@ pub async fn run(
                 keys: KeyLayout::new(&topology.redis.key_prefix),
                 stream_max_len: topology.redis.stream_max_len,
                 batch_rooms: 512,
-                max_pending_changes: 200_000,
+                max_pending_changes: 50_000,
             };
             let (writer, task) = spawn_writer(client, options);
             (Some(writer), Some(task))
@@ -191,6 +191,9 @@ fn is_auth_error(e: &redis::RedisError) -> bool {
         || text.contains("NOAUTH")
 }
 
+/// How long start-up waits for a topic to be served.
+const TOPIC_WAIT: Duration = Duration::from_secs(30);
+
 /// Creates missing topics: the input with the configured partition count,
 /// the outputs and the changelog with as many partitions as the input, so a
 /// room's records share a partition number everywhere.
@@ -201,7 +204,9 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         ensure_topics(settings, &[TopicSpec { name: input.clone(), partitions: topology.partitions, configs: vec![] }])
             .await?;
     }
-    let partitions = partition_count(settings, &input)?
+    // A topic created moments ago may not have leaders yet.
+    let partitions = wait_for_topic(settings, &input, TOPIC_WAIT)
+        .await?
         .ok_or_else(|| RuntimeError::Invalid(format!("input topic {input} does not exist")))?;
     let topics = Topics {
         input,
@@ -226,7 +231,7 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         .await?;
     }
     for topic in [&topics.changelog, &topics.broadcast] {
-        let count = partition_count(settings, topic)?.unwrap_or(0);
+        let count = wait_for_topic(settings, topic, TOPIC_WAIT).await?.unwrap_or(0);
         if count != partitions {
             return Err(RuntimeError::Invalid(format!(
                 "topic {topic} has {count} partitions but the input has {partitions}; they must match so rooms stay co-partitioned"

@@ -91,7 +91,8 @@ async fn publish_from_flags_and_a_file_then_snapshot_and_watch_show_the_folded_s
         last_offset = offset;
     }
     // The topic was created with the topology's partition count.
-    assert_eq!(omni::kafka::partition_count(&topology.kafka, topology.input_topic()).unwrap(), Some(3));
+    let served = omni::kafka::wait_for_topic(&topology.kafka, topology.input_topic(), Duration::from_secs(10)).await;
+    assert_eq!(served.unwrap(), Some(3));
 
     let events = dir.path().join("events.jsonl");
     std::fs::write(
@@ -138,7 +139,7 @@ async fn publish_from_flags_and_a_file_then_snapshot_and_watch_show_the_folded_s
     assert!(!output.status.success(), "a file with an unknown event type is refused");
     assert!(stderr(&output).contains("line 2") && stderr(&output).contains("tag_exploded"), "{}", stderr(&output));
 
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
 
     let room1 = wait_for_snapshot_version(&topology, r1, 5).await;
     assert_eq!(room1["path"], r1);

@@ -98,12 +98,22 @@ pub struct RunningJob {
 }
 
 impl RunningJob {
-    pub fn start(topology: Topology, registry: Registry) -> RunningJob {
+    /// Starts the job and waits until it is ready (joined, restored), failing
+    /// the test at once if it stops with an error instead.
+    pub async fn start(topology: Topology, registry: Registry) -> RunningJob {
         let health = Arc::new(Health::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(omni::runtime::run(topology, registry, Arc::clone(&health), async {
             let _ = stopped.await;
         }));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !health.ready() {
+            if task.is_finished() {
+                panic!("the job stopped before it was ready: {:?}", task.await);
+            }
+            assert!(Instant::now() < deadline, "the job was not ready within 90 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         RunningJob { health, stop: Some(stop), task }
     }
 

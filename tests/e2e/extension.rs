@@ -40,7 +40,7 @@ async fn a_registered_module_runs_without_runtime_changes() {
     assert!(expected.changes.values().flatten().any(|c| c.1 == "recording_count"));
 
     produce(&producer(), topology.input_topic(), &events);
-    let job = RunningJob::start(topology.clone(), registry);
+    let job = RunningJob::start(topology.clone(), registry).await;
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
     assert_broadcast_exact(&changes, &expected);
     assert_redis_exact(&topology, &folder, &expected).await;

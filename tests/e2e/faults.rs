@@ -51,12 +51,12 @@ async fn a_deleted_state_directory_is_rebuilt_from_the_changelog() {
     let producer = producer();
 
     produce(&producer, topology.input_topic(), &events[..1500]);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     read_broadcast(&topology.broadcast_topic, first.total_changes);
     job.stop().await;
 
     std::fs::remove_dir_all(&topology.store.dir).unwrap();
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     produce(&producer, topology.input_topic(), &events[1500..]);
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
     assert_broadcast_exact(&changes, &expected);
@@ -77,10 +77,10 @@ async fn a_second_instance_joins_then_one_leaves_and_state_follows() {
     let expected = model(&folder, &events);
     let producer = producer();
 
-    let a = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let a = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     produce(&producer, topology.input_topic(), &events[..2000]);
     wait_for_progress(&topology.broadcast_topic, 500);
-    let b = RunningJob::start(second.clone(), Registry::with_builtins());
+    let b = RunningJob::start(second.clone(), Registry::with_builtins()).await;
     produce(&producer, topology.input_topic(), &events[2000..4000]);
     wait_for(Duration::from_secs(60), "both instances to own partitions", || {
         let split =
@@ -153,7 +153,7 @@ async fn redis_down_mid_run_converges_when_back_and_never_regresses() {
     let producer = producer();
 
     produce(&producer, topology.input_topic(), &events[..1500]);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     read_broadcast(&topology.broadcast_topic, first.total_changes);
     assert_redis_exact(&topology, &folder, &first).await;
 

@@ -99,12 +99,12 @@ async fn the_job_reproduces_the_golden_changes_across_a_lost_state_and_restore()
     let folder = folder(&["recording", "tags"]);
 
     produce(&producer, topology.input_topic(), first);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     read_broadcast(&topology.broadcast_topic, model(&folder, first).total_changes);
     job.stop().await;
     std::fs::remove_dir_all(&topology.store.dir).unwrap();
 
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     produce(&producer, topology.input_topic(), rest);
     let want = expected();
     let total = want.values().map(Vec::len).sum();

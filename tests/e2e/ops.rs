@@ -58,7 +58,7 @@ async fn a_redis_user_limited_to_the_key_prefix_is_all_the_job_needs() {
     let folder = folder(&["recording", "tags"]);
     let expected = model(&folder, &events);
     produce(&producer(), topology.input_topic(), &events);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
     assert_broadcast_exact(&changes, &expected);
     // Read back as the restricted user.
@@ -124,7 +124,7 @@ async fn omni_run_serves_metrics_readiness_after_restore_and_json_logs() {
 
     // A first instance builds state, so the process below must restore it from the changelog.
     produce(&producer, topology.input_topic(), &events[..1000]);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     read_broadcast(&topology.broadcast_topic, first.total_changes);
     job.stop().await;
 

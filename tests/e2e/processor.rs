@@ -20,7 +20,7 @@ async fn thousands_of_events_over_hundreds_of_rooms_fold_exactly() {
 
     let producer = producer();
     produce(&producer, topology.input_topic(), &events[..2000]);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     produce(&producer, topology.input_topic(), &events[2000..]);
 
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
@@ -65,7 +65,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_the_rest_is_exact() {
     produce(&producer, topology.input_topic(), &crowded);
     produce(&producer, topology.input_topic(), &good[150..]);
 
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     let mut all = good.clone();
     all.extend(crowded.iter().cloned());
     let mut limited = folder(&["recording", "tags"]);

@@ -658,7 +658,7 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
     let mut progress_sub = subscribe_retrying(&topology.kafka, &topology.broadcast_topic).await;
 
     let producer = producer();
-    let mut job = Some(RunningJob::start(topology.clone(), Registry::with_builtins()));
+    let mut job = Some(RunningJob::start(topology.clone(), Registry::with_builtins()).await);
     // Counts committed broadcast changes, so followers join while the job is mid-stream.
     let progress = Arc::new(AtomicUsize::new(0));
     let counter = {
@@ -688,7 +688,7 @@ async fn late_joiners_reach_the_exact_final_state_with_contiguous_versions_acros
             job.take().unwrap().stop().await;
             produce(&producer, topology.input_topic(), &events[k..k + chunk]);
             start(format!("follower@{}-down", k + chunk), "app/a0/>", omni::pubsub::DEFAULT_LOOKBACK, k + chunk);
-            job = Some(RunningJob::start(topology.clone(), Registry::with_builtins()));
+            job = Some(RunningJob::start(topology.clone(), Registry::with_builtins()).await);
             continue;
         }
         produce(&producer, topology.input_topic(), &events[k..k + chunk]);
@@ -757,7 +757,7 @@ async fn a_follower_resynchronises_a_room_whose_history_redis_no_longer_holds() 
 
     let producer = producer();
     produce(&producer, topology.input_topic(), &events);
-    let job = RunningJob::start(topology.clone(), Registry::with_builtins());
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     assert_redis_exact(&topology, &folder, &before).await;
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
