@@ -53,8 +53,15 @@ impl ConsumerContext for JobContext {
             metrics::counter!("omni_rebalances_total", "kind" => "revoke").increment(1);
             let mut engine = self.lock();
             // Finish the revoked partitions' in-flight work while this
-            // instance still owns them; a lost assignment can only be abandoned.
-            let result = if consumer.assignment_lost() { engine.abort(consumer) } else { engine.commit(consumer) };
+            // instance still owns them; a lost assignment can only be
+            // abandoned, and a closing engine (after an error) commits nothing.
+            let result = if engine.closing {
+                engine.abort_open()
+            } else if consumer.assignment_lost() {
+                engine.abort(consumer, &partitions)
+            } else {
+                engine.commit(consumer)
+            };
             if let Err(e) = result {
                 tracing::error!(error = %e, "could not finish the transaction on revoke");
                 engine.failure.get_or_insert(e);

@@ -26,10 +26,10 @@ use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer}
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError};
 use crate::kafka::drain;
-use crate::modules::{Rejection, RoomFolder, ROOM_MODULE};
+use crate::modules::{RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::omni::{RoomState, StateChange};
 use crate::proto::{now, rfc3339};
-use crate::store::{PartitionWrite, StateStore};
+use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,6 +112,8 @@ pub struct Engine {
     open_since: Option<Instant>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
     pub(super) failure: Option<RuntimeError>,
+    /// Set once the loop stopped on an error: nothing may commit after that.
+    pub(super) closing: bool,
     usage_reported: Instant,
 }
 
@@ -146,6 +148,7 @@ impl Engine {
             tasks: BTreeMap::new(),
             open_since: None,
             failure: None,
+            closing: false,
             usage_reported: Instant::now() - Duration::from_secs(60),
         }
     }
@@ -210,7 +213,13 @@ impl Engine {
             Entry::Vacant(entry) => {
                 let state = match task.recent.remove(entry.key()) {
                     Some(state) => state,
-                    None => store.get(partition, entry.key())?.unwrap_or_default(),
+                    None => match store.get(partition, entry.key()) {
+                        Ok(state) => state.unwrap_or_default(),
+                        Err(e @ StoreError::Corrupt(..)) => {
+                            return Ok(Err(Rejection::new(RejectKind::CorruptState, e.to_string())));
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
                 entry.insert(DirtyRoom { state, changed: false, encoded: Vec::new(), changes: Vec::new() })
             }
@@ -318,7 +327,7 @@ impl Engine {
             }
             Err(e) if self.exactly_once && requires_abort(&e) => {
                 tracing::warn!(error = %e, "transaction failed; aborting and rewinding to the committed offsets");
-                self.abort(consumer)
+                self.abort(consumer, &[])
             }
             Err(e) => Err(e.into()),
         }
@@ -386,19 +395,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Aborts the open transaction and rewinds every active partition to its committed offset.
-    pub(super) fn abort<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), RuntimeError> {
-        metrics::counter!("omni_transaction_aborts_total").increment(1);
-        if self.exactly_once && self.open_since.is_some() {
-            self.producer.abort_transaction(KAFKA_TIMEOUT)?;
-        }
-        self.open_since = None;
-        take_changelog_ends(&self.producer);
+    /// Aborts the open transaction and rewinds every active partition, except
+    /// those in `leaving` (being given up), to its committed offset.
+    pub(super) fn abort<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        leaving: &[i32],
+    ) -> Result<(), RuntimeError> {
+        self.abort_open()?;
         let mut active = TopicPartitionList::new();
         for (&partition, task) in &mut self.tasks {
             task.dirty.clear();
             task.next_offset = None;
-            if !task.restoring {
+            if !task.restoring && !leaving.contains(&partition) {
                 active.add_partition(&self.topics.input, partition);
             }
         }
@@ -412,6 +421,22 @@ impl Engine {
                 _ => Offset::Beginning,
             };
             consumer.seek(element.topic(), element.partition(), offset, KAFKA_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Aborts the open transaction, if any, without touching positions.
+    pub(super) fn abort_open(&mut self) -> Result<(), RuntimeError> {
+        if self.open_since.take().is_some() {
+            metrics::counter!("omni_transaction_aborts_total").increment(1);
+            if self.exactly_once {
+                self.producer.abort_transaction(KAFKA_TIMEOUT)?;
+            }
+        }
+        take_changelog_ends(&self.producer);
+        for task in self.tasks.values_mut() {
+            task.dirty.clear();
+            task.next_offset = None;
         }
         Ok(())
     }
@@ -453,9 +478,12 @@ impl Engine {
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
         while let Ok(done) = self.restore_results.try_recv() {
-            self.restores.finished(done.partition);
-            let records = done.result?;
+            // A report from a restore that was cancelled (revoked, maybe reassigned since) is stale.
+            if !self.restores.finished(done.partition, done.generation) {
+                continue;
+            }
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
+            let records = done.result?;
             tracing::info!(partition = done.partition, records, "partition restored");
             task.restoring = false;
             if let Some(offset) = task.rewind_to.take() {

@@ -214,6 +214,8 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         broadcast: topology.broadcast_topic.clone(),
         dead_letter: topology.dead_letter_topic.clone(),
     };
+    // A room at every tag limit, its JSON escaped, can pass the broker's 1 MiB default.
+    let large_records = vec![("max.message.bytes", "8388608".to_owned())];
     let changelog_configs = vec![
         ("cleanup.policy", "compact".to_owned()),
         ("max.message.bytes", "8388608".to_owned()),
@@ -224,8 +226,8 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
             settings,
             &[
                 TopicSpec { name: topics.changelog.clone(), partitions, configs: changelog_configs },
-                TopicSpec { name: topics.broadcast.clone(), partitions, configs: vec![] },
-                TopicSpec { name: topics.dead_letter.clone(), partitions, configs: vec![] },
+                TopicSpec { name: topics.broadcast.clone(), partitions, configs: large_records.clone() },
+                TopicSpec { name: topics.dead_letter.clone(), partitions, configs: large_records },
             ],
         )
         .await?;
@@ -325,7 +327,16 @@ fn processing_loop(
                 return Err(failure);
             }
             match polled {
-                Some(Ok(message)) => engine.process(&message)?,
+                Some(Ok(message)) => match engine.process(&message) {
+                    // A record Kafka would not take poisons the transaction
+                    // (librdkafka then refuses every send until it is aborted):
+                    // abort, rewind, and read the input again.
+                    Err(RuntimeError::Client(e)) if topology.exactly_once => {
+                        tracing::warn!(error = %e, "produce failed; aborting the transaction and rewinding");
+                        engine.abort(&consumer, &[])?;
+                    }
+                    other => other?,
+                },
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
@@ -349,7 +360,19 @@ fn processing_loop(
             }
         }
     }
-    context::lock(&engine).shutdown();
+    {
+        let mut engine = context::lock(&engine);
+        if result.is_err() {
+            // Whatever the open transaction holds must not commit now: the
+            // revoke that closing the consumer triggers would otherwise commit
+            // part of it, without its changelog or offsets.
+            engine.closing = true;
+            if let Err(e) = engine.abort_open() {
+                tracing::warn!(error = %e, "could not abort the open transaction; it times out instead");
+            }
+        }
+        engine.shutdown();
+    }
     drop(consumer);
     result
 }

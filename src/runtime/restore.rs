@@ -26,11 +26,14 @@ const BATCH: usize = 10_000;
 /// A finished restore.
 pub struct RestoreDone {
     pub partition: i32,
+    /// Which start of this partition's restore reports.
+    pub generation: u64,
     /// Records restored.
     pub result: Result<u64, RuntimeError>,
 }
 
 struct Running {
+    generation: u64,
     cancel: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
@@ -44,6 +47,7 @@ pub struct Restores {
     health: Arc<Health>,
     done: mpsc::Sender<RestoreDone>,
     running: HashMap<i32, Running>,
+    generations: u64,
 }
 
 impl Restores {
@@ -55,7 +59,7 @@ impl Restores {
         health: Arc<Health>,
         done: mpsc::Sender<RestoreDone>,
     ) -> Restores {
-        Restores { settings, group_id, changelog, store, health, done, running: HashMap::new() }
+        Restores { settings, group_id, changelog, store, health, done, running: HashMap::new(), generations: 0 }
     }
 
     /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
@@ -73,14 +77,16 @@ impl Restores {
             cancel: Arc::clone(&cancel),
         };
         let done = self.done.clone();
+        self.generations += 1;
+        let generation = self.generations;
         let thread = std::thread::Builder::new()
             .name(format!("restore-{partition}"))
             .spawn(move || {
                 let result = job.run();
-                let _ = done.send(RestoreDone { partition, result });
+                let _ = done.send(RestoreDone { partition, generation, result });
             })
             .expect("spawning a restore thread");
-        self.running.insert(partition, Running { cancel, thread });
+        self.running.insert(partition, Running { generation, cancel, thread });
     }
 
     /// Stops a restore and waits for its thread, so two never write one partition.
@@ -91,10 +97,17 @@ impl Restores {
         }
     }
 
-    /// Forgets a restore that reported back.
-    pub fn finished(&mut self, partition: i32) {
-        if let Some(running) = self.running.remove(&partition) {
-            let _ = running.thread.join();
+    /// Forgets a restore that reported back; false if the report is stale
+    /// (its restore was cancelled, and perhaps started again since).
+    pub fn finished(&mut self, partition: i32, generation: u64) -> bool {
+        match self.running.get(&partition) {
+            Some(running) if running.generation == generation => {
+                if let Some(running) = self.running.remove(&partition) {
+                    let _ = running.thread.join();
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -128,6 +141,9 @@ impl Job {
                             )
                         ) =>
                 {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        return Ok((0, 0));
+                    }
                     attempts += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }

@@ -197,6 +197,11 @@ impl Topology {
         if self.commit_interval_ms == 0 {
             return invalid("commit_interval_ms must be positive");
         }
+        if self.redis.stream_max_len == 0 {
+            return invalid(
+                "redis.stream_max_len must be at least 1: a closed room's last version lives in its stream",
+            );
+        }
         let topics = [&self.inputs[0], &self.broadcast_topic, &self.dead_letter_topic];
         if topics.iter().any(|t| t.is_empty()) {
             return invalid("topic names must not be empty");

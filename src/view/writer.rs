@@ -34,17 +34,28 @@ if current == 0 then
 end
 if version <= current then return 0 end
 local nfields = tonumber(ARGV[5])
+local newest = current
 local i = 6 + 2 * nfields
 while i + 5 <= #ARGV do
-  if tonumber(ARGV[i]) > current then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[i] .. '-0',
+  local v = tonumber(ARGV[i])
+  if v > newest and v <= version then
+    -- pcall: an id at or below the stream's last one is a replay; skip it.
+    local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[i] .. '-0',
       'version', ARGV[i], 'module', ARGV[i + 1], 'state', ARGV[i + 2],
       'cause_event_id', ARGV[i + 3], 'occurred_at', ARGV[i + 4], 'processed_at', ARGV[i + 5])
+    if type(added) ~= 'table' or not added.err then newest = v end
   end
   i = i + 6
 end
 if ARGV[2] == '1' then
   redis.call('DEL', KEYS[1])
+  if newest < version then
+    -- The stream must end at the close, or a replay of an older version
+    -- could bring the room back; a write without the close entry adds it.
+    redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[1] .. '-0',
+      'version', ARGV[1], 'module', 'room', 'state', '{}',
+      'cause_event_id', '', 'occurred_at', ARGV[3], 'processed_at', ARGV[3])
+  end
 else
   -- Every module's field is written each time, so nothing stale survives.
   redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3], unpack(ARGV, 6, 5 + 2 * nfields))

@@ -80,6 +80,25 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     .await;
     let snap = snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().unwrap();
     assert_eq!(snap.modules["tags"], serde_json::json!({"k": "reopened"}));
+
+    // A close known only from the store (a reconcile, without its change
+    // entry) still leaves the stream ending at the close, so an older
+    // write from a lagging previous owner cannot recreate the room.
+    writer.send(vec![write(9, true, "{}", 1..=0)]);
+    wait_for(Duration::from_secs(10), "the hash to go again", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { f.await.is_none().then_some(()) }
+    })
+    .await;
+    writer.send(vec![write(8, false, r#"{"k":"lagging"}"#, 8..=8), write(10, false, r#"{"k":"fresh"}"#, 10..=10)]);
+    wait_for(Duration::from_secs(10), "version 10", || {
+        let f = version(conn.clone(), keys.clone());
+        async move { (f.await == Some(10)).then_some(()) }
+    })
+    .await;
+    let stream: Vec<u64> =
+        changes_after(&mut conn, &keys, "app/a/room/r", 7).await.unwrap().iter().map(|c| c.version).collect();
+    assert_eq!(stream, vec![8, 9, 10]);
     drop(writer);
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
 }
