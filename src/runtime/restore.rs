@@ -164,7 +164,24 @@ impl Job {
             .set("fetch.wait.max.ms", "10");
         let consumer: BaseConsumer = config.create()?;
         let (low, high) = self.watermarks(&consumer)?;
-        let start = self.from.unwrap_or(low).max(low);
+        let start = match self.from {
+            // A checkpoint past the end (the changelog was recreated or truncated)
+            // or before its start (records the store has not seen were deleted)
+            // means the store no longer matches the changelog: start afresh.
+            Some(from) if from > high || from < low => {
+                tracing::warn!(
+                    partition = self.partition,
+                    from,
+                    low,
+                    high,
+                    "store checkpoint outside the changelog; rebuilding the partition"
+                );
+                self.store.clear(self.partition)?;
+                low
+            }
+            Some(from) => from,
+            None => low,
+        };
         let gauge = metrics::gauge!("omni_restore_remaining_records", "partition" => self.partition.to_string());
         if start >= high {
             gauge.set(0.0);

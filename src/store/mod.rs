@@ -50,6 +50,9 @@ pub trait StateStore: Send + Sync {
     /// The changelog offset the partition has caught up to; `None` if never written.
     fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, StoreError>;
 
+    /// Forgets everything a partition holds, for a store the changelog no longer explains.
+    fn clear(&self, partition: i32) -> Result<(), StoreError>;
+
     /// Every room of a partition, for reconciling Redis after a restore.
     fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError>;
 

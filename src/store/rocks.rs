@@ -128,6 +128,14 @@ impl StateStore for RocksStore {
         Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes))
     }
 
+    fn clear(&self, partition: i32) -> Result<(), StoreError> {
+        let name = cf_name(partition);
+        if self.db.cf_handle(&name).is_some() {
+            self.db.drop_cf(&name).map_err(backend)?;
+        }
+        Ok(())
+    }
+
     fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError> {
         let cf = self.cf(partition)?;
         let mut rooms = Vec::new();
@@ -190,6 +198,10 @@ mod tests {
         assert_eq!(store.changelog_offset(5).unwrap(), None);
         let rooms = store.rooms(3).unwrap();
         assert_eq!(rooms, vec![("app/a/room/r".to_owned(), room(2, "{}"))], "the offset key is not a room");
+        store.clear(3).unwrap();
+        assert_eq!(store.get(3, "app/a/room/r").unwrap(), None);
+        assert_eq!(store.changelog_offset(3).unwrap(), None);
+        assert_eq!(store.get(5, "app/a/room/q").unwrap(), Some(room(9, "{}")), "other partitions stay");
     }
 
     #[test]
