@@ -43,7 +43,9 @@ async fn poison_records_are_dead_lettered_with_reasons_and_the_rest_is_exact() {
     let tag = |k: &str, v: String| {
         event(9000, 1_795_773_600_000, Kind::TagSet(TagSet { key: k.into(), value: v })).encode_to_vec()
     };
-    let poison: Vec<(Option<Vec<u8>>, Option<Vec<u8>>, &str)> = vec![
+    // (key, value, the error kind it must be dead-lettered with)
+    type Poison = (Option<Vec<u8>>, Option<Vec<u8>>, &'static str);
+    let poison: Vec<Poison> = vec![
         (Some(b"app/p/room/x".to_vec()), Some(vec![0xff, 0xff, 0xff, 0x01]), "undecodable"),
         (Some(b"not a path".to_vec()), Some(tag("k", "v".into())), "invalid_key"),
         (None, Some(tag("k", "v".into())), "invalid_key"),
