@@ -462,12 +462,17 @@ pub struct ScratchRedis {
 }
 
 impl ScratchRedis {
-    /// Starts redis-server in `dir` (no persistence) and waits until it accepts connections.
+    /// Starts redis-server in `dir` on a free port and waits until it accepts connections.
     pub fn start(dir: &FsPath) -> ScratchRedis {
+        ScratchRedis::start_on(dir, pick_free_port())
+    }
+
+    /// Starts redis-server in `dir` on `port`, keeping its data in an append-only
+    /// file there, so a restart on the same dir and port finds it again.
+    pub fn start_on(dir: &FsPath, port: u16) -> ScratchRedis {
         std::fs::create_dir_all(dir).unwrap();
-        let port = pick_free_port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir"])
             .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()

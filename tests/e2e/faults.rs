@@ -103,46 +103,13 @@ async fn a_second_instance_joins_then_one_leaves_and_state_follows() {
     assert_store_exact(&[&topology.store.dir, &second.store.dir], topology.partitions, &expected);
 }
 
-/// A Redis of this test's own, so stopping it disturbs no other test.
-struct OwnRedis {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl OwnRedis {
-    fn start(dir: &std::path::Path, port: u16) -> OwnRedis {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        OwnRedis { child, port, dir: dir.to_owned() }
-    }
-
-    fn stop(mut self) -> (u16, std::path::PathBuf) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        (self.port, self.dir.clone())
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_down_mid_run_converges_when_back_and_never_regresses() {
+async fn redis_down_mid_run_converges_when_back() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let redis = OwnRedis::start(&dir.path().join("redis"), port);
+    // A Redis of this test's own, so stopping it disturbs no other test.
+    let redis_dir = dir.path().join("redis");
+    let redis = ScratchRedis::start(&redis_dir);
+    let port = redis.port;
     let mut topology = fresh_topology("redis-down", 4, &dir.path().join("state"));
     topology.redis.url = format!("redis://127.0.0.1:{port}");
     create_input(&topology).await;
@@ -157,14 +124,14 @@ async fn redis_down_mid_run_converges_when_back_and_never_regresses() {
     read_broadcast(&topology.broadcast_topic, first.total_changes);
     assert_redis_exact(&topology, &folder, &first).await;
 
-    let (port, redis_dir) = redis.stop();
+    drop(redis);
     produce(&producer, topology.input_topic(), &events[1500..]);
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
     assert_broadcast_exact(&changes, &expected);
 
-    let redis = OwnRedis::start(&redis_dir, port);
+    let redis = ScratchRedis::start_on(&redis_dir, port);
     assert_redis_exact(&topology, &folder, &expected).await;
     job.stop().await;
 
-    redis.stop();
+    drop(redis);
 }
