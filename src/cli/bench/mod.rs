@@ -105,7 +105,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
     eprintln!("bench {id}: omni from a cold start");
     let omni = OmniProcess::spawn(&topology, state.path())?;
     let started = Instant::now();
-    wait_until_final(&kafka, &topology, &expected, &redis_url, args.events).await?;
+    let kafka_secs = wait_until_final(&kafka, &topology, &expected, &redis_url, args.events, started).await?;
     let omni_secs = started.elapsed().as_secs_f64();
     let omni_rate = args.events as f64 / omni_secs;
     let cpu = omni.cpu_seconds()?;
@@ -153,6 +153,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
         "changes": expected.changes,
         "preload_events_per_s": preload_rate,
         "omni_seconds": omni_secs,
+        "omni_seconds_until_offsets_committed": kafka_secs,
         "cpu_seconds_per_million_events": cpu / (args.events as f64 / 1e6),
         "peak_rss_mib_throughput": throughput_rss as f64 / 1048576.0,
         "peak_rss_mib": peak_rss as f64 / 1048576.0,
@@ -207,20 +208,23 @@ async fn clean_up(kafka: &KafkaSettings, redis_url: &str, id: &str, topology: &T
     }
 }
 
-/// Waits until the job committed every input offset and Redis holds every room's final version.
+/// Waits until the job committed every input offset and Redis holds every
+/// room's final version; returns the seconds until the offsets were committed.
 async fn wait_until_final(
     kafka: &KafkaSettings,
     topology: &Topology,
     expected: &Expected,
     redis_url: &str,
     events: u64,
-) -> anyhow::Result<()> {
+    started: Instant,
+) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let group = process::group_reader(kafka, &topology.application_id)?;
     while process::committed_total(&group, topology.input_topic())? < events {
         anyhow::ensure!(Instant::now() < deadline, "omni did not consume the preload within 30 minutes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let committed = started.elapsed().as_secs_f64();
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
@@ -233,7 +237,7 @@ async fn wait_until_final(
         }
         let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
         if open.iter().zip(&versions).all(|((_, want), got)| *got == Some(*want)) {
-            return Ok(());
+            return Ok(committed);
         }
         anyhow::ensure!(Instant::now() < deadline, "Redis did not reach the final versions");
         tokio::time::sleep(Duration::from_millis(50)).await;
