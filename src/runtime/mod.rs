@@ -23,13 +23,12 @@ use crate::store::{RocksStore, StoreError};
 use crate::topology::Topology;
 use crate::view::{spawn_writer, KeyLayout, WriterOptions};
 
-pub use engine::Topics;
 pub use output::{
     HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
 
 use context::JobContext;
-use engine::Engine;
+use engine::{Engine, Topics};
 use restore::Restores;
 
 /// Why the job stopped with an error.

@@ -276,16 +276,7 @@ pub fn produce_raw(producer: &BaseProducer, topic: &str, key: Option<&[u8]>, val
     if let Some(value) = value {
         record = record.payload(value);
     }
-    let mut record = record;
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((_, returned)) => {
-                record = returned;
-                producer.poll(Duration::from_millis(50));
-            }
-        }
-    }
+    omni::kafka::send(producer, record).expect("producing a test record");
 }
 
 pub fn produce(producer: &BaseProducer, topic: &str, events: &[(String, RoomEvent)]) {
