@@ -489,17 +489,6 @@ impl Engine {
             if let Some(offset) = task.rewind_to.take() {
                 consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
             }
-            if let Some(redis) = &self.redis {
-                // Redis may have missed writes (down, or a crash before they
-                // were sent); the compare-and-set makes this catch-up harmless.
-                let writes = self
-                    .store
-                    .rooms(done.partition)?
-                    .into_iter()
-                    .map(|(room, state)| room_write(&self.folder, &room, &state, Vec::new()))
-                    .collect();
-                redis.send(writes);
-            }
             let mut resume = TopicPartitionList::new();
             resume.add_partition(&self.topics.input, done.partition);
             consumer.resume(&resume)?;
@@ -533,7 +522,7 @@ impl Engine {
 }
 
 /// The Redis view of a committed room state.
-fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
+pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
     RoomWrite {
         path: room.to_owned(),
         version: state.version,

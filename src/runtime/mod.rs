@@ -276,6 +276,7 @@ fn processing_loop(
         topics.changelog.clone(),
         Arc::clone(&store),
         Arc::clone(&health),
+        redis.clone().map(|writer| (folder.clone(), writer)),
         restore_tx,
     );
     let engine = Engine::new(

@@ -17,9 +17,12 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::engine::room_write;
 use super::{Health, RuntimeError};
 use crate::kafka::KafkaSettings;
+use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
+use crate::view::RedisWriter;
 
 const BATCH: usize = 10_000;
 
@@ -45,6 +48,8 @@ pub struct Restores {
     changelog: String,
     store: Arc<dyn StateStore>,
     health: Arc<Health>,
+    /// Where a restored partition's rooms are written again, when Redis is on.
+    reconcile: Option<(RoomFolder, RedisWriter)>,
     done: mpsc::Sender<RestoreDone>,
     running: HashMap<i32, Running>,
     generations: u64,
@@ -57,9 +62,20 @@ impl Restores {
         changelog: String,
         store: Arc<dyn StateStore>,
         health: Arc<Health>,
+        reconcile: Option<(RoomFolder, RedisWriter)>,
         done: mpsc::Sender<RestoreDone>,
     ) -> Restores {
-        Restores { settings, group_id, changelog, store, health, done, running: HashMap::new(), generations: 0 }
+        Restores {
+            settings,
+            group_id,
+            changelog,
+            store,
+            health,
+            reconcile,
+            done,
+            running: HashMap::new(),
+            generations: 0,
+        }
     }
 
     /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
@@ -72,6 +88,7 @@ impl Restores {
             changelog: self.changelog.clone(),
             store: Arc::clone(&self.store),
             health: Arc::clone(&self.health),
+            reconcile: self.reconcile.clone(),
             partition,
             from,
             cancel: Arc::clone(&cancel),
@@ -82,7 +99,7 @@ impl Restores {
         let thread = std::thread::Builder::new()
             .name(format!("restore-{partition}"))
             .spawn(move || {
-                let result = job.run();
+                let result = job.run().and_then(|records| job.reconcile().map(|()| records));
                 let _ = done.send(RestoreDone { partition, generation, result });
             })
             .expect("spawning a restore thread");
@@ -118,6 +135,7 @@ struct Job {
     changelog: String,
     store: Arc<dyn StateStore>,
     health: Arc<Health>,
+    reconcile: Option<(RoomFolder, RedisWriter)>,
     partition: i32,
     from: Option<i64>,
     cancel: Arc<AtomicBool>,
@@ -152,7 +170,26 @@ impl Job {
         }
     }
 
-    fn run(self) -> Result<u64, RuntimeError> {
+    /// Writes every room of the restored partition to Redis again: it may have
+    /// missed writes (down, or a crash before they were sent), and the
+    /// compare-and-set makes the repeat harmless. Done here, off the
+    /// processing thread, since a partition can hold many rooms.
+    fn reconcile(&self) -> Result<(), RuntimeError> {
+        let Some((folder, redis)) = &self.reconcile else { return Ok(()) };
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let writes = self
+            .store
+            .rooms(self.partition)?
+            .into_iter()
+            .map(|(room, state)| room_write(folder, &room, &state, Vec::new()))
+            .collect();
+        redis.send(writes);
+        Ok(())
+    }
+
+    fn run(&self) -> Result<u64, RuntimeError> {
         let mut config = self.settings.client_config();
         config
             .set("group.id", &self.group_id)
