@@ -190,6 +190,9 @@ fn is_auth_error(e: &redis::RedisError) -> bool {
         || text.contains("NOAUTH")
 }
 
+/// Records between two rounds of restore checks, delivery reports and usage metrics.
+const HOUSEKEEPING_EVERY: u32 = 64;
+
 /// How long start-up waits for a topic to be served.
 const TOPIC_WAIT: Duration = Duration::from_secs(30);
 
@@ -319,9 +322,11 @@ fn processing_loop(
     tracing::info!(input = %topics.input, group = %topology.application_id, "processing");
 
     let result = (|| {
+        let mut timeout = Duration::from_millis(100);
+        let mut since_housekeeping = 0u32;
         while !stop.load(Ordering::Relaxed) {
-            let timeout = context::lock(&engine).poll_timeout();
             let polled = consumer.poll(timeout);
+            let idle = polled.is_none();
             let mut engine = context::lock(&engine);
             if let Some(failure) = engine.failure.take() {
                 return Err(failure);
@@ -340,12 +345,19 @@ fn processing_loop(
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 None => {}
             }
-            engine.finish_restores(&consumer)?;
-            engine.producer.poll(Duration::ZERO);
-            engine.report_store_usage();
+            // Housekeeping every few records, not every one: on the hot path
+            // each of these is a clock read or a call into librdkafka.
+            since_housekeeping += 1;
+            if idle || since_housekeeping >= HOUSEKEEPING_EVERY {
+                since_housekeeping = 0;
+                engine.finish_restores(&consumer)?;
+                engine.producer.poll(Duration::ZERO);
+                engine.report_store_usage();
+            }
             if engine.commit_due() {
                 engine.commit(&consumer)?;
             }
+            timeout = engine.poll_timeout();
         }
         context::lock(&engine).commit(&consumer)
     })();
