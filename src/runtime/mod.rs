@@ -303,7 +303,7 @@ fn processing_loop(
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
         // Bounds prefetched input, so memory stays flat however far behind the job is.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "8192");
     for (key, value) in &topology.kafka.properties {
         config.set(key, value);
     }

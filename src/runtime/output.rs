@@ -63,7 +63,7 @@ pub fn create_producer(
         .set("linger.ms", "5")
         .set("batch.size", "262144")
         .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "32768")
+        .set("queue.buffering.max.kbytes", "16384")
         // Room states can approach a megabyte at the tag limits.
         .set("message.max.bytes", "8388608")
         .set("compression.type", "lz4")
