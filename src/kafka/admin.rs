@@ -41,6 +41,19 @@ fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<Option<i32>,
     }
 }
 
+/// Whether a client error only says a partition is not served yet: a topic
+/// created moments ago, or a leader moving. Worth a retry, not a failure.
+pub fn not_served_yet(error: &super::RdKafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+        )
+    )
+}
+
 /// Waits until `topic` exists with a leader for every partition, up to `timeout`;
 /// `None` if it never did.
 pub async fn wait_for_topic(

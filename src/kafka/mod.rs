@@ -7,9 +7,10 @@ mod producer;
 
 use std::collections::BTreeMap;
 
+use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientConfig;
 
-pub use admin::{ensure_topics, wait_for_topic, TopicSpec};
+pub use admin::{ensure_topics, not_served_yet, wait_for_topic, TopicSpec};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{drain, send};
 

@@ -368,15 +368,7 @@ fn ready_partitions(consumer: &StreamConsumer, topic: &str) -> Result<Option<Vec
 /// Whether an error only says the topic is not served yet, right after its creation.
 fn is_not_ready(error: &PubSubError) -> bool {
     let PubSubError::Kafka(e) = error else { return false };
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::NotLeaderForPartition
-                | RDKafkaErrorCode::LeaderNotAvailable
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::NotCoordinator
-        )
-    )
+    crate::kafka::not_served_yet(e) || e.rdkafka_error_code() == Some(RDKafkaErrorCode::NotCoordinator)
 }
 
 /// Queries the watermarks (and, for a timestamp, the offsets for it) and

@@ -404,9 +404,7 @@ impl Engine {
     ) -> Result<(), RuntimeError> {
         self.abort_open()?;
         let mut active = TopicPartitionList::new();
-        for (&partition, task) in &mut self.tasks {
-            task.dirty.clear();
-            task.next_offset = None;
+        for (&partition, task) in &self.tasks {
             if !task.restoring && !leaving.contains(&partition) {
                 active.add_partition(&self.topics.input, partition);
             }

@@ -14,12 +14,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::engine::room_write;
 use super::{Health, RuntimeError};
-use crate::kafka::KafkaSettings;
+use crate::kafka::{not_served_yet, KafkaSettings};
 use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
 use crate::view::RedisWriter;
@@ -148,17 +147,7 @@ impl Job {
         let mut attempts = 0;
         loop {
             match consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
-                Err(e)
-                    if attempts < 50
-                        && matches!(
-                            e.rdkafka_error_code(),
-                            Some(
-                                RDKafkaErrorCode::NotLeaderForPartition
-                                    | RDKafkaErrorCode::LeaderNotAvailable
-                                    | RDKafkaErrorCode::UnknownTopicOrPartition
-                            )
-                        ) =>
-                {
+                Err(e) if attempts < 50 && not_served_yet(&e) => {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Ok((0, 0));
                     }
