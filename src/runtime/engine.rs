@@ -245,8 +245,6 @@ impl Engine {
         }
         room.changed = true;
         let processed_at = now();
-        let occurred_text = rfc3339(event.occurred_at.as_ref());
-        let processed_text = rfc3339(Some(&processed_at));
         for change in outcome.changes {
             let record = StateChange {
                 path: path_text.clone(),
@@ -261,11 +259,11 @@ impl Engine {
             send(producer, BaseRecord::to(&topics.broadcast).key(path_text.as_bytes()).payload(&payload[..]))?;
             room.changes.push(ChangeEntry {
                 version: record.version,
-                module: record.module,
+                module: change.module,
                 state_json: record.state_json,
                 cause_event_id: record.cause_event_id,
-                occurred_at: occurred_text.clone(),
-                processed_at: processed_text.clone(),
+                occurred_at: record.occurred_at,
+                processed_at: record.processed_at,
             });
         }
         Ok(Ok(()))

@@ -5,9 +5,11 @@
 //! Layout, for a room with canonical path `P` and key prefix `omni`:
 //! - `omni:room:{P}`: a hash with `version`, `updated_at`, and one field per
 //!   module holding that module's state as JSON. Deleted when the room closes.
-//! - `omni:room:{P}:changes`: a stream with one entry per change, id
-//!   `<version>-0`, capped in length. It outlives a close, so it also
-//!   remembers a closed room's last version.
+//! - `omni:room:{P}:changes`: a stream with one entry per room write, id
+//!   `<newest version in it>-0`, whose `changes` field is a JSON array of
+//!   that write's changes, oldest first. Trimmed by id to about the last
+//!   `stream_max_len` versions. It outlives a close, so it also remembers a
+//!   closed room's last version.
 //!
 //! The braces make both keys of a room hash to one Redis Cluster slot.
 

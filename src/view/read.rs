@@ -65,8 +65,19 @@ pub async fn snapshot<C: ConnectionLike + Send + Sync>(
     Ok(Some(snapshot))
 }
 
+/// A change as stored in a stream entry's `changes` array.
+#[derive(serde::Deserialize)]
+struct StoredChange {
+    version: u64,
+    module: String,
+    state: serde_json::Value,
+    cause_event_id: String,
+    occurred_at: String,
+    processed_at: String,
+}
+
 /// The changes with a version above `after`, oldest first, as far as the
-/// capped stream still holds them. The caller checks the first version for a gap.
+/// trimmed stream still holds them. The caller checks the first version for a gap.
 pub async fn changes_after<C: ConnectionLike + Send + Sync>(
     conn: &mut C,
     keys: &KeyLayout,
@@ -74,27 +85,31 @@ pub async fn changes_after<C: ConnectionLike + Send + Sync>(
     after: u64,
 ) -> Result<Vec<ChangeRecord>, ViewError> {
     let key = keys.changes(path);
+    // An entry's id is the newest version in it, so entries from id after+1
+    // on hold every newer change (and maybe a few older ones, skipped below).
     let reply: redis::streams::StreamRangeReply = conn.xrange(&key, format!("{}-0", after + 1), "+").await?;
-    reply
-        .ids
-        .into_iter()
-        .map(|entry| {
-            let text = |name: &str| -> Result<String, ViewError> {
-                entry.get::<String>(name).ok_or_else(|| malformed(&key, format!("entry {} has no {name}", entry.id)))
-            };
-            let version = text("version")?.parse().map_err(|_| malformed(&key, "version is not a number"))?;
-            let state = serde_json::from_str(&text("state")?).map_err(|e| malformed(&key, e.to_string()))?;
-            Ok(ChangeRecord {
+    let mut records: Vec<ChangeRecord> = Vec::new();
+    for entry in reply.ids {
+        let text: String =
+            entry.get("changes").ok_or_else(|| malformed(&key, format!("entry {} has no changes", entry.id)))?;
+        let changes: Vec<StoredChange> =
+            serde_json::from_str(&text).map_err(|e| malformed(&key, format!("entry {}: {e}", entry.id)))?;
+        for change in changes {
+            if change.version <= records.last().map_or(after, |r| r.version) {
+                continue;
+            }
+            records.push(ChangeRecord {
                 path: path.to_owned(),
-                version,
-                module: text("module")?,
-                state,
-                cause_event_id: text("cause_event_id")?,
-                occurred_at: text("occurred_at")?,
-                processed_at: text("processed_at")?,
-            })
-        })
-        .collect()
+                version: change.version,
+                module: change.module,
+                state: change.state,
+                cause_event_id: change.cause_event_id,
+                occurred_at: change.occurred_at,
+                processed_at: change.processed_at,
+            });
+        }
+    }
+    Ok(records)
 }
 
 /// Every room path that has a hash in Redis, found with SCAN (never KEYS).

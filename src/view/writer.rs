@@ -15,15 +15,23 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
+use crate::proto::{rfc3339, Timestamp};
 
-/// Compare-and-set of a room hash plus its change stream. The stream is
-/// trimmed approximately (`MAXLEN ~`), which Redis does in whole nodes: it
-/// keeps at least the configured number of entries at a fraction of the cost.
+/// Compare-and-set of a room hash plus its change stream. A write adds at
+/// most one stream entry, holding every change it carries that the stream
+/// does not have yet, so Redis runs one `XADD` per room and flush rather
+/// than one per change. The stream is trimmed by id (`MINID ~`): ids are
+/// versions, so it keeps about the last `stream_max_len` versions, and its
+/// newest entry always survives.
+///
+/// Redis' Lua hashes every byte of every string it sees, so the changes
+/// come as one ready JSON array that is passed through whole, and only
+/// sliced when part of it is already in the stream (a retried write).
 ///
 /// KEYS: room hash, change stream.
-/// ARGV: version, closed (0/1), updated_at, stream max length, field count,
-///       field/value pairs, then per change: version, module, state, cause,
-///       occurred_at, processed_at.
+/// ARGV: version, closed (0/1), updated_at, lowest version to keep, field
+///       count, field/value pairs, the changes' JSON array, then per change:
+///       version, position of its object in the array (1-based).
 const ROOM_CAS: &str = r#"
 local version = tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -34,28 +42,31 @@ if current == 0 then
 end
 if version <= current then return 0 end
 local nfields = tonumber(ARGV[5])
-local newest = current
-local i = 6 + 2 * nfields
-while i + 5 <= #ARGV do
-  local v = tonumber(ARGV[i])
-  if v > newest and v <= version then
-    -- pcall: an id at or below the stream's last one is a replay; skip it.
-    local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[i] .. '-0',
-      'version', ARGV[i], 'module', ARGV[i + 1], 'state', ARGV[i + 2],
-      'cause_event_id', ARGV[i + 3], 'occurred_at', ARGV[i + 4], 'processed_at', ARGV[i + 5])
-    if type(added) ~= 'table' or not added.err then newest = v end
+local first = 7 + 2 * nfields
+local entry, newest_id = nil, nil
+for i = first, #ARGV - 1, 2 do
+  if tonumber(ARGV[i]) > current then
+    -- Changes are in version order: keep this one and every later one.
+    if i == first then entry = ARGV[first - 1] else entry = '[' .. string.sub(ARGV[first - 1], ARGV[i + 1]) end
+    newest_id = ARGV[#ARGV - 1]
+    break
   end
-  i = i + 6
 end
-if ARGV[2] == '1' then
+local closed = ARGV[2] == '1'
+if closed and newest_id ~= ARGV[1] then
+  -- The stream must end at the close, or a replay of an older version
+  -- could bring the room back; a write without the close change adds it.
+  local close = '{"version":' .. ARGV[1] .. ',"module":"room","state":{},"cause_event_id":"",'
+    .. '"occurred_at":"' .. ARGV[3] .. '","processed_at":"' .. ARGV[3] .. '"}'
+  if entry then entry = string.sub(entry, 1, -2) .. ',' .. close .. ']' else entry = '[' .. close .. ']' end
+  newest_id = ARGV[1]
+end
+if newest_id then
+  -- pcall: an id at or below the stream's last one is a replay; skip it.
+  redis.pcall('XADD', KEYS[2], 'MINID', '~', ARGV[4], newest_id .. '-0', 'changes', entry)
+end
+if closed then
   redis.call('DEL', KEYS[1])
-  if newest < version then
-    -- The stream must end at the close, or a replay of an older version
-    -- could bring the room back; a write without the close entry adds it.
-    redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[1] .. '-0',
-      'version', ARGV[1], 'module', 'room', 'state', '{}',
-      'cause_event_id', '', 'occurred_at', ARGV[3], 'processed_at', ARGV[3])
-  end
 else
   -- Every module's field is written each time, so nothing stale survives.
   redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3], unpack(ARGV, 6, 5 + 2 * nfields))
@@ -67,11 +78,48 @@ return 1
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeEntry {
     pub version: u64,
-    pub module: String,
+    pub module: &'static str,
     pub state_json: String,
     pub cause_event_id: String,
-    pub occurred_at: String,
-    pub processed_at: String,
+    pub occurred_at: Option<Timestamp>,
+    pub processed_at: Option<Timestamp>,
+}
+
+impl ChangeEntry {
+    /// Appends the change as a JSON object of the stream's `changes` array.
+    /// Built by hand so the state, already JSON, is embedded without a parse.
+    fn append_json(&self, out: &mut Vec<u8>) {
+        let string = |out: &mut Vec<u8>, text: &str| {
+            serde_json::to_writer(out, text).expect("a string serialises to JSON");
+        };
+        out.extend_from_slice(format!("{{\"version\":{},\"module\":", self.version).as_bytes());
+        string(out, self.module);
+        out.extend_from_slice(b",\"state\":");
+        out.extend_from_slice(self.state_json.as_bytes());
+        out.extend_from_slice(b",\"cause_event_id\":");
+        string(out, &self.cause_event_id);
+        out.extend_from_slice(b",\"occurred_at\":");
+        string(out, &rfc3339(self.occurred_at.as_ref()));
+        out.extend_from_slice(b",\"processed_at\":");
+        string(out, &rfc3339(self.processed_at.as_ref()));
+        out.push(b'}');
+    }
+}
+
+/// The JSON array of `changes` and the 1-based position of each change's object in it.
+fn changes_json(changes: &[ChangeEntry]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::with_capacity(changes.iter().map(|c| 160 + c.state_json.len()).sum());
+    let mut positions = Vec::with_capacity(changes.len());
+    out.push(b'[');
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        positions.push(out.len() + 1);
+        change.append_json(&mut out);
+    }
+    out.push(b']');
+    (out, positions)
 }
 
 /// A room's committed state to publish in Redis.
@@ -106,7 +154,8 @@ impl RoomWrite {
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
     pub keys: KeyLayout,
-    /// Length cap of each room's change stream.
+    /// How many of a room's latest versions its change stream keeps, at
+    /// least (trimming drops whole stream nodes only).
     pub stream_max_len: usize,
     /// Most rooms per pipeline.
     pub batch_rooms: usize,
@@ -290,6 +339,7 @@ async fn write_batch(
     let mut pipe = redis::pipe();
     for write in batch {
         let mut cmd = redis::cmd("EVALSHA");
+        let keep_from = write.version.saturating_sub((options.stream_max_len as u64).saturating_sub(1)).max(1);
         cmd.arg(script.get_hash())
             .arg(2)
             .arg(options.keys.room(&write.path))
@@ -297,19 +347,16 @@ async fn write_batch(
             .arg(write.version)
             .arg(if write.closed { "1" } else { "0" })
             .arg(&write.updated_at)
-            .arg(options.stream_max_len)
+            .arg(keep_from)
             .arg(write.modules.len());
         for (module, json) in &write.modules {
             debug_assert!(module != VERSION_FIELD && module != UPDATED_AT_FIELD);
             cmd.arg(module).arg(json);
         }
-        for change in &write.changes {
-            cmd.arg(change.version)
-                .arg(&change.module)
-                .arg(&change.state_json)
-                .arg(&change.cause_event_id)
-                .arg(&change.occurred_at)
-                .arg(&change.processed_at);
+        let (changes, positions) = changes_json(&write.changes);
+        cmd.arg(changes);
+        for (change, position) in write.changes.iter().zip(positions) {
+            cmd.arg(change.version).arg(position);
         }
         pipe.add_command(cmd).ignore();
     }
@@ -337,11 +384,11 @@ mod tests {
                 .iter()
                 .map(|&v| ChangeEntry {
                     version: v,
-                    module: "tags".into(),
+                    module: "tags",
                     state_json: "{}".into(),
                     cause_event_id: String::new(),
-                    occurred_at: String::new(),
-                    processed_at: String::new(),
+                    occurred_at: None,
+                    processed_at: None,
                 })
                 .collect(),
         }
@@ -349,6 +396,33 @@ mod tests {
 
     fn versions(w: &RoomWrite) -> Vec<u64> {
         w.changes.iter().map(|c| c.version).collect()
+    }
+
+    #[test]
+    fn changes_are_one_json_array_with_their_states_embedded() {
+        let change = ChangeEntry {
+            version: 7,
+            module: "tags",
+            state_json: r#"{"k":"v \"q\""}"#.into(),
+            cause_event_id: "id with \"quotes\" and \\".into(),
+            occurred_at: Some(Timestamp { seconds: 1_795_773_600, nanos: 0 }),
+            processed_at: Some(Timestamp { seconds: 1_795_773_600, nanos: 5_000_000 }),
+        };
+        let (json, positions) = changes_json(&[change.clone(), ChangeEntry { version: 8, ..change }]);
+        let parsed: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(positions[0], 2);
+        assert!(json[positions[1] - 1..].starts_with(br#"{"version":8,"#), "positions are 1-based object starts");
+        assert_eq!(
+            parsed[0],
+            serde_json::json!({
+                "version": 7,
+                "module": "tags",
+                "state": {"k": "v \"q\""},
+                "cause_event_id": "id with \"quotes\" and \\",
+                "occurred_at": "2026-11-27T10:00:00Z",
+                "processed_at": "2026-11-27T10:00:00.005Z",
+            })
+        );
     }
 
     #[test]

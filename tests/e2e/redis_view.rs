@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use omni::proto::Timestamp;
 use omni::view::{changes_after, snapshot, spawn_writer, ChangeEntry, KeyLayout, RoomWrite, WriterOptions};
 
 use crate::common::*;
@@ -18,11 +19,11 @@ fn write(version: u64, closed: bool, tags: &str, changes: impl IntoIterator<Item
             .into_iter()
             .map(|v| ChangeEntry {
                 version: v,
-                module: "tags".into(),
+                module: "tags",
                 state_json: format!("{{\"v\":\"{v}\"}}"),
                 cause_event_id: format!("e{v}"),
-                occurred_at: "2026-11-27T10:00:00Z".into(),
-                processed_at: "2026-11-27T10:00:01Z".into(),
+                occurred_at: Some(Timestamp { seconds: 1_795_773_600, nanos: 0 }),
+                processed_at: Some(Timestamp { seconds: 1_795_773_601, nanos: 0 }),
             })
             .collect(),
     }
@@ -58,10 +59,15 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     .await;
     let snap = snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().unwrap();
     assert_eq!(snap.modules["tags"], serde_json::json!({"k": "newer"}));
-    // Each version once, in order: 3 is far below a stream node, so approximate trimming keeps them all.
+    // Each version once, in order: the stream keeps about 3 versions, but
+    // trimming drops whole stream nodes only, and these fit in one.
     let stream: Vec<u64> =
         changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
     assert_eq!(stream, vec![1, 2, 3, 4, 5, 6]);
+    // Versions 1-5 share one entry; a reader after 3 gets only 4 and 5 of it.
+    let after_three: Vec<u64> =
+        changes_after(&mut conn, &keys, "app/a/room/r", 3).await.unwrap().iter().map(|c| c.version).collect();
+    assert_eq!(after_three, vec![4, 5, 6]);
     let after_five = changes_after(&mut conn, &keys, "app/a/room/r", 5).await.unwrap();
     assert_eq!(after_five.len(), 1);
     assert_eq!(after_five[0].cause_event_id, "e6");
@@ -105,6 +111,42 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
+    let keys = KeyLayout::new(&unique("retry"));
+    let client = redis::Client::open(services().redis_url.as_str()).unwrap();
+    let (writer, task) = spawn_writer(
+        client.clone(),
+        WriterOptions { keys: keys.clone(), stream_max_len: 1000, batch_rooms: 16, max_pending_changes: 100_000 },
+    );
+    writer.send(vec![write(5, false, "{}", 1..=5)]);
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    // A write that reached Redis but whose reply was lost comes back merged with newer changes.
+    let (writer, task) = spawn_writer(
+        client.clone(),
+        WriterOptions { keys: keys.clone(), stream_max_len: 1000, batch_rooms: 16, max_pending_changes: 100_000 },
+    );
+    writer.send(vec![write(8, false, "{}", 3..=8)]);
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: usize = redis::AsyncCommands::xlen(&mut conn, keys.changes("app/a/room/r")).await.unwrap();
+    assert_eq!(entries, 2, "one stream entry per write");
+    let raw: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, keys.changes("app/a/room/r")).await.unwrap();
+    let second: String = raw.ids[1].get("changes").unwrap();
+    let versions: Vec<u64> = serde_json::from_str::<Vec<serde_json::Value>>(&second)
+        .unwrap()
+        .iter()
+        .map(|c| c["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![6, 7, 8], "the retried entry leaves out what the stream holds");
+    let all: Vec<u64> =
+        changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
+    assert_eq!(all, (1..=8).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_stream_is_capped() {
     let keys = KeyLayout::new(&unique("cap"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
@@ -118,8 +160,12 @@ async fn the_change_stream_is_capped() {
     drop(writer);
     tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let len: usize = redis::AsyncCommands::xlen(&mut conn, keys.changes("app/a/room/r")).await.unwrap();
-    assert!((100..=250).contains(&len), "a stream capped at about 100 holds {len} entries");
+    let held: Vec<u64> =
+        changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
+    assert!((100..=250).contains(&held.len()), "a stream keeping about 100 versions holds {}", held.len());
+    assert_eq!(held, ((1001 - held.len() as u64)..=1000).collect::<Vec<_>>(), "the newest versions, in order");
     let last = changes_after(&mut conn, &keys, "app/a/room/r", 999).await.unwrap();
     assert_eq!(last.iter().map(|c| c.version).collect::<Vec<_>>(), vec![1000]);
+    assert_eq!(last[0].state, serde_json::json!({"v": "1000"}));
+    assert_eq!(last[0].occurred_at, "2026-11-27T10:00:00Z");
 }
