@@ -12,6 +12,7 @@ mod recording;
 mod room;
 mod tags;
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use serde::Serialize;
 use crate::proto::tecate::RoomEvent;
 
 pub use recording::{Recording, RecordingState};
-pub use room::{Change, FoldOutcome, RoomFolder, ROOM_MODULE};
+pub use room::{Change, FoldOutcome, LiveRoom, RoomFolder, ROOM_MODULE};
 pub use tags::Tags;
 
 /// Limits a fold enforces; records that break them are dead-lettered.
@@ -103,7 +104,7 @@ impl Rejection {
 /// when the event must be dead-lettered instead.
 pub trait Module: Send + Sync + 'static {
     /// The module's state; `Default` is the empty state of a new or closed room.
-    type State: Default + Serialize + DeserializeOwned + PartialEq;
+    type State: Default + Serialize + DeserializeOwned + PartialEq + Send + 'static;
 
     /// The name used in topology files, Redis fields and broadcast records.
     fn name(&self) -> &'static str;
@@ -117,13 +118,29 @@ pub trait Module: Send + Sync + 'static {
     }
 }
 
-/// A module with its state type erased to JSON text, so the runtime can hold
-/// modules of different state types side by side.
+/// A module's decoded state, its type erased so the runtime can hold the
+/// states of different modules side by side.
+pub struct ModuleState(Box<dyn Any + Send>);
+
+/// A module with its state type erased. States are stored and published as
+/// JSON, but kept decoded between events so a busy room does not parse its
+/// JSON again for every event.
 pub trait DynModule: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Folds `event` into the JSON state (`None` = empty) and returns the new JSON state on a change.
-    fn fold_json(&self, state: Option<&str>, event: &RoomEvent, limits: &Limits) -> Result<Option<String>, Rejection>;
+    /// See [`Module::reacts_to`].
+    fn reacts_to(&self, event: &RoomEvent) -> bool;
+
+    /// Decodes a stored JSON state (`None` = empty).
+    fn decode_state(&self, json: Option<&str>) -> Result<ModuleState, Rejection>;
+
+    /// Folds `event` into `state`; on an effective change returns the next state and its JSON.
+    fn fold_state(
+        &self,
+        state: &ModuleState,
+        event: &RoomEvent,
+        limits: &Limits,
+    ) -> Result<Option<(ModuleState, String)>, Rejection>;
 
     /// The JSON of the empty state.
     fn empty_json(&self) -> String;
@@ -134,11 +151,12 @@ impl<M: Module> DynModule for M {
         Module::name(self)
     }
 
-    fn fold_json(&self, state: Option<&str>, event: &RoomEvent, limits: &Limits) -> Result<Option<String>, Rejection> {
-        if !self.reacts_to(event) {
-            return Ok(None);
-        }
-        let current: M::State = match state {
+    fn reacts_to(&self, event: &RoomEvent) -> bool {
+        Module::reacts_to(self, event)
+    }
+
+    fn decode_state(&self, json: Option<&str>) -> Result<ModuleState, Rejection> {
+        let state: M::State = match json {
             Some(json) => serde_json::from_str(json).map_err(|e| {
                 Rejection::new(
                     RejectKind::CorruptState,
@@ -147,8 +165,26 @@ impl<M: Module> DynModule for M {
             })?,
             None => M::State::default(),
         };
-        match self.fold(&current, event, limits)? {
-            Some(next) if next != current => Ok(Some(to_json(&next))),
+        Ok(ModuleState(Box::new(state)))
+    }
+
+    fn fold_state(
+        &self,
+        state: &ModuleState,
+        event: &RoomEvent,
+        limits: &Limits,
+    ) -> Result<Option<(ModuleState, String)>, Rejection> {
+        let Some(current) = state.0.downcast_ref::<M::State>() else {
+            return Err(Rejection::new(
+                RejectKind::CorruptState,
+                format!("the state handed to {} is another module's", Module::name(self)),
+            ));
+        };
+        match self.fold(current, event, limits)? {
+            Some(next) if next != *current => {
+                let json = to_json(&next);
+                Ok(Some((ModuleState(Box::new(next)), json)))
+            }
             _ => Ok(None),
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::{DynModule, Limits, RejectKind, Rejection};
+use super::{DynModule, Limits, ModuleState, RejectKind, Rejection};
 use crate::path::Path;
 use crate::proto::omni::RoomState;
 use crate::proto::tecate::room_event::Kind;
@@ -33,6 +33,25 @@ pub struct FoldOutcome {
     pub closed: bool,
 }
 
+/// A room's state with its module states kept decoded, so the events after
+/// the first fold without parsing the room's JSON again.
+#[derive(Default)]
+pub struct LiveRoom {
+    state: RoomState,
+    /// Per module of the folder, in its order; `None` until first needed.
+    decoded: Vec<Option<ModuleState>>,
+}
+
+impl LiveRoom {
+    pub fn new(state: RoomState) -> LiveRoom {
+        LiveRoom { state, decoded: Vec::new() }
+    }
+
+    pub fn state(&self) -> &RoomState {
+        &self.state
+    }
+}
+
 /// A topology's modules and limits, ready to fold records.
 #[derive(Clone)]
 pub struct RoomFolder {
@@ -52,8 +71,10 @@ impl RoomFolder {
         &self.modules
     }
 
-    /// Checks a raw record against the limits and decodes its key and value.
-    pub fn decode(&self, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(Path, RoomEvent), Rejection> {
+    /// Checks a raw record against the limits and decodes its value. The key
+    /// comes back as is, checked to be a room path: valid path text is
+    /// canonical, so it needs no re-printing.
+    pub fn decode<'k>(&self, key: Option<&'k [u8]>, value: Option<&[u8]>) -> Result<(&'k str, RoomEvent), Rejection> {
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
         if size > self.limits.max_record_bytes {
             return Err(Rejection::new(
@@ -64,38 +85,60 @@ impl RoomFolder {
         let key = key.ok_or_else(|| Rejection::new(RejectKind::InvalidKey, "record has no key"))?;
         let key =
             std::str::from_utf8(key).map_err(|_| Rejection::new(RejectKind::InvalidKey, "record key is not UTF-8"))?;
-        let path = Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
+        Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
         let value = value.ok_or_else(|| Rejection::new(RejectKind::Undecodable, "record has no value"))?;
         let event = RoomEvent::decode(value)
             .map_err(|e| Rejection::new(RejectKind::Undecodable, format!("not a Tecate RoomEvent: {e}")))?;
         if event.kind.is_none() {
             return Err(Rejection::new(RejectKind::Undecodable, "Tecate RoomEvent has no event kind"));
         }
-        Ok((path, event))
+        Ok((key, event))
     }
 
     /// Folds `event` into `state`. On a rejection `state` is left untouched,
     /// so an event is applied whole or not at all.
     pub fn fold(&self, state: &mut RoomState, event: &RoomEvent) -> Result<FoldOutcome, Rejection> {
+        let mut room = LiveRoom::new(std::mem::take(state));
+        let outcome = self.fold_live(&mut room, event);
+        *state = room.state;
+        outcome
+    }
+
+    /// [`RoomFolder::fold`] on a room that keeps its module states decoded
+    /// from one event to the next.
+    pub fn fold_live(&self, room: &mut LiveRoom, event: &RoomEvent) -> Result<FoldOutcome, Rejection> {
         if matches!(event.kind, Some(Kind::RoomClosed(_))) {
-            return Ok(self.close(state, event));
+            return Ok(self.close(room, event));
         }
+        room.decoded.resize_with(self.modules.len(), || None);
         let mut next_states = Vec::new();
-        for (module, empty) in self.modules.iter().zip(&self.empty) {
-            let current = state.modules.get(module.name()).map(String::as_str);
-            if let Some(next) = module.fold_json(current, event, &self.limits)? {
-                next_states.push((module, empty, next));
+        for (index, module) in self.modules.iter().enumerate() {
+            if !module.reacts_to(event) {
+                continue;
+            }
+            let current = match &mut room.decoded[index] {
+                Some(decoded) => decoded,
+                slot => {
+                    let json = room.state.modules.get(module.name()).map(String::as_str);
+                    slot.insert(module.decode_state(json)?)
+                }
+            };
+            if let Some(next) = module.fold_state(current, event, &self.limits)? {
+                next_states.push((index, next));
             }
         }
+        let state = &mut room.state;
         let mut changes = Vec::with_capacity(next_states.len());
-        for (module, empty, next) in next_states {
+        for (index, (decoded, json)) in next_states {
+            let module = &self.modules[index];
             state.version += 1;
-            if next == *empty {
+            if json == self.empty[index] {
                 state.modules.remove(module.name());
             } else {
-                state.modules.insert(module.name().to_owned(), next.clone());
+                state.modules.insert(module.name().to_owned(), json.clone());
             }
-            changes.push(Change { version: state.version, module: module.name(), state_json: next });
+            room.decoded[index] = Some(decoded);
+            changes.push(Change { version: state.version, module: module.name(), state_json: json });
         }
         if !changes.is_empty() {
             state.updated_at = event.occurred_at;
@@ -106,11 +149,13 @@ impl RoomFolder {
 
     /// A close clears every module as one change; the version survives so a
     /// reopened room continues from it. Closing an empty room is a no-op.
-    fn close(&self, state: &mut RoomState, event: &RoomEvent) -> FoldOutcome {
+    fn close(&self, room: &mut LiveRoom, event: &RoomEvent) -> FoldOutcome {
+        let state = &mut room.state;
         if state.modules.is_empty() {
             return FoldOutcome { changes: Vec::new(), closed: false };
         }
         state.modules.clear();
+        room.decoded.clear();
         state.version += 1;
         state.closed = true;
         state.updated_at = event.occurred_at;
@@ -233,7 +278,8 @@ mod tests {
     fn decode_rejects_bad_records_with_the_right_kind() {
         let f = folder();
         let good = tag_set("k", "v").encode_to_vec();
-        assert!(f.decode(Some(b"app/a/room/r"), Some(&good)).is_ok());
+        assert_eq!(f.decode(Some(b"app/a/room/r"), Some(&good)).unwrap().0, "app/a/room/r");
+        assert_eq!(f.decode(Some(br"app/a\/b/room/r"), Some(&good)).unwrap().0, r"app/a\/b/room/r");
         let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v).unwrap_err().kind;
         assert_eq!(kind(None, Some(&good)), RejectKind::InvalidKey);
         assert_eq!(kind(Some(b"app/a"), Some(&good)), RejectKind::InvalidKey);

@@ -9,7 +9,6 @@
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer}
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError};
 use crate::kafka::drain;
-use crate::modules::{RejectKind, Rejection, RoomFolder, ROOM_MODULE};
+use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::omni::{RoomState, StateChange};
 use crate::proto::{now, rfc3339};
 use crate::store::{PartitionWrite, StateStore, StoreError};
@@ -46,7 +45,7 @@ pub struct Topics {
 
 /// A room touched in the open transaction, with the changes that Redis has not seen yet.
 struct DirtyRoom {
-    state: RoomState,
+    room: LiveRoom,
     /// False while every event on it was a no-op: nothing to write then.
     changed: bool,
     /// The state as sent to the changelog at commit, then written to the store.
@@ -89,7 +88,7 @@ struct Task {
     next_offset: Option<i64>,
     dirty: HashMap<String, DirtyRoom>,
     /// Committed states of recently touched rooms.
-    recent: HashMap<String, RoomState>,
+    recent: HashMap<String, LiveRoom>,
 }
 
 pub struct Engine {
@@ -154,16 +153,19 @@ impl Engine {
     }
 
     /// How long the loop may wait for a record before a commit falls due.
-    pub(super) fn poll_timeout(&self) -> Duration {
+    pub(super) fn poll_timeout(&self, now: Instant) -> Duration {
         let max = Duration::from_millis(100);
         match self.open_since {
-            Some(since) => self.commit_interval.saturating_sub(since.elapsed()).clamp(Duration::from_millis(1), max),
+            Some(since) => self
+                .commit_interval
+                .saturating_sub(now.saturating_duration_since(since))
+                .clamp(Duration::from_millis(1), max),
             None => max,
         }
     }
 
-    pub(super) fn commit_due(&self) -> bool {
-        self.open_since.is_some_and(|since| since.elapsed() >= self.commit_interval)
+    pub(super) fn commit_due(&self, now: Instant) -> bool {
+        self.open_since.is_some_and(|since| now.saturating_duration_since(since) >= self.commit_interval)
     }
 
     fn begin(&mut self) -> Result<(), RuntimeError> {
@@ -207,25 +209,23 @@ impl Engine {
         };
         let Engine { tasks, store, folder, producer, topics, counters, closes, .. } = self;
         let task = tasks.get_mut(&partition).expect("checked by process");
-        let path_text = path.to_string();
-        let room = match task.dirty.entry(path_text.clone()) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let state = match task.recent.remove(entry.key()) {
-                    Some(state) => state,
-                    None => match store.get(partition, entry.key()) {
-                        Ok(state) => state.unwrap_or_default(),
-                        Err(e @ StoreError::Corrupt(..)) => {
-                            return Ok(Err(Rejection::new(RejectKind::CorruptState, e.to_string())));
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
-                };
-                entry.insert(DirtyRoom { state, changed: false, encoded: Vec::new(), changes: Vec::new() })
-            }
-        };
+        if !task.dirty.contains_key(path) {
+            let room = match task.recent.remove(path) {
+                Some(room) => room,
+                None => match store.get(partition, path) {
+                    Ok(state) => LiveRoom::new(state.unwrap_or_default()),
+                    Err(e @ StoreError::Corrupt(..)) => {
+                        return Ok(Err(Rejection::new(RejectKind::CorruptState, e.to_string())));
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            task.dirty
+                .insert(path.to_owned(), DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new() });
+        }
+        let room = task.dirty.get_mut(path).expect("inserted above");
         // A rejected event leaves the state as it was, so folding in place is safe.
-        let outcome = match folder.fold(&mut room.state, &event) {
+        let outcome = match folder.fold_live(&mut room.room, &event) {
             Ok(outcome) => outcome,
             Err(rejection) => return Ok(Err(rejection)),
         };
@@ -247,7 +247,7 @@ impl Engine {
         let processed_at = now();
         for change in outcome.changes {
             let record = StateChange {
-                path: path_text.clone(),
+                path: path.to_owned(),
                 version: change.version,
                 module: change.module.to_owned(),
                 state_json: change.state_json,
@@ -256,7 +256,7 @@ impl Engine {
                 processed_at: Some(processed_at),
             };
             let payload = record.encode_to_vec();
-            send(producer, BaseRecord::to(&topics.broadcast).key(path_text.as_bytes()).payload(&payload[..]))?;
+            send(producer, BaseRecord::to(&topics.broadcast).key(path.as_bytes()).payload(&payload[..]))?;
             room.changes.push(ChangeEntry {
                 version: record.version,
                 module: change.module,
@@ -297,7 +297,7 @@ impl Engine {
         };
         for (&partition, task) in &mut self.tasks {
             for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed) {
-                let value = dirty.state.encode_to_vec();
+                let value = dirty.room.state().encode_to_vec();
                 send(
                     &self.producer,
                     BaseRecord::to(&self.topics.changelog)
@@ -370,17 +370,17 @@ impl Engine {
                 continue;
             }
             let mut rooms = Vec::with_capacity(dirty.len());
-            for (room, DirtyRoom { state, changed, encoded, changes }) in dirty {
+            for (path, DirtyRoom { room, changed, encoded, changes }) in dirty {
                 if changed {
                     if self.redis.is_some() {
-                        writes.push(room_write(&self.folder, &room, &state, changes));
+                        writes.push(room_write(&self.folder, &path, room.state(), changes));
                     }
-                    rooms.push((room.as_bytes().to_vec(), encoded));
+                    rooms.push((path.as_bytes().to_vec(), encoded));
                 }
                 if task.recent.len() >= RECENT_ROOMS_PER_PARTITION {
                     task.recent.clear();
                 }
-                task.recent.insert(room, state);
+                task.recent.insert(path, room);
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
                 self.store

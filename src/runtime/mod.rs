@@ -13,7 +13,7 @@ mod restore;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -354,10 +354,11 @@ fn processing_loop(
                 engine.producer.poll(Duration::ZERO);
                 engine.report_store_usage();
             }
-            if engine.commit_due() {
+            let now = Instant::now();
+            if engine.commit_due(now) {
                 engine.commit(&consumer)?;
             }
-            timeout = engine.poll_timeout();
+            timeout = engine.poll_timeout(now);
         }
         context::lock(&engine).commit(&consumer)
     })();

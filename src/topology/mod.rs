@@ -79,7 +79,7 @@ pub struct RedisSettings {
     pub url: String,
     /// Prefix of every key omni writes (`<prefix>:room:{<path>}`).
     pub key_prefix: String,
-    /// Length cap of each room's change stream.
+    /// How many of a room's latest versions its change stream keeps.
     pub stream_max_len: usize,
 }
 

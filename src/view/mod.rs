@@ -7,7 +7,7 @@
 //!   module holding that module's state as JSON. Deleted when the room closes.
 //! - `omni:room:{P}:changes`: a stream with one entry per room write, id
 //!   `<newest version in it>-0`, whose `changes` field is a JSON array of
-//!   that write's changes, oldest first. Trimmed by id to about the last
+//!   that write's changes, oldest first. Trimmed by id to the entries holding the last
 //!   `stream_max_len` versions. It outlives a close, so it also remembers a
 //!   closed room's last version.
 //!

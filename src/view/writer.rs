@@ -20,9 +20,9 @@ use crate::proto::{rfc3339, Timestamp};
 /// Compare-and-set of a room hash plus its change stream. A write adds at
 /// most one stream entry, holding every change it carries that the stream
 /// does not have yet, so Redis runs one `XADD` per room and flush rather
-/// than one per change. The stream is trimmed by id (`MINID ~`): ids are
-/// versions, so it keeps about the last `stream_max_len` versions, and its
-/// newest entry always survives.
+/// than one per change. The stream is trimmed by id (`MINID`): ids are
+/// versions, so it keeps the entries holding the last `stream_max_len`
+/// versions, and its newest entry always survives.
 ///
 /// Redis' Lua hashes every byte of every string it sees, so the changes
 /// come as one ready JSON array that is passed through whole, and only
@@ -63,7 +63,7 @@ if closed and newest_id ~= ARGV[1] then
 end
 if newest_id then
   -- pcall: an id at or below the stream's last one is a replay; skip it.
-  redis.pcall('XADD', KEYS[2], 'MINID', '~', ARGV[4], newest_id .. '-0', 'changes', entry)
+  redis.pcall('XADD', KEYS[2], 'MINID', ARGV[4], newest_id .. '-0', 'changes', entry)
 end
 if closed then
   redis.call('DEL', KEYS[1])
@@ -154,8 +154,8 @@ impl RoomWrite {
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
     pub keys: KeyLayout,
-    /// How many of a room's latest versions its change stream keeps, at
-    /// least (trimming drops whole stream nodes only).
+    /// How many of a room's latest versions its change stream keeps (whole
+    /// entries: an entry holding one of them is kept with all its changes).
     pub stream_max_len: usize,
     /// Most rooms per pipeline.
     pub batch_rooms: usize,
@@ -295,6 +295,9 @@ impl Pending {
     }
 
     fn absorb(&mut self, mut write: RoomWrite) {
+        // Changes older than the stream keeps would be trimmed on arrival.
+        let excess = write.changes.len().saturating_sub(self.max_changes_per_room);
+        write.changes.drain(..excess);
         if self.changes + write.changes.len() > self.max_changes {
             metrics::counter!("omni_redis_stream_entries_dropped_total").increment(write.changes.len() as u64);
             write.changes.clear();
@@ -456,6 +459,14 @@ mod tests {
         assert_eq!(pending.changes, 3);
         assert_eq!(pending.take(10).len(), 1);
         assert_eq!(pending.changes, 0);
+    }
+
+    #[test]
+    fn a_write_holds_no_more_changes_than_the_stream_keeps() {
+        let mut pending = Pending { max_changes_per_room: 3, ..pending(1000) };
+        pending.absorb(write(5, &[1, 2, 3, 4, 5]));
+        assert_eq!(versions(&pending.rooms["app/a/room/r"]), vec![3, 4, 5]);
+        assert_eq!(pending.changes, 3);
     }
 
     #[test]

@@ -59,12 +59,12 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     .await;
     let snap = snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().unwrap();
     assert_eq!(snap.modules["tags"], serde_json::json!({"k": "newer"}));
-    // Each version once, in order: the stream keeps about 3 versions, but
-    // trimming drops whole stream nodes only, and these fit in one.
+    // Each version once, in order. The stream keeps the last 3 versions, so
+    // the write of 1-5 brought only 3-5, in one entry that 6 does not trim.
     let stream: Vec<u64> =
         changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
-    assert_eq!(stream, vec![1, 2, 3, 4, 5, 6]);
-    // Versions 1-5 share one entry; a reader after 3 gets only 4 and 5 of it.
+    assert_eq!(stream, vec![3, 4, 5, 6]);
+    // Versions 3-5 share one entry; a reader after 3 gets only 4 and 5 of it.
     let after_three: Vec<u64> =
         changes_after(&mut conn, &keys, "app/a/room/r", 3).await.unwrap().iter().map(|c| c.version).collect();
     assert_eq!(after_three, vec![4, 5, 6]);
@@ -162,7 +162,7 @@ async fn the_change_stream_is_capped() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let held: Vec<u64> =
         changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
-    assert!((100..=250).contains(&held.len()), "a stream keeping about 100 versions holds {}", held.len());
+    assert!((100..=250).contains(&held.len()), "a stream keeping the last 100 versions holds {}", held.len());
     assert_eq!(held, ((1001 - held.len() as u64)..=1000).collect::<Vec<_>>(), "the newest versions, in order");
     let last = changes_after(&mut conn, &keys, "app/a/room/r", 999).await.unwrap();
     assert_eq!(last.iter().map(|c| c.version).collect::<Vec<_>>(), vec![1000]);
