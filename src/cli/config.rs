@@ -35,6 +35,9 @@ pub struct Overrides {
     /// Commit interval in milliseconds.
     #[arg(long, env = "OMNI_COMMIT_INTERVAL_MS")]
     pub commit_interval_ms: Option<u64>,
+    /// Processing threads (Kafka Streams' num.stream.threads).
+    #[arg(long, env = "OMNI_THREADS")]
+    pub threads: Option<usize>,
 }
 
 /// Loads a topology and applies environment, flags and secrets.
@@ -63,6 +66,9 @@ pub fn apply(topology: &mut Topology, connect: &Connect, overrides: &Overrides) 
     }
     if let Some(ms) = overrides.commit_interval_ms {
         topology.commit_interval_ms = ms;
+    }
+    if let Some(threads) = overrides.threads {
+        topology.instance.threads = threads;
     }
     if let Some(password) = secret("OMNI_REDIS_PASSWORD")? {
         topology.redis.url = with_redis_password(&topology.redis.url, &password)?;

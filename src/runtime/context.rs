@@ -79,7 +79,7 @@ impl ConsumerContext for JobContext {
                 let mut engine = self.lock();
                 engine.assign(consumer, &partitions);
                 // Only now: the new partitions already count as restoring.
-                engine.health.mark_joined();
+                engine.mark_joined();
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
             Rebalance::Revoke(_) => {}

@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
 use super::restore::{RestoreDone, Restores};
-use super::{Health, RuntimeError};
+use super::{Health, RuntimeError, ThreadHealth};
 use crate::kafka::drain;
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::omni::{RoomState, StateChange};
@@ -99,7 +99,8 @@ pub struct Engine {
     pub(super) topics: Topics,
     pub(super) exactly_once: bool,
     pub(super) commit_interval: Duration,
-    pub(super) health: Arc<Health>,
+    health: Arc<Health>,
+    thread_health: ThreadHealth,
     pub(super) restores: Restores,
     pub(super) restore_results: mpsc::Receiver<RestoreDone>,
     tasks: BTreeMap<i32, Task>,
@@ -142,6 +143,7 @@ impl Engine {
             exactly_once,
             commit_interval,
             health,
+            thread_health: ThreadHealth::default(),
             restores,
             restore_results,
             tasks: BTreeMap::new(),
@@ -493,10 +495,14 @@ impl Engine {
         Ok(())
     }
 
-    fn update_health(&self) {
+    fn update_health(&mut self) {
         let restoring = self.tasks.values().filter(|t| t.restoring).count();
-        self.health.set_partitions(self.tasks.len(), restoring);
-        metrics::gauge!("omni_assigned_partitions").set(self.tasks.len() as f64);
+        self.health.set_partitions(&mut self.thread_health, self.tasks.len(), restoring);
+    }
+
+    /// Marks this thread as a member of the group, once it got its first assignment.
+    pub(super) fn mark_joined(&mut self) {
+        self.health.mark_joined(&mut self.thread_health);
     }
 
     /// Publishes the store's memory and disk use every few seconds.

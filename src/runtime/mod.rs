@@ -48,29 +48,45 @@ pub enum RuntimeError {
     Invalid(String),
 }
 
-/// Liveness and readiness, read by the operations endpoint.
+/// Liveness and readiness, read by the operations endpoint, summed over the
+/// instance's processing threads.
 #[derive(Debug, Default)]
 pub struct Health {
-    joined: AtomicBool,
+    threads: AtomicUsize,
+    joined: AtomicUsize,
     assigned: AtomicUsize,
     restoring: AtomicUsize,
     restore_total: AtomicU64,
     restore_done: AtomicU64,
 }
 
+/// One processing thread's share of [`Health`].
+#[derive(Debug, Default)]
+struct ThreadHealth {
+    joined: bool,
+    assigned: usize,
+    restoring: usize,
+}
+
 impl Health {
-    fn mark_joined(&self) {
-        self.joined.store(true, Ordering::Relaxed);
+    fn mark_joined(&self, thread: &mut ThreadHealth) {
+        if !std::mem::replace(&mut thread.joined, true) {
+            self.joined.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    fn set_partitions(&self, assigned: usize, restoring: usize) {
-        self.assigned.store(assigned, Ordering::Relaxed);
-        self.restoring.store(restoring, Ordering::Relaxed);
+    fn set_partitions(&self, thread: &mut ThreadHealth, assigned: usize, restoring: usize) {
+        self.assigned.fetch_add(assigned, Ordering::Relaxed);
+        self.assigned.fetch_sub(std::mem::replace(&mut thread.assigned, assigned), Ordering::Relaxed);
+        self.restoring.fetch_add(restoring, Ordering::Relaxed);
+        self.restoring.fetch_sub(std::mem::replace(&mut thread.restoring, restoring), Ordering::Relaxed);
+        metrics::gauge!("omni_assigned_partitions").set(self.assigned() as f64);
     }
 
-    /// Ready once the instance joined its group and every assigned partition is restored.
+    /// Ready once every processing thread joined the group and every assigned partition is restored.
     pub fn ready(&self) -> bool {
-        self.joined.load(Ordering::Relaxed) && self.restoring.load(Ordering::Relaxed) == 0
+        let threads = self.threads.load(Ordering::Relaxed);
+        threads > 0 && self.joined.load(Ordering::Relaxed) == threads && self.restoring.load(Ordering::Relaxed) == 0
     }
 
     pub fn assigned(&self) -> usize {
@@ -125,38 +141,63 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || RocksStore::open(&store_dir, store_options))
         .await
         .map_err(|e| RuntimeError::Invalid(format!("opening the store: {e}")))??;
+    let instance_id = match topology.instance.id.as_str() {
+        "" => uuid::Uuid::new_v4().to_string(),
+        id => id.to_owned(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let loop_stop = Arc::clone(&stop);
-    let loop_topology = topology.clone();
-    let loop_health = Arc::clone(&health);
-    std::thread::Builder::new()
-        .name("omni-processor".into())
-        .spawn(move || {
-            let result = processing_loop(loop_topology, folder, topics, store, redis_writer, loop_health, &loop_stop);
-            let _ = done_tx.send(result);
-        })
-        .map_err(|e| RuntimeError::Invalid(format!("spawning the processor thread: {e}")))?;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    health.threads.store(topology.instance.threads, Ordering::Relaxed);
+    for thread in 0..topology.instance.threads {
+        let member = Member { id: format!("{}-{instance_id}-{thread}", topology.application_id), thread };
+        let (topology, folder, topics, store) = (topology.clone(), folder.clone(), topics.clone(), Arc::clone(&store));
+        let (redis, health, stop, done) =
+            (redis_writer.clone(), Arc::clone(&health), Arc::clone(&stop), done_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("omni-processor-{thread}"))
+            .spawn(move || {
+                let result = processing_loop(topology, member, folder, topics, store, redis, health, &stop);
+                let _ = done.send(result);
+            })
+            .map_err(|e| RuntimeError::Invalid(format!("spawning a processor thread: {e}")))?;
+    }
+    // Only the threads hold writer handles now: the writer stops once they all did.
+    drop((redis_writer, done_tx));
 
+    // The first thread to stop, on an error or not, stops the others.
     tokio::pin!(shutdown);
-    tokio::pin!(done_rx);
-    let result = tokio::select! {
-        result = &mut done_rx => result,
+    let first = tokio::select! {
+        result = done_rx.recv() => result,
         () = &mut shutdown => {
-            tracing::info!("shutting down: finishing the open transaction");
-            stop.store(true, Ordering::Relaxed);
-            done_rx.await
+            tracing::info!("shutting down: finishing the open transactions");
+            None
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut result = first.unwrap_or(Ok(()));
+    while let Some(thread_result) = done_rx.recv().await {
+        if result.is_ok() {
+            result = thread_result;
         }
     }
-    .unwrap_or_else(|_| Err(RuntimeError::Invalid("the processor thread died".into())));
 
     if let Some(task) = redis_task {
-        // The writer drains what it holds once the engine dropped its handle.
+        // The writer drains what it holds once the threads dropped their handles.
         if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
             tracing::warn!("redis writes still pending at exit; the next start reconciles them");
         }
     }
     result
+}
+
+/// One processing thread's identity in the consumer group and towards the
+/// transaction coordinator. Stable across restarts for a configured
+/// instance id, so a restarted thread fences its previous self at once.
+struct Member {
+    /// `<application_id>-<instance id>-<thread>`: the transactional id, and
+    /// the `group.instance.id` under static membership.
+    id: String,
+    thread: usize,
 }
 
 /// Opens a Redis client and checks it once: bad credentials fail the start,
@@ -245,8 +286,10 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
     Ok(topics)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn processing_loop(
     topology: Topology,
+    member: Member,
     folder: RoomFolder,
     topics: Topics,
     store: Arc<RocksStore>,
@@ -254,19 +297,15 @@ fn processing_loop(
     health: Arc<Health>,
     stop: &AtomicBool,
 ) -> Result<(), RuntimeError> {
-    let instance_id = match topology.instance.id.as_str() {
-        "" => uuid::Uuid::new_v4().to_string(),
-        id => id.to_owned(),
-    };
-    let transactional_id = format!("{}-{instance_id}", topology.application_id);
     let producer = output::create_producer(
         topology.kafka.producer_config(),
         &topics.changelog,
-        topology.exactly_once.then_some(transactional_id.as_str()),
+        topology.exactly_once.then_some(member.id.as_str()),
         Duration::from_millis(topology.instance.transaction_timeout_ms),
     )?;
     tracing::info!(
-        transactional_id = topology.exactly_once.then_some(transactional_id.as_str()),
+        thread = member.thread,
+        transactional_id = topology.exactly_once.then_some(member.id.as_str()),
         exactly_once = topology.exactly_once,
         "producer ready"
     );
@@ -315,7 +354,7 @@ fn processing_loop(
         .set("isolation.level", "read_committed")
         .set("partition.assignment.strategy", "cooperative-sticky");
     if topology.instance.static_membership {
-        config.set("group.instance.id", format!("{}-{instance_id}", topology.application_id));
+        config.set("group.instance.id", &member.id);
     }
     let consumer: BaseConsumer<JobContext> = config.create_with_context(context)?;
     consumer.subscribe(&[&topics.input])?;

@@ -118,12 +118,16 @@ pub struct InstanceSettings {
     /// Transaction timeout: how long a crashed instance's open transaction can
     /// hold back readers. Milliseconds.
     pub transaction_timeout_ms: u64,
+    /// Processing threads, as Kafka Streams' `num.stream.threads`: each is a
+    /// group member with its own consumer, transactional producer and share
+    /// of the partitions, over the instance's one store and Redis writer.
+    pub threads: usize,
 }
 
 impl Default for InstanceSettings {
     fn default() -> Self {
         // Kafka Streams' exactly-once default: short, so a crash stalls readers briefly.
-        InstanceSettings { id: String::new(), static_membership: false, transaction_timeout_ms: 10_000 }
+        InstanceSettings { id: String::new(), static_membership: false, transaction_timeout_ms: 10_000, threads: 1 }
     }
 }
 
@@ -196,6 +200,9 @@ impl Topology {
         }
         if self.commit_interval_ms == 0 {
             return invalid("commit_interval_ms must be positive");
+        }
+        if self.instance.threads == 0 {
+            return invalid("instance.threads must be at least 1");
         }
         if self.redis.stream_max_len == 0 {
             return invalid(

@@ -100,3 +100,32 @@ async fn poison_records_are_dead_lettered_with_reasons_and_the_rest_is_exact() {
     job.stop().await;
     assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processing_threads_are_group_members_that_share_the_partitions_and_fold_exactly() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("threads", 6, &dir.path().join("state"));
+    topology.instance.threads = 3;
+    create_input(&topology).await;
+    let events = generate(3, 3000, 120);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+
+    let producer = producer();
+    produce(&producer, topology.input_topic(), &events[..1500]);
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    produce(&producer, topology.input_topic(), &events[1500..]);
+
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    assert_eq!(job.health.assigned(), 6, "the threads hold every partition between them");
+    let admin: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &services().brokers).create().unwrap();
+    let groups = admin.fetch_group_list(Some(&topology.application_id), Duration::from_secs(10)).unwrap();
+    let members = groups.groups().first().map_or(0, |g| g.members().len());
+    assert_eq!(members, 3, "each thread is its own group member");
+    job.stop().await;
+    assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
+}

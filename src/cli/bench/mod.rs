@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Input partitions.
     #[arg(long, default_value = "8")]
     pub partitions: i32,
+    /// Processing threads of omni (the passthrough has one).
+    #[arg(long, default_value = "2")]
+    pub threads: usize,
     /// Commit interval of both jobs, in milliseconds.
     #[arg(long, default_value = "100")]
     pub commit_interval_ms: u64,
@@ -101,6 +104,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
     topology.redis.key_prefix = id.clone();
     topology.store.dir = state.path().join("state");
     topology.instance.id = "bench".into();
+    topology.instance.threads = args.threads;
 
     eprintln!("bench {id}: omni from a cold start");
     let omni = OmniProcess::spawn(&topology, state.path())?;
@@ -149,6 +153,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
         "events": args.events,
         "rooms": args.rooms,
         "partitions": args.partitions,
+        "threads": args.threads,
         "commit_interval_ms": args.commit_interval_ms,
         "changes": expected.changes,
         "preload_events_per_s": preload_rate,
