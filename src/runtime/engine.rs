@@ -33,6 +33,8 @@ use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 const COMMIT_ATTEMPTS: usize = 5;
+/// A commit slower than this is logged with the time of each of its steps.
+const SLOW_COMMIT: Duration = Duration::from_secs(1);
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -338,7 +340,9 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         offsets: &TopicPartitionList,
     ) -> Result<(), RdError> {
+        let started = Instant::now();
         drain(&self.producer, KAFKA_TIMEOUT)?;
+        let drained = started.elapsed();
         if !self.exactly_once {
             if offsets.count() > 0 {
                 consumer.commit(offsets, CommitMode::Sync)?;
@@ -349,16 +353,26 @@ impl Engine {
             let group = consumer.group_metadata().ok_or(RdError::Canceled)?;
             self.producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
         }
+        let offsets_sent = started.elapsed();
         let mut attempt = 1;
-        loop {
+        let result = loop {
             match self.producer.commit_transaction(KAFKA_TIMEOUT) {
                 Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
                     tracing::warn!(error = %e, attempt, "transaction commit will be retried");
                     attempt += 1;
                 }
-                other => return other,
+                other => break other,
             }
+        };
+        if started.elapsed() > SLOW_COMMIT {
+            tracing::warn!(
+                drain_ms = drained.as_millis() as u64,
+                offsets_ms = (offsets_sent - drained).as_millis() as u64,
+                commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
+                "slow transaction commit"
+            );
         }
+        result
     }
 
     /// Moves the committed overlays into the store, then hands them to Redis.
