@@ -116,6 +116,8 @@ pub struct Engine {
     pub(super) failure: Option<RuntimeError>,
     /// Set once the loop stopped on an error: nothing may commit after that.
     pub(super) closing: bool,
+    /// Set when the loop stops on request, before its last commit.
+    pub(super) stopping: bool,
     usage_reported: Instant,
 }
 
@@ -152,6 +154,7 @@ impl Engine {
             open_since: None,
             failure: None,
             closing: false,
+            stopping: false,
             usage_reported: Instant::now() - Duration::from_secs(60),
         }
     }
@@ -326,6 +329,13 @@ impl Engine {
                 self.after_commit()?;
                 metrics::histogram!("omni_transaction_seconds").record(opened.elapsed().as_secs_f64());
                 Ok(())
+            }
+            // A stopping engine only drops an aborted transaction: positions
+            // no longer matter, and rewinding would ask the group for its
+            // offsets while it rebalances around this member leaving.
+            Err(e) if self.exactly_once && requires_abort(&e) && self.stopping => {
+                tracing::warn!(error = %e, "transaction failed while stopping; aborting it");
+                self.abort_open()
             }
             Err(e) if self.exactly_once && requires_abort(&e) => {
                 tracing::warn!(error = %e, "transaction failed; aborting and rewinding to the committed offsets");

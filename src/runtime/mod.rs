@@ -16,6 +16,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::Producer;
 
 use crate::kafka::{ensure_topics, wait_for_topic, KafkaError, TopicSpec};
 use crate::modules::{Registry, RegistryError, RoomFolder};
@@ -148,30 +149,38 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     health.threads.store(topology.instance.threads, Ordering::Relaxed);
+    let mut spawned = Ok(());
     for thread in 0..topology.instance.threads {
         let member = Member { id: format!("{}-{instance_id}-{thread}", topology.application_id), thread };
         let (topology, folder, topics, store) = (topology.clone(), folder.clone(), topics.clone(), Arc::clone(&store));
         let (redis, health, stop, done) =
             (redis_writer.clone(), Arc::clone(&health), Arc::clone(&stop), done_tx.clone());
-        std::thread::Builder::new()
+        spawned = std::thread::Builder::new()
             .name(format!("omni-processor-{thread}"))
             .spawn(move || {
                 let result = processing_loop(topology, member, folder, topics, store, redis, health, &stop);
                 let _ = done.send(result);
             })
-            .map_err(|e| RuntimeError::Invalid(format!("spawning a processor thread: {e}")))?;
+            .map(drop)
+            .map_err(|e| RuntimeError::Invalid(format!("spawning processor thread {thread}: {e}")));
+        if spawned.is_err() {
+            break;
+        }
     }
     // Only the threads hold writer handles now: the writer stops once they all did.
     drop((redis_writer, done_tx));
 
     // The first thread to stop, on an error or not, stops the others.
     tokio::pin!(shutdown);
-    let first = tokio::select! {
-        result = done_rx.recv() => result,
-        () = &mut shutdown => {
-            tracing::info!("shutting down: finishing the open transactions");
-            None
-        }
+    let first = match spawned {
+        Err(e) => Some(Err(e)),
+        Ok(()) => tokio::select! {
+            result = done_rx.recv() => result,
+            () = &mut shutdown => {
+                tracing::info!("shutting down: finishing the open transactions");
+                None
+            }
+        },
     };
     stop.store(true, Ordering::Relaxed);
     let mut result = first.unwrap_or(Ok(()));
@@ -303,12 +312,6 @@ fn processing_loop(
         topology.exactly_once.then_some(member.id.as_str()),
         Duration::from_millis(topology.instance.transaction_timeout_ms),
     )?;
-    tracing::info!(
-        thread = member.thread,
-        transactional_id = topology.exactly_once.then_some(member.id.as_str()),
-        exactly_once = topology.exactly_once,
-        "producer ready"
-    );
 
     let (restore_tx, restore_rx) = mpsc::channel();
     let store: Arc<dyn crate::store::StateStore> = store;
@@ -320,7 +323,7 @@ fn processing_loop(
         Arc::clone(&health),
         redis.clone().map(|writer| (folder.clone(), writer)),
         restore_tx,
-    );
+    )?;
     let engine = Engine::new(
         folder,
         Arc::clone(&store),
@@ -358,6 +361,18 @@ fn processing_loop(
     }
     let consumer: BaseConsumer<JobContext> = config.create_with_context(context)?;
     consumer.subscribe(&[&topics.input])?;
+    // The group join goes on in the background meanwhile: assignments only
+    // reach the engine through the first poll, after this.
+    if topology.exactly_once {
+        // Also aborts whatever a previous incarnation left open.
+        context::lock(&engine).producer.init_transactions(Duration::from_secs(60))?;
+    }
+    tracing::info!(
+        thread = member.thread,
+        transactional_id = topology.exactly_once.then_some(member.id.as_str()),
+        exactly_once = topology.exactly_once,
+        "producer ready"
+    );
     tracing::info!(input = %topics.input, group = %topology.application_id, "processing");
 
     let result = (|| {
@@ -399,7 +414,9 @@ fn processing_loop(
             }
             timeout = engine.poll_timeout(now);
         }
-        context::lock(&engine).commit(&consumer)
+        let mut engine = context::lock(&engine);
+        engine.stopping = true;
+        engine.commit(&consumer)
     })();
     if result.is_ok() {
         // Leave the group now, serving the revoke it triggers, so partitions

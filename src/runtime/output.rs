@@ -51,8 +51,8 @@ impl ProducerContext for DeliveryTracker {
 
 pub type JobProducer = BaseProducer<DeliveryTracker>;
 
-/// Builds the producer and, under exactly-once, initialises its transactions
-/// (which also aborts whatever a previous incarnation left open).
+/// Builds the producer. Under exactly-once its transactions still need
+/// [`Producer::init_transactions`] before the first one begins.
 pub fn create_producer(
     mut config: rdkafka::ClientConfig,
     changelog_topic: &str,
@@ -72,11 +72,7 @@ pub fn create_producer(
         config.set("transactional.id", id).set("transaction.timeout.ms", transaction_timeout.as_millis().to_string());
     }
     let tracker = DeliveryTracker { changelog_topic: changelog_topic.to_owned(), changelog_ends: Mutex::default() };
-    let producer: JobProducer = config.create_with_context(tracker)?;
-    if transactional_id.is_some() {
-        producer.init_transactions(Duration::from_secs(60))?;
-    }
-    Ok(producer)
+    Ok(config.create_with_context(tracker)?)
 }
 
 /// Changelog end offsets delivered since the last call.

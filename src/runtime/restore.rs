@@ -1,7 +1,10 @@
 //! Restoring a partition's store from its changelog.
 //!
 //! Each restore runs on its own thread with its own consumer, so one
-//! partition's restore never holds up processing of the others. It reads
+//! partition's restore never holds up processing of the others. Whether
+//! there is anything to restore is asked first through one client shared by
+//! all restores, so a partition already up to date (every partition of a
+//! first start) costs no client of its own. It reads
 //! read_committed from the store's checkpoint and finishes by *position*:
 //! transaction markers and compaction leave gaps in offsets, so waiting for
 //! a record at the end offset could wait forever.
@@ -43,6 +46,8 @@ struct Running {
 /// The restores in flight.
 pub struct Restores {
     settings: KafkaSettings,
+    /// Asks the changelog's watermarks for every restore.
+    watermarks: Arc<BaseConsumer>,
     group_id: String,
     changelog: String,
     store: Arc<dyn StateStore>,
@@ -63,9 +68,11 @@ impl Restores {
         health: Arc<Health>,
         reconcile: Option<(RoomFolder, RedisWriter)>,
         done: mpsc::Sender<RestoreDone>,
-    ) -> Restores {
-        Restores {
+    ) -> Result<Restores, RuntimeError> {
+        let watermarks = Arc::new(settings.client_config().create()?);
+        Ok(Restores {
             settings,
+            watermarks,
             group_id,
             changelog,
             store,
@@ -74,7 +81,7 @@ impl Restores {
             done,
             running: HashMap::new(),
             generations: 0,
-        }
+        })
     }
 
     /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
@@ -83,6 +90,7 @@ impl Restores {
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
             settings: self.settings.clone(),
+            watermarks: Arc::clone(&self.watermarks),
             group_id: self.group_id.clone(),
             changelog: self.changelog.clone(),
             store: Arc::clone(&self.store),
@@ -130,6 +138,7 @@ impl Restores {
 
 struct Job {
     settings: KafkaSettings,
+    watermarks: Arc<BaseConsumer>,
     group_id: String,
     changelog: String,
     store: Arc<dyn StateStore>,
@@ -143,10 +152,10 @@ struct Job {
 impl Job {
     /// The changelog partition's watermarks, waiting out a leader that is not
     /// serving yet (a topic created moments ago, a leader moving).
-    fn watermarks(&self, consumer: &BaseConsumer) -> Result<(i64, i64), RuntimeError> {
+    fn watermarks(&self) -> Result<(i64, i64), RuntimeError> {
         let mut attempts = 0;
         loop {
-            match consumer.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
+            match self.watermarks.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
                 Err(e) if attempts < 50 && not_served_yet(&e) => {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Ok((0, 0));
@@ -179,17 +188,7 @@ impl Job {
     }
 
     fn run(&self) -> Result<u64, RuntimeError> {
-        let mut config = self.settings.client_config();
-        config
-            .set("group.id", &self.group_id)
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", "8388608")
-            // A restore reads to the end: waiting there for more bytes only delays it.
-            .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer = config.create()?;
-        let (low, high) = self.watermarks(&consumer)?;
+        let (low, high) = self.watermarks()?;
         let start = match self.from {
             // A checkpoint past the end (the changelog was recreated or truncated)
             // or before its start (records the store has not seen were deleted)
@@ -215,6 +214,16 @@ impl Job {
         }
         tracing::info!(partition = self.partition, from = start, to = high, "restoring from the changelog");
         self.health.restore_planned((high - start) as u64);
+        let mut config = self.settings.client_config();
+        config
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", "8388608")
+            // A restore reads to the end: waiting there for more bytes only delays it.
+            .set("fetch.wait.max.ms", "10");
+        let consumer: BaseConsumer = config.create()?;
         let mut reported = start;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(&self.changelog, self.partition, Offset::Offset(start))?;

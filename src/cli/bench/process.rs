@@ -13,6 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 pub struct OmniProcess {
     child: Child,
     http: String,
+    log: std::path::PathBuf,
 }
 
 /// Restore figures.
@@ -31,7 +32,8 @@ impl OmniProcess {
         let http = format!("127.0.0.1:{port}");
         let file = dir.join("topology.toml");
         std::fs::write(&file, toml::to_string(topology)?)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("omni.log"))?;
+        let log_path = dir.join("omni.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = Command::new(std::env::current_exe()?)
             .args(["run", "--topology"])
             .arg(&file)
@@ -41,7 +43,7 @@ impl OmniProcess {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        Ok(OmniProcess { child, http })
+        Ok(OmniProcess { child, http, log: log_path })
     }
 
     fn proc_file(&self, name: &str) -> anyhow::Result<String> {
@@ -114,7 +116,12 @@ impl OmniProcess {
     pub fn terminate(mut self) -> anyhow::Result<()> {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
         let status = self.child.wait()?;
-        anyhow::ensure!(status.success(), "omni run exited with {status}");
+        if !status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("omni run exited with {status}; the end of its log:\n{}", tail.join("\n"));
+        }
         Ok(())
     }
 }
