@@ -1,6 +1,7 @@
 //! The `tags` module: free-form key/value labels on a room.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{Limits, Module, RejectKind, Rejection};
 use crate::proto::tecate::room_event::Kind;
@@ -9,8 +10,9 @@ use crate::proto::tecate::RoomEvent;
 pub struct Tags;
 
 impl Module for Tags {
-    /// Sorted, so the JSON form of equal states is equal text.
-    type State = BTreeMap<String, String>;
+    /// Sorted, so the JSON form of equal states is equal text. Shared
+    /// strings, so the copy each pure fold makes copies no text.
+    type State = BTreeMap<Arc<str>, Arc<str>>;
 
     fn name(&self) -> &'static str {
         "tags"
@@ -34,8 +36,8 @@ impl Module for Tags {
                         ),
                     ));
                 }
-                match state.get(&set.key) {
-                    Some(current) if *current == set.value => Ok(None),
+                match state.get(set.key.as_str()) {
+                    Some(current) if **current == *set.value => Ok(None),
                     existing => {
                         if existing.is_none() && state.len() >= limits.max_tags_per_room {
                             return Err(Rejection::new(
@@ -44,18 +46,18 @@ impl Module for Tags {
                             ));
                         }
                         let mut next = state.clone();
-                        next.insert(set.key.clone(), set.value.clone());
+                        next.insert(Arc::from(set.key.as_str()), Arc::from(set.value.as_str()));
                         Ok(Some(next))
                     }
                 }
             }
             Some(Kind::TagRemoved(removed)) => {
                 check_key(&removed.key, limits)?;
-                if !state.contains_key(&removed.key) {
+                if !state.contains_key(removed.key.as_str()) {
                     return Ok(None);
                 }
                 let mut next = state.clone();
-                next.remove(&removed.key);
+                next.remove(removed.key.as_str());
                 Ok(Some(next))
             }
             _ => Ok(None),
@@ -81,14 +83,14 @@ mod tests {
     use super::*;
     use crate::modules::room::test_events::*;
 
-    type State = BTreeMap<String, String>;
+    type State = BTreeMap<Arc<str>, Arc<str>>;
 
     fn fold(state: &State, event: &RoomEvent) -> Result<Option<State>, Rejection> {
         Tags.fold(state, event, &Limits::default())
     }
 
     fn tags(pairs: &[(&str, &str)]) -> State {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs.iter().map(|(k, v)| (Arc::from(*k), Arc::from(*v))).collect()
     }
 
     #[test]

@@ -59,11 +59,34 @@ struct DirtyRoom {
 /// rooms skip the store read; past it the cache starts over.
 const RECENT_ROOMS_PER_PARTITION: usize = 20_000;
 
-/// Metric handles per module, resolved once rather than per event.
+/// A counter counted locally and published in bulk: processing threads
+/// would otherwise contend on the shared counter's cache line per event.
+pub(super) struct LocalCounter {
+    handle: metrics::Counter,
+    pending: u64,
+}
+
+impl LocalCounter {
+    fn new(handle: metrics::Counter) -> LocalCounter {
+        LocalCounter { handle, pending: 0 }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.pending += n;
+    }
+
+    fn publish(&mut self) {
+        if self.pending > 0 {
+            self.handle.increment(std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+/// Counters per module, resolved once rather than per event.
 pub(super) struct ModuleCounters {
-    processed: metrics::Counter,
-    noops: metrics::Counter,
-    changes: metrics::Counter,
+    processed: LocalCounter,
+    noops: LocalCounter,
+    changes: LocalCounter,
 }
 
 impl ModuleCounters {
@@ -72,9 +95,9 @@ impl ModuleCounters {
             .modules()
             .iter()
             .map(|m| ModuleCounters {
-                processed: metrics::counter!("omni_events_processed_total", "module" => m.name()),
-                noops: metrics::counter!("omni_noops_total", "module" => m.name()),
-                changes: metrics::counter!("omni_changes_emitted_total", "module" => m.name()),
+                processed: LocalCounter::new(metrics::counter!("omni_events_processed_total", "module" => m.name())),
+                noops: LocalCounter::new(metrics::counter!("omni_noops_total", "module" => m.name())),
+                changes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => m.name())),
             })
             .collect()
     }
@@ -108,8 +131,8 @@ pub struct Engine {
     tasks: BTreeMap<i32, Task>,
     counters: Vec<ModuleCounters>,
     /// Room closes, counted as changes of the `room` module.
-    closes: metrics::Counter,
-    consumed: metrics::Counter,
+    closes: LocalCounter,
+    consumed: LocalCounter,
     /// When the open transaction began; `None` when none is open.
     open_since: Option<Instant>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
@@ -137,8 +160,8 @@ impl Engine {
     ) -> Engine {
         Engine {
             counters: ModuleCounters::for_modules(&folder),
-            closes: metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE),
-            consumed: metrics::counter!("omni_events_consumed_total"),
+            closes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE)),
+            consumed: LocalCounter::new(metrics::counter!("omni_events_consumed_total")),
             folder,
             store,
             producer,
@@ -197,7 +220,7 @@ impl Engine {
             return Ok(());
         }
         self.begin()?;
-        self.consumed.increment(1);
+        self.consumed.add(1);
         let outcome = self.fold(partition, message);
         if let Err(rejection) = outcome? {
             self.dead_letter(message, &rejection)?;
@@ -236,19 +259,19 @@ impl Engine {
             Ok(outcome) => outcome,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        for (module, counter) in folder.modules().iter().zip(counters.iter()) {
-            counter.processed.increment(1);
+        for (module, counter) in folder.modules().iter().zip(counters.iter_mut()) {
+            counter.processed.add(1);
             if outcome.changes.iter().any(|c| c.module == module.name()) {
-                counter.changes.increment(1);
+                counter.changes.add(1);
             } else {
-                counter.noops.increment(1);
+                counter.noops.add(1);
             }
         }
         if outcome.changes.is_empty() {
             return Ok(Ok(()));
         }
         if outcome.closed {
-            closes.increment(1);
+            closes.add(1);
         }
         room.changed = true;
         let processed_at = now();
@@ -297,8 +320,20 @@ impl Engine {
         send(&self.producer, record)
     }
 
-    /// Commits the open transaction, if any.
+    /// Publishes the counts gathered since the last commit.
+    fn publish_counts(&mut self) {
+        for counter in &mut self.counters {
+            counter.processed.publish();
+            counter.noops.publish();
+            counter.changes.publish();
+        }
+        self.closes.publish();
+        self.consumed.publish();
+    }
+
+    /// Commits the open transaction, if any, after publishing the counts gathered since the last.
     pub(super) fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), RuntimeError> {
+        self.publish_counts();
         let Some(opened) = self.open_since else {
             return Ok(());
         };
