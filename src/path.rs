@@ -184,21 +184,31 @@ impl Path {
     }
 }
 
-/// Splits canonical text into its unescaped `/`-separated tokens.
+/// Splits canonical text into its unescaped `/`-separated tokens. Copies
+/// whole runs between separators and escapes, so a token is one allocation.
 pub(crate) fn tokens(text: &str) -> Result<Vec<String>, PathError> {
-    let mut out = vec![String::new()];
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some(e @ ('/' | '\\')) => out.last_mut().expect("never empty").push(e),
-                Some(other) => return Err(PathError::InvalidEscape(other)),
-                None => return Err(PathError::DanglingEscape),
-            },
-            '/' => out.push(String::new()),
-            c => out.last_mut().expect("never empty").push(c),
+    let mut out = Vec::with_capacity(4);
+    let mut token = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(['/', '\\']) {
+        token.push_str(&rest[..at]);
+        let separator = rest.as_bytes()[at];
+        rest = &rest[at + 1..];
+        if separator == b'/' {
+            out.push(std::mem::take(&mut token));
+            continue;
+        }
+        match rest.chars().next() {
+            Some(escaped @ ('/' | '\\')) => {
+                token.push(escaped);
+                rest = &rest[1..];
+            }
+            Some(other) => return Err(PathError::InvalidEscape(other)),
+            None => return Err(PathError::DanglingEscape),
         }
     }
+    token.push_str(rest);
+    out.push(token);
     Ok(out)
 }
 

@@ -103,6 +103,11 @@ impl ModuleCounters {
     }
 }
 
+/// Rooms by path, under a fast hash (each event looks its room up a few
+/// times) that is still seeded per process, so keys cannot be crafted
+/// against it in advance.
+type RoomMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// One assigned input partition.
 #[derive(Default)]
 struct Task {
@@ -111,9 +116,9 @@ struct Task {
     rewind_to: Option<i64>,
     /// Next input offset to commit, once this partition consumed something in the transaction.
     next_offset: Option<i64>,
-    dirty: HashMap<String, DirtyRoom>,
+    dirty: RoomMap<DirtyRoom>,
     /// Committed states of recently touched rooms.
-    recent: HashMap<String, LiveRoom>,
+    recent: RoomMap<LiveRoom>,
 }
 
 pub struct Engine {
