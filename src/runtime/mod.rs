@@ -243,6 +243,9 @@ fn is_auth_error(e: &redis::RedisError) -> bool {
 /// Records between two rounds of restore checks, delivery reports and usage metrics.
 const HOUSEKEEPING_EVERY: u32 = 64;
 
+/// Input prefetched per instance, in KiB, shared by its processing threads.
+const PREFETCH_KIB: usize = 8192;
+
 /// How long start-up waits for a topic to be served.
 const TOPIC_WAIT: Duration = Duration::from_secs(30);
 
@@ -344,8 +347,9 @@ fn processing_loop(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
-        // Bounds prefetched input, so memory stays flat however far behind the job is.
-        .set("queued.max.messages.kbytes", "8192");
+        // Bounds prefetched input, so memory stays flat however far behind
+        // the job is; the instance's threads share one budget.
+        .set("queued.max.messages.kbytes", (PREFETCH_KIB / topology.instance.threads).max(1024).to_string());
     for (key, value) in &topology.kafka.properties {
         config.set(key, value);
     }
