@@ -186,9 +186,6 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 # A new group's members (omni's processing threads) join in one rebalance.
 group.initial.rebalance.delay.ms=300
-# With two transactional producers committing offsets for one group, the
-# KIP-890 verification stalled produce acks here for 4 to 10+ s at times.
-transaction.partition.verification.enable=false
 num.recovery.threads.per.data.dir=1
 num.network.threads=2
 num.io.threads=4

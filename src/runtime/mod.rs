@@ -158,7 +158,11 @@ pub async fn run(
         spawned = std::thread::Builder::new()
             .name(format!("omni-processor-{thread}"))
             .spawn(move || {
-                let result = processing_loop(topology, member, folder, topics, store, redis, health, &stop);
+                // A thread that died must still report, or the others would run on without it.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    processing_loop(topology, member, folder, topics, store, redis, health, &stop)
+                }))
+                .unwrap_or_else(|_| Err(RuntimeError::Invalid(format!("processor thread {thread} panicked"))));
                 let _ = done.send(result);
             })
             .map(drop)

@@ -37,7 +37,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "8")]
     pub partitions: i32,
     /// Processing threads of omni (the passthrough has one).
-    #[arg(long, default_value = "2")]
+    #[arg(long, default_value = "1")]
     pub threads: usize,
     /// Commit interval of both jobs, in milliseconds.
     #[arg(long, default_value = "100")]
