@@ -26,8 +26,8 @@ use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::kafka::drain;
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
+use crate::proto::now;
 use crate::proto::omni::{RoomState, StateChange};
-use crate::proto::{now, rfc3339};
 use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
 
@@ -594,7 +594,7 @@ pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, cha
         version: state.version,
         closed: state.closed,
         modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
-        updated_at: rfc3339(state.updated_at.as_ref()),
+        updated_at: state.updated_at,
         changes,
     }
 }

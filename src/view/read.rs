@@ -21,9 +21,11 @@ pub struct RoomSnapshot {
     pub updated_at: String,
 }
 
-/// One entry of a room's change stream.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// One change of a room's change stream. Stored without its path, which is
+/// in the stream's key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeRecord {
+    #[serde(skip_deserializing)]
     pub path: String,
     pub version: u64,
     pub module: String,
@@ -65,17 +67,6 @@ pub async fn snapshot<C: ConnectionLike + Send + Sync>(
     Ok(Some(snapshot))
 }
 
-/// A change as stored in a stream entry's `changes` array.
-#[derive(serde::Deserialize)]
-struct StoredChange {
-    version: u64,
-    module: String,
-    state: serde_json::Value,
-    cause_event_id: String,
-    occurred_at: String,
-    processed_at: String,
-}
-
 /// The changes with a version above `after`, oldest first, as far as the
 /// trimmed stream still holds them. The caller checks the first version for a gap.
 pub async fn changes_after<C: ConnectionLike + Send + Sync>(
@@ -92,21 +83,12 @@ pub async fn changes_after<C: ConnectionLike + Send + Sync>(
     for entry in reply.ids {
         let text: String =
             entry.get("changes").ok_or_else(|| malformed(&key, format!("entry {} has no changes", entry.id)))?;
-        let changes: Vec<StoredChange> =
+        let changes: Vec<ChangeRecord> =
             serde_json::from_str(&text).map_err(|e| malformed(&key, format!("entry {}: {e}", entry.id)))?;
         for change in changes {
-            if change.version <= records.last().map_or(after, |r| r.version) {
-                continue;
+            if change.version > records.last().map_or(after, |r| r.version) {
+                records.push(ChangeRecord { path: path.to_owned(), ..change });
             }
-            records.push(ChangeRecord {
-                path: path.to_owned(),
-                version: change.version,
-                module: change.module,
-                state: change.state,
-                cause_event_id: change.cause_event_id,
-                occurred_at: change.occurred_at,
-                processed_at: change.processed_at,
-            });
         }
     }
     Ok(records)

@@ -8,6 +8,7 @@
 //! are all harmless, and Redis never goes back to an older version. If Redis
 //! is down, writes wait (coalesced) and are retried until it is back.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
+use crate::modules::ROOM_MODULE;
 use crate::proto::{rfc3339, Timestamp};
 
 /// Compare-and-set of a room hash plus its change stream. A write adds at
@@ -31,7 +33,8 @@ use crate::proto::{rfc3339, Timestamp};
 /// KEYS: room hash, change stream.
 /// ARGV: version, closed (0/1), updated_at, lowest version to keep, field
 ///       count, field/value pairs, the changes' JSON array, then per change:
-///       version, position of its object in the array (1-based).
+///       version, position of its object in the array (1-based). A close
+///       always comes with its change, so the stream ends at the close.
 const ROOM_CAS: &str = r#"
 local version = tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -53,14 +56,6 @@ for i = first, #ARGV - 1, 2 do
   end
 end
 local closed = ARGV[2] == '1'
-if closed and newest_id ~= ARGV[1] then
-  -- The stream must end at the close, or a replay of an older version
-  -- could bring the room back; a write without the close change adds it.
-  local close = '{"version":' .. ARGV[1] .. ',"module":"room","state":{},"cause_event_id":"",'
-    .. '"occurred_at":"' .. ARGV[3] .. '","processed_at":"' .. ARGV[3] .. '"}'
-  if entry then entry = string.sub(entry, 1, -2) .. ',' .. close .. ']' else entry = '[' .. close .. ']' end
-  newest_id = ARGV[1]
-end
 if newest_id then
   -- pcall: an id at or below the stream's last one is a replay; skip it.
   redis.pcall('XADD', KEYS[2], 'MINID', ARGV[4], newest_id .. '-0', 'changes', entry)
@@ -131,12 +126,32 @@ pub struct RoomWrite {
     pub closed: bool,
     /// Module name → state JSON.
     pub modules: Vec<(String, String)>,
-    pub updated_at: String,
+    pub updated_at: Option<Timestamp>,
     /// The changes since the previous write, oldest first. Empty for a reconcile.
     pub changes: Vec<ChangeEntry>,
 }
 
 impl RoomWrite {
+    /// The changes for the room's stream. A closing write always ends with
+    /// its close, even one that does not carry it (a reconcile from the
+    /// store, or entries dropped past the budget): the stream must end at the
+    /// close, or a replay of an older version could bring the room back.
+    fn stream_changes(&self) -> Cow<'_, [ChangeEntry]> {
+        if !self.closed || self.changes.last().is_some_and(|c| c.version == self.version) {
+            return Cow::Borrowed(&self.changes);
+        }
+        let mut changes = self.changes.clone();
+        changes.push(ChangeEntry {
+            version: self.version,
+            module: ROOM_MODULE,
+            state_json: "{}".to_owned(),
+            cause_event_id: String::new(),
+            occurred_at: self.updated_at,
+            processed_at: self.updated_at,
+        });
+        Cow::Owned(changes)
+    }
+
     /// Folds a newer write for the same room into this one.
     fn absorb(&mut self, newer: RoomWrite, max_changes: usize) {
         let mut changes = std::mem::take(&mut self.changes);
@@ -349,16 +364,17 @@ async fn write_batch(
             .arg(options.keys.changes(&write.path))
             .arg(write.version)
             .arg(if write.closed { "1" } else { "0" })
-            .arg(&write.updated_at)
+            .arg(rfc3339(write.updated_at.as_ref()))
             .arg(keep_from)
             .arg(write.modules.len());
         for (module, json) in &write.modules {
             debug_assert!(module != VERSION_FIELD && module != UPDATED_AT_FIELD);
             cmd.arg(module).arg(json);
         }
-        let (changes, positions) = changes_json(&write.changes);
+        let stream_changes = write.stream_changes();
+        let (changes, positions) = changes_json(&stream_changes);
         cmd.arg(changes);
-        for (change, position) in write.changes.iter().zip(positions) {
+        for (change, position) in stream_changes.iter().zip(positions) {
             cmd.arg(change.version).arg(position);
         }
         pipe.add_command(cmd).ignore();
@@ -382,7 +398,7 @@ mod tests {
             version,
             closed: false,
             modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
-            updated_at: String::new(),
+            updated_at: None,
             changes: changes
                 .iter()
                 .map(|&v| ChangeEntry {
@@ -459,6 +475,18 @@ mod tests {
         assert_eq!(pending.changes, 3);
         assert_eq!(pending.take(10).len(), 1);
         assert_eq!(pending.changes, 0);
+    }
+
+    #[test]
+    fn a_closing_write_always_ends_its_stream_changes_with_the_close() {
+        let reconcile = RoomWrite { closed: true, ..write(7, &[]) };
+        let changes = reconcile.stream_changes();
+        assert_eq!(changes.iter().map(|c| (c.version, c.module)).collect::<Vec<_>>(), vec![(7, ROOM_MODULE)]);
+        let dropped = RoomWrite { closed: true, ..write(7, &[4, 5]) };
+        assert_eq!(dropped.stream_changes().iter().map(|c| c.version).collect::<Vec<_>>(), vec![4, 5, 7]);
+        let whole = RoomWrite { closed: true, ..write(7, &[6, 7]) };
+        assert!(matches!(whole.stream_changes(), Cow::Borrowed(_)), "a close that carries its change is sent as is");
+        assert!(matches!(write(7, &[]).stream_changes(), Cow::Borrowed(c) if c.is_empty()));
     }
 
     #[test]

@@ -14,7 +14,7 @@ fn write(version: u64, closed: bool, tags: &str, changes: impl IntoIterator<Item
         version,
         closed,
         modules: vec![("tags".into(), tags.into())],
-        updated_at: "2026-11-27T10:00:00Z".into(),
+        updated_at: Some(Timestamp { seconds: 1_795_773_600, nanos: 0 }),
         changes: changes
             .into_iter()
             .map(|v| ChangeEntry {
