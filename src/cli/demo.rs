@@ -122,7 +122,7 @@ fn generate(
         };
         let value = new_event(kind).encode_to_vec();
         let _ = producer.send(BaseRecord::to(topic).key(room.as_bytes()).payload(&value));
-        producer.poll(Duration::ZERO);
+        omni::kafka::serve_ready(&producer);
         std::thread::sleep(pause);
     }
     let _ = producer.flush(Duration::from_secs(2));

@@ -1,28 +1,64 @@
-//! Producing without oversleeping: sending through a full local queue, and
-//! waiting for acknowledgements.
+//! Producing without oversleeping: serving delivery reports, sending through
+//! a full local queue, and waiting for acknowledgements.
 //!
-//! rust-rdkafka's `BaseProducer::flush` (and so `commit_transaction`, which
-//! flushes first) serves delivery reports in 100 ms naps, so every commit
-//! would cost at least 100 ms. [`drain`] returns as soon as the broker has
-//! acknowledged everything, which keeps commits as short as the round trips.
+//! rust-rdkafka's `BaseProducer::poll(Duration::ZERO)` serves one event, and
+//! each event is the delivery report of one batch: a loop that polls once per
+//! turn and then sleeps falls behind as soon as more batches complete per
+//! turn than it serves, and its reports hold the local queue full. Its
+//! `flush` (and so `commit_transaction`, which flushes first) serves reports
+//! in 100 ms naps, so every commit would cost at least 100 ms. [`serve_ready`]
+//! serves every report that is ready, and [`drain`] returns as soon as the
+//! broker has acknowledged everything, which keeps commits as short as the
+//! round trips.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
+/// How long [`drain`] waits for reports per turn; librdkafka counts in milliseconds.
+const DRAIN_TURN: Duration = Duration::from_millis(1);
+
+/// Serves every event that is ready now, without waiting.
+pub fn serve_ready<C: ProducerContext>(producer: &BaseProducer<C>) {
+    // A served delivery report takes its messages out of the in-flight
+    // count, so a count that stops falling means nothing more is ready.
+    let mut in_flight = producer.in_flight_count();
+    while in_flight > 0 {
+        producer.poll(Duration::ZERO);
+        let now = producer.in_flight_count();
+        if now >= in_flight {
+            return;
+        }
+        in_flight = now;
+    }
+}
+
+/// Sends every batch that waits out `linger.ms` now, as a commit wants:
+/// librdkafka skips the linger while a flush is under way, and wakes its
+/// broker threads for it. Waits at most a millisecond for them.
+pub fn send_lingering<C: ProducerContext>(producer: &BaseProducer<C>) {
+    // rust-rdkafka's `flush` ends its flush before the broker threads wake
+    // up (no linger skipped) whenever anything is still in flight.
+    // SAFETY: the handle is the live producer's own; rd_kafka_flush is thread-safe.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), DRAIN_TURN.as_millis() as i32);
+    }
+}
+
 /// Serves delivery reports until nothing is in flight, or fails after `timeout`.
 pub fn drain<C: ProducerContext>(producer: &BaseProducer<C>, timeout: Duration) -> Result<(), KafkaError> {
     let deadline = Instant::now() + timeout;
     loop {
-        producer.poll(Duration::ZERO);
+        serve_ready(producer);
         if producer.in_flight_count() == 0 {
             return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut));
         }
-        std::thread::sleep(Duration::from_micros(200));
+        // Blocks until reports arrive, serving each as it comes.
+        producer.poll(DRAIN_TURN);
     }
 }
 
@@ -36,10 +72,61 @@ pub fn send<C: ProducerContext>(
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
-                producer.poll(Duration::ZERO);
-                std::thread::sleep(Duration::from_millis(1));
+                serve_ready(producer);
+                producer.poll(DRAIN_TURN);
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{DeliveryResult, ProducerContext};
+    use rdkafka::ClientContext;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Acked(Arc<AtomicUsize>);
+
+    impl ClientContext for Acked {}
+
+    impl ProducerContext for Acked {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            if result.is_ok() {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn drain_serves_the_delivery_report_of_every_batch() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("drained", 16, 1).unwrap();
+        let acked = Acked::default();
+        let producer: BaseProducer<Acked> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("linger.ms", "50")
+            .create_with_context(acked.clone())
+            .unwrap();
+        // One record per partition per round: every batch has its own report.
+        for round in 0..5 {
+            for partition in 0..16 {
+                let payload = format!("{round}-{partition}");
+                send(&producer, BaseRecord::to("drained").partition(partition).payload(payload.as_bytes())).unwrap();
+            }
+            send_lingering(&producer);
+        }
+        drain(&producer, Duration::from_secs(30)).unwrap();
+        assert_eq!(producer.in_flight_count(), 0);
+        assert_eq!(acked.0.load(Ordering::Relaxed), 80, "every record was acknowledged and its report served");
+        serve_ready(&producer);
+        assert_eq!(producer.in_flight_count(), 0, "serving with nothing in flight is a no-op");
     }
 }

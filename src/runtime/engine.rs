@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
-use crate::kafka::drain;
+use crate::kafka::{drain, send_lingering};
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::now;
 use crate::proto::omni::{RoomState, StateChange};
@@ -128,7 +128,7 @@ pub struct Engine {
     pub(super) redis: Option<RedisWriter>,
     pub(super) topics: Topics,
     pub(super) exactly_once: bool,
-    pub(super) commit_interval: Duration,
+    commit_clock: CommitClock,
     health: Arc<Health>,
     thread_health: ThreadHealth,
     pub(super) restores: Restores,
@@ -173,7 +173,7 @@ impl Engine {
             redis,
             topics,
             exactly_once,
-            commit_interval,
+            commit_clock: CommitClock::new(commit_interval, Instant::now()),
             health,
             thread_health: ThreadHealth::default(),
             restores,
@@ -191,16 +191,13 @@ impl Engine {
     pub(super) fn poll_timeout(&self, now: Instant) -> Duration {
         let max = Duration::from_millis(100);
         match self.open_since {
-            Some(since) => self
-                .commit_interval
-                .saturating_sub(now.saturating_duration_since(since))
-                .clamp(Duration::from_millis(1), max),
+            Some(_) => self.commit_clock.until_due(now).clamp(Duration::from_millis(1), max),
             None => max,
         }
     }
 
     pub(super) fn commit_due(&self, now: Instant) -> bool {
-        self.open_since.is_some_and(|since| now.saturating_duration_since(since) >= self.commit_interval)
+        self.open_since.is_some() && self.commit_clock.until_due(now).is_zero()
     }
 
     fn begin(&mut self) -> Result<(), RuntimeError> {
@@ -342,6 +339,7 @@ impl Engine {
         let Some(opened) = self.open_since else {
             return Ok(());
         };
+        self.commit_clock.began(Instant::now());
         for (&partition, task) in &mut self.tasks {
             for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed) {
                 let value = dirty.room.state().encode_to_vec();
@@ -391,19 +389,23 @@ impl Engine {
         offsets: &TopicPartitionList,
     ) -> Result<(), RdError> {
         let started = Instant::now();
-        drain(&self.producer, KAFKA_TIMEOUT)?;
-        let drained = started.elapsed();
+        send_lingering(&self.producer);
         if !self.exactly_once {
+            drain(&self.producer, KAFKA_TIMEOUT)?;
             if offsets.count() > 0 {
                 consumer.commit(offsets, CommitMode::Sync)?;
             }
             return Ok(());
         }
+        // The offsets join the transaction while its records are still
+        // being acknowledged: both round trips overlap.
         if offsets.count() > 0 {
             let group = consumer.group_metadata().ok_or(RdError::Canceled)?;
             self.producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
         }
         let offsets_sent = started.elapsed();
+        drain(&self.producer, KAFKA_TIMEOUT)?;
+        let drained = started.elapsed();
         let mut attempt = 1;
         let result = loop {
             match self.producer.commit_transaction(KAFKA_TIMEOUT) {
@@ -416,9 +418,9 @@ impl Engine {
         };
         if started.elapsed() > SLOW_COMMIT {
             tracing::warn!(
-                drain_ms = drained.as_millis() as u64,
-                offsets_ms = (offsets_sent - drained).as_millis() as u64,
-                commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64,
+                offsets_ms = offsets_sent.as_millis() as u64,
+                drain_ms = (drained - offsets_sent).as_millis() as u64,
+                commit_ms = (started.elapsed() - drained).as_millis() as u64,
                 "slow transaction commit"
             );
         }
@@ -587,6 +589,28 @@ impl Engine {
     }
 }
 
+/// When commits fall due: an interval after the last one began, as in Kafka
+/// Streams. The interval is then the period of commits however long each
+/// takes, and bounds how long a record waits for its commit to begin.
+struct CommitClock {
+    interval: Duration,
+    last_began: Instant,
+}
+
+impl CommitClock {
+    fn new(interval: Duration, now: Instant) -> CommitClock {
+        CommitClock { interval, last_began: now }
+    }
+
+    fn began(&mut self, now: Instant) {
+        self.last_began = now;
+    }
+
+    fn until_due(&self, now: Instant) -> Duration {
+        self.interval.saturating_sub(now.saturating_duration_since(self.last_began))
+    }
+}
+
 /// The Redis view of a committed room state.
 pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
     RoomWrite {
@@ -611,5 +635,24 @@ fn is_retriable(e: &RdError) -> bool {
         RdError::Transaction(t) => t.is_retriable(),
         RdError::Flush(_) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_fall_due_an_interval_after_the_last_one_began_however_long_it_took() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut clock = CommitClock::new(ms(100), start);
+        assert_eq!(clock.until_due(start + ms(60)), ms(40));
+        assert!(clock.until_due(start + ms(100)).is_zero());
+        clock.began(start + ms(100));
+        // The commit took 30 ms; the next one is still due at 200 ms, not 230.
+        assert_eq!(clock.until_due(start + ms(130)), ms(70));
+        assert!(clock.until_due(start + ms(200)).is_zero());
+        assert!(clock.until_due(start + ms(500)).is_zero(), "a late loop finds the commit overdue");
     }
 }

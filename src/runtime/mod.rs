@@ -413,7 +413,7 @@ fn processing_loop(
             if idle || since_housekeeping >= HOUSEKEEPING_EVERY {
                 since_housekeeping = 0;
                 engine.finish_restores(&consumer)?;
-                engine.producer.poll(Duration::ZERO);
+                crate::kafka::serve_ready(&engine.producer);
                 engine.report_store_usage();
             }
             let now = Instant::now();

@@ -45,6 +45,9 @@ impl Percentiles {
 pub struct LatencyReport {
     pub target_events_per_s: u64,
     pub achieved_events_per_s: f64,
+    /// Produce → folded by omni (the change's `processed_at`): ingest and
+    /// processing, without the wait for the transaction to commit.
+    pub to_fold: Percentiles,
     pub to_broadcast: Percentiles,
     pub to_redis: Percentiles,
 }
@@ -67,15 +70,19 @@ impl LatencyRun<'_> {
     pub async fn run(&self, workload: &mut Workload) -> anyhow::Result<LatencyReport> {
         let stop = Arc::new(AtomicBool::new(false));
         let broadcast_samples = Arc::new(Mutex::new(Vec::new()));
+        let fold_samples = Arc::new(Mutex::new(Vec::new()));
         let consumer = self.broadcast_reader()?;
         let reader = {
             let (stop, samples) = (Arc::clone(&stop), Arc::clone(&broadcast_samples));
+            let folds = Arc::clone(&fold_samples);
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
                         if let Ok(change) = StateChange::decode(message.payload().unwrap_or_default()) {
-                            let latency = now_ms() - millis_of(change.occurred_at.as_ref());
-                            samples.lock().expect("samples").push(latency as f64);
+                            let occurred = millis_of(change.occurred_at.as_ref());
+                            samples.lock().expect("samples").push((now_ms() - occurred) as f64);
+                            let folded = millis_of(change.processed_at.as_ref()) - occurred;
+                            folds.lock().expect("samples").push(folded as f64);
                         }
                     }
                 }
@@ -90,9 +97,16 @@ impl LatencyRun<'_> {
         stop.store(true, Ordering::Relaxed);
         let _ = reader.join();
         watcher.abort();
+        let to_fold = Percentiles::of(std::mem::take(&mut *fold_samples.lock().expect("samples")));
         let to_broadcast = Percentiles::of(std::mem::take(&mut *broadcast_samples.lock().expect("samples")));
         let to_redis = Percentiles::of(std::mem::take(&mut *redis_samples.lock().expect("samples")));
-        Ok(LatencyReport { target_events_per_s: self.rate, achieved_events_per_s: achieved, to_broadcast, to_redis })
+        Ok(LatencyReport {
+            target_events_per_s: self.rate,
+            achieved_events_per_s: achieved,
+            to_fold,
+            to_broadcast,
+            to_redis,
+        })
     }
 
     /// A read_committed reader positioned at the current end of every partition.
@@ -179,7 +193,7 @@ impl LatencyRun<'_> {
                 }
                 sent += 1;
             }
-            producer.poll(Duration::ZERO);
+            omni::kafka::serve_ready(&producer);
             std::thread::sleep(Duration::from_millis(1));
         }
         let rate = sent as f64 / started.elapsed().as_secs_f64();

@@ -258,6 +258,7 @@ fn print_table(report: &serde_json::Value) {
         ("omni / passthrough", format!("{:.2}", report["omni_over_passthrough_ratio"].as_f64().unwrap_or(0.0))),
         ("CPU s per million events", num(&report["cpu_seconds_per_million_events"])),
         ("peak RSS MiB", num(&report["peak_rss_mib"])),
+        ("latency → fold p50/p99/p999/max ms", percentiles(&report["latency"]["to_fold"])),
         ("latency → broadcast p50/p99/p999/max ms", percentiles(&report["latency"]["to_broadcast"])),
         ("latency → Redis p50/p99/p999/max ms", percentiles(&report["latency"]["to_redis"])),
         ("restore records/s", num(&report["restore"]["records_per_s"])),

@@ -61,13 +61,14 @@ pub fn run(
                 copied += 1;
             }
         }
-        producer.poll(Duration::ZERO);
+        omni::kafka::serve_ready(&producer);
         let due = open_since.is_some_and(|since| since.elapsed() >= commit_interval || copied >= total);
         if due {
             let mut list = TopicPartitionList::new();
             for (partition, next) in &offsets {
                 list.add_partition_offset(input, *partition, Offset::Offset(*next))?;
             }
+            omni::kafka::send_lingering(&producer);
             let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("no group metadata"))?;
             producer.send_offsets_to_transaction(&list, &group, Duration::from_secs(30))?;
             omni::kafka::drain(&producer, Duration::from_secs(30))?;

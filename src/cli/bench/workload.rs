@@ -132,7 +132,7 @@ pub fn preload(brokers: &str, topic: &str, workload: &mut Workload, count: u64) 
         expected.apply(&folder, &room, &event);
         send(&producer, topic, &room, &event.encode_to_vec())?;
         if i % 10_000 == 0 {
-            producer.poll(Duration::ZERO);
+            omni::kafka::serve_ready(&producer);
         }
     }
     producer.flush(Duration::from_secs(120))?;
