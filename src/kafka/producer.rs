@@ -6,18 +6,19 @@
 //! turn and then sleeps falls behind as soon as more batches complete per
 //! turn than it serves, and its reports hold the local queue full. Its
 //! `flush` (and so `commit_transaction`, which flushes first) serves reports
-//! in 100 ms naps, so every commit would cost at least 100 ms. [`serve_ready`]
-//! serves every report that is ready, and [`drain`] returns as soon as the
-//! broker has acknowledged everything, which keeps commits as short as the
-//! round trips.
+//! in 100 ms naps, so every commit would cost at least 100 ms. And a timed
+//! `poll` spins through its last partial millisecond, as librdkafka waits in
+//! whole ones. [`serve_ready`] serves every report that is ready, and
+//! [`drain`] returns as soon as the broker has acknowledged everything, which
+//! keeps commits as short as the round trips.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
-/// How long [`drain`] waits for reports per turn; librdkafka counts in milliseconds.
-const DRAIN_TURN: Duration = Duration::from_millis(1);
+/// How long [`drain`] naps between turns of serving reports.
+const DRAIN_NAP: Duration = Duration::from_micros(250);
 
 /// Serves every event that is ready now, without waiting.
 pub fn serve_ready<C: ProducerContext>(producer: &BaseProducer<C>) {
@@ -42,7 +43,7 @@ pub fn send_lingering<C: ProducerContext>(producer: &BaseProducer<C>) {
     // up (no linger skipped) whenever anything is still in flight.
     // SAFETY: the handle is the live producer's own; rd_kafka_flush is thread-safe.
     unsafe {
-        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), DRAIN_TURN.as_millis() as i32);
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), 1);
     }
 }
 
@@ -57,8 +58,7 @@ pub fn drain<C: ProducerContext>(producer: &BaseProducer<C>, timeout: Duration) 
         if Instant::now() >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut));
         }
-        // Blocks until reports arrive, serving each as it comes.
-        producer.poll(DRAIN_TURN);
+        std::thread::sleep(DRAIN_NAP);
     }
 }
 
@@ -73,7 +73,7 @@ pub fn send<C: ProducerContext>(
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                 record = returned;
                 serve_ready(producer);
-                producer.poll(DRAIN_TURN);
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err((e, _)) => return Err(e),
         }
