@@ -36,6 +36,17 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
+/// Bounds a consumer's prefetched input to about `kib` KiB of records.
+///
+/// Small records cost librdkafka far more memory than their bytes (about
+/// 120 MiB of resident memory for 8 MiB of 100-byte events), so the bound
+/// must be small. A consumer past it stops fetching for `fetch.queue.backoff.ms`,
+/// by default a second, in which it would run dry: the back-off is cut to
+/// well under the time it takes to process the bound.
+pub fn bound_prefetch(config: &mut ClientConfig, kib: usize) {
+    config.set("queued.max.messages.kbytes", kib.to_string()).set("fetch.queue.backoff.ms", "50");
+}
+
 /// librdkafka properties whose values are secrets.
 pub const SECRET_PROPERTIES: [&str; 3] = ["sasl.password", "ssl.key.password", "ssl.keystore.password"];
 

@@ -248,7 +248,7 @@ fn is_auth_error(e: &redis::RedisError) -> bool {
 const HOUSEKEEPING_EVERY: u32 = 64;
 
 /// Input prefetched per instance, in KiB, shared by its processing threads.
-const PREFETCH_KIB: usize = 8192;
+pub const PREFETCH_KIB: usize = 2048;
 
 /// How long start-up waits for a topic to be served.
 const TOPIC_WAIT: Duration = Duration::from_secs(30);
@@ -350,10 +350,10 @@ fn processing_loop(
     config
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000")
-        // Bounds prefetched input, so memory stays flat however far behind
-        // the job is; the instance's threads share one budget.
-        .set("queued.max.messages.kbytes", (PREFETCH_KIB / topology.instance.threads).max(1024).to_string());
+        .set("statistics.interval.ms", "5000");
+    // Memory stays flat however far behind the job is; the instance's
+    // threads share one budget.
+    crate::kafka::bound_prefetch(&mut config, (PREFETCH_KIB / topology.instance.threads).max(512));
     for (key, value) in &topology.kafka.properties {
         config.set(key, value);
     }

@@ -17,15 +17,16 @@ pub fn run(
     commit_interval: Duration,
     id: &str,
 ) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+    let mut config = rdkafka::ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{id}-passthrough"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("queued.max.messages.kbytes", "32768")
-        .create()?;
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    omni::kafka::bound_prefetch(&mut config, omni::runtime::PREFETCH_KIB);
+    let consumer: BaseConsumer = config.create()?;
     let producer: BaseProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("transactional.id", format!("{id}-passthrough"))
