@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -26,15 +27,19 @@ use crate::proto::{rfc3339, Timestamp};
 /// versions, so it keeps the entries holding the last `stream_max_len`
 /// versions, and its newest entry always survives.
 ///
-/// Redis' Lua hashes every byte of every string it sees, so the changes
-/// come as one ready JSON array that is passed through whole, and only
-/// sliced when part of it is already in the stream (a retried write).
+/// Redis' Lua turns every argument into an interned string, hashing every
+/// byte, so a write passes few arguments however many changes it carries:
+/// the changes come as one ready JSON array, passed through whole, and the
+/// index that slices it when part of it is already in the stream (a retried
+/// write) is one string, only read then.
 ///
 /// KEYS: room hash, change stream.
 /// ARGV: version, closed (0/1), updated_at, lowest version to keep, field
-///       count, field/value pairs, the changes' JSON array, then per change:
-///       version, position of its object in the array (1-based). A close
-///       always comes with its change, so the stream ends at the close.
+///       count, field/value pairs; then, when the write carries changes: the
+///       changes' JSON array, the versions of its first and last change, and
+///       its index, `version:position,…` with the 1-based position of each
+///       change's object in the array. A close always comes with its change,
+///       so the stream ends at the close.
 const ROOM_CAS: &str = r#"
 local version = tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -45,26 +50,26 @@ if current == 0 then
 end
 if version <= current then return 0 end
 local nfields = tonumber(ARGV[5])
-local first = 7 + 2 * nfields
-local entry, newest_id = nil, nil
-for i = first, #ARGV - 1, 2 do
-  if tonumber(ARGV[i]) > current then
-    -- Changes are in version order: keep this one and every later one.
-    if i == first then entry = ARGV[first - 1] else entry = '[' .. string.sub(ARGV[first - 1], ARGV[i + 1]) end
-    newest_id = ARGV[#ARGV - 1]
-    break
+local at = 6 + 2 * nfields
+if ARGV[at] and tonumber(ARGV[at + 2]) > current then
+  local entry = ARGV[at]
+  if tonumber(ARGV[at + 1]) <= current then
+    -- Changes are in version order: keep the first newer one and every later one.
+    for v, position in string.gmatch(ARGV[at + 3], '(%d+):(%d+)') do
+      if tonumber(v) > current then
+        entry = '[' .. string.sub(entry, tonumber(position))
+        break
+      end
+    end
   end
-end
-local closed = ARGV[2] == '1'
-if newest_id then
   -- pcall: an id at or below the stream's last one is a replay; skip it.
-  redis.pcall('XADD', KEYS[2], 'MINID', ARGV[4], newest_id .. '-0', 'changes', entry)
+  redis.pcall('XADD', KEYS[2], 'MINID', ARGV[4], ARGV[at + 2] .. '-0', 'changes', entry)
 end
-if closed then
+if ARGV[2] == '1' then
   redis.call('DEL', KEYS[1])
 else
   -- Every module's field is written each time, so nothing stale survives.
-  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3], unpack(ARGV, 6, 5 + 2 * nfields))
+  redis.call('HSET', KEYS[1], 'version', ARGV[1], 'updated_at', ARGV[3], unpack(ARGV, 6, at - 1))
 end
 return 1
 "#;
@@ -372,10 +377,14 @@ async fn write_batch(
             cmd.arg(module).arg(json);
         }
         let stream_changes = write.stream_changes();
-        let (changes, positions) = changes_json(&stream_changes);
-        cmd.arg(changes);
-        for (change, position) in stream_changes.iter().zip(positions) {
-            cmd.arg(change.version).arg(position);
+        if let (Some(first), Some(last)) = (stream_changes.first(), stream_changes.last()) {
+            let (changes, positions) = changes_json(&stream_changes);
+            let mut index = String::with_capacity(stream_changes.len() * 12);
+            for (change, position) in stream_changes.iter().zip(positions) {
+                let separator = if index.is_empty() { "" } else { "," };
+                let _ = write!(index, "{separator}{}:{position}", change.version);
+            }
+            cmd.arg(changes).arg(first.version).arg(last.version).arg(index);
         }
         pipe.add_command(cmd).ignore();
     }

@@ -62,6 +62,10 @@ pub struct LatencyRun<'a> {
     pub duration: Duration,
 }
 
+async fn set_keyspace_events(conn: &mut redis::aio::MultiplexedConnection, classes: &str) -> redis::RedisResult<()> {
+    redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(classes).query_async(conn).await
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -89,6 +93,9 @@ impl LatencyRun<'_> {
             })
         };
         let redis_samples = Arc::new(Mutex::new(Vec::new()));
+        let mut config = redis::Client::open(self.redis_url)?.get_multiplexed_async_connection().await?;
+        let (_, events_before): (String, String) =
+            redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut config).await?;
         let watcher = self.watch_probes(Arc::clone(&redis_samples), Arc::clone(&stop)).await?;
 
         let achieved = self.produce(workload)?;
@@ -97,6 +104,8 @@ impl LatencyRun<'_> {
         stop.store(true, Ordering::Relaxed);
         let _ = reader.join();
         watcher.abort();
+        // Notifications cost the server on every hash write: back as they were for what follows.
+        set_keyspace_events(&mut config, &events_before).await?;
         let to_fold = Percentiles::of(std::mem::take(&mut *fold_samples.lock().expect("samples")));
         let to_broadcast = Percentiles::of(std::mem::take(&mut *broadcast_samples.lock().expect("samples")));
         let to_redis = Percentiles::of(std::mem::take(&mut *redis_samples.lock().expect("samples")));
@@ -116,7 +125,7 @@ impl LatencyRun<'_> {
             .set("group.id", "omni-bench-latency")
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "500")
             .create()?;
         let metadata = consumer.fetch_metadata(Some(self.broadcast), Duration::from_secs(10))?;
         let mut list = TopicPartitionList::new();
@@ -138,7 +147,7 @@ impl LatencyRun<'_> {
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let client = redis::Client::open(self.redis_url)?;
         let mut config = client.get_multiplexed_async_connection().await?;
-        redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("Kh").query_async::<()>(&mut config).await?;
+        set_keyspace_events(&mut config, "Kh").await?;
         let mut pubsub = client.get_async_pubsub().await?;
         let channel = format!("__keyspace@0__:{}:room:{{app/bench/room/probe-*}}", self.key_prefix);
         pubsub.psubscribe(&channel).await?;
