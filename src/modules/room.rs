@@ -72,9 +72,16 @@ impl RoomFolder {
     }
 
     /// Checks a raw record against the limits and decodes its value. The key
-    /// comes back as is, checked to be a room path: valid path text is
-    /// canonical, so it needs no re-printing.
-    pub fn decode<'k>(&self, key: Option<&'k [u8]>, value: Option<&[u8]>) -> Result<(&'k str, RoomEvent), Rejection> {
+    /// comes back as is, checked to be a room path unless `known` says it is
+    /// one already checked (a room the caller holds): valid path text is
+    /// canonical, so it needs no re-printing, and parsing it is worth
+    /// skipping on the hot path.
+    pub fn decode<'k>(
+        &self,
+        key: Option<&'k [u8]>,
+        value: Option<&[u8]>,
+        known: impl FnOnce(&str) -> bool,
+    ) -> Result<(&'k str, RoomEvent), Rejection> {
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
         if size > self.limits.max_record_bytes {
             return Err(Rejection::new(
@@ -85,7 +92,9 @@ impl RoomFolder {
         let key = key.ok_or_else(|| Rejection::new(RejectKind::InvalidKey, "record has no key"))?;
         let key =
             std::str::from_utf8(key).map_err(|_| Rejection::new(RejectKind::InvalidKey, "record key is not UTF-8"))?;
-        Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
+        if !known(key) {
+            Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
+        }
         let value = value.ok_or_else(|| Rejection::new(RejectKind::Undecodable, "record has no value"))?;
         let event = RoomEvent::decode(value)
             .map_err(|e| Rejection::new(RejectKind::Undecodable, format!("not a Tecate RoomEvent: {e}")))?;
@@ -278,9 +287,16 @@ mod tests {
     fn decode_rejects_bad_records_with_the_right_kind() {
         let f = folder();
         let good = tag_set("k", "v").encode_to_vec();
-        assert_eq!(f.decode(Some(b"app/a/room/r"), Some(&good)).unwrap().0, "app/a/room/r");
-        assert_eq!(f.decode(Some(br"app/a\/b/room/r"), Some(&good)).unwrap().0, r"app/a\/b/room/r");
-        let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v).unwrap_err().kind;
+        let decode = |k: &'static [u8]| f.decode(Some(k), Some(&good), |_| false).map(|(key, _)| key);
+        assert_eq!(decode(b"app/a/room/r").unwrap(), "app/a/room/r");
+        assert_eq!(decode(br"app/a\/b/room/r").unwrap(), r"app/a\/b/room/r");
+        assert_eq!(decode(b"app/a").unwrap_err().kind, RejectKind::InvalidKey);
+        assert_eq!(
+            f.decode(Some(b"app/a"), Some(&good), |key| key == "app/a").unwrap().0,
+            "app/a",
+            "a key the caller vouches for is not parsed again"
+        );
+        let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v, |_| false).unwrap_err().kind;
         assert_eq!(kind(None, Some(&good)), RejectKind::InvalidKey);
         assert_eq!(kind(Some(b"app/a"), Some(&good)), RejectKind::InvalidKey);
         assert_eq!(kind(Some(&[0xff, 0xfe]), Some(&good)), RejectKind::InvalidKey);

@@ -235,12 +235,14 @@ impl Engine {
 
     /// Folds a record into its room; the inner result is the record's own rejection.
     fn fold(&mut self, partition: i32, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
-        let (path, event) = match self.folder.decode(message.key(), message.payload()) {
+        let Engine { tasks, store, folder, producer, topics, counters, closes, .. } = self;
+        let task = tasks.get_mut(&partition).expect("checked by process");
+        // Only keys that passed the check become held rooms.
+        let held = |path: &str| task.dirty.contains_key(path) || task.recent.contains_key(path);
+        let (path, event) = match folder.decode(message.key(), message.payload(), held) {
             Ok(decoded) => decoded,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        let Engine { tasks, store, folder, producer, topics, counters, closes, .. } = self;
-        let task = tasks.get_mut(&partition).expect("checked by process");
         if !task.dirty.contains_key(path) {
             let room = match task.recent.remove(path) {
                 Some(room) => room,
