@@ -4,8 +4,8 @@
 //! Within one transaction, changed rooms live in per-partition overlays
 //! ("dirty" rooms). A commit sends one changelog record per dirty room, the
 //! consumed offsets with the group metadata (so a zombie is fenced), and
-//! commits. Only then do the overlays go to the store, in one atomic write
-//! per partition together with the changelog offset, and on to Redis. An
+//! commits. Only then do the overlays go to Redis, and to the store in one
+//! atomic write per partition together with the changelog offset. An
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
 
@@ -429,10 +429,13 @@ impl Engine {
         result
     }
 
-    /// Moves the committed overlays into the store, then hands them to Redis.
+    /// Hands the committed overlays to Redis, then moves them into the store.
+    /// Redis goes first: it is what readers wait for, and either order is
+    /// safe once the transaction committed.
     fn after_commit(&mut self) -> Result<(), RuntimeError> {
         let ends = take_changelog_ends(&self.producer);
         let mut writes = Vec::new();
+        let mut store_writes = Vec::new();
         for (&partition, task) in &mut self.tasks {
             task.next_offset = None;
             let dirty = std::mem::take(&mut task.dirty);
@@ -453,12 +456,15 @@ impl Engine {
                 task.recent.insert(path, room);
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
-                self.store
-                    .write(partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() })?;
+                store_writes
+                    .push((partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() }));
             }
         }
         if let Some(redis) = &self.redis {
             redis.send(writes);
+        }
+        for (partition, write) in store_writes {
+            self.store.write(partition, write)?;
         }
         Ok(())
     }
