@@ -21,6 +21,8 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::clock::CommitClock;
+use super::counters::{LocalCounter, ModuleCounters};
 use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
@@ -58,50 +60,6 @@ struct DirtyRoom {
 /// Most committed room states kept decoded in memory per partition, so hot
 /// rooms skip the store read; past it the cache starts over.
 const RECENT_ROOMS_PER_PARTITION: usize = 20_000;
-
-/// A counter counted locally and published in bulk: processing threads
-/// would otherwise contend on the shared counter's cache line per event.
-pub(super) struct LocalCounter {
-    handle: metrics::Counter,
-    pending: u64,
-}
-
-impl LocalCounter {
-    fn new(handle: metrics::Counter) -> LocalCounter {
-        LocalCounter { handle, pending: 0 }
-    }
-
-    fn add(&mut self, n: u64) {
-        self.pending += n;
-    }
-
-    fn publish(&mut self) {
-        if self.pending > 0 {
-            self.handle.increment(std::mem::take(&mut self.pending));
-        }
-    }
-}
-
-/// Counters per module, resolved once rather than per event.
-pub(super) struct ModuleCounters {
-    processed: LocalCounter,
-    noops: LocalCounter,
-    changes: LocalCounter,
-}
-
-impl ModuleCounters {
-    pub(super) fn for_modules(folder: &RoomFolder) -> Vec<ModuleCounters> {
-        folder
-            .modules()
-            .iter()
-            .map(|m| ModuleCounters {
-                processed: LocalCounter::new(metrics::counter!("omni_events_processed_total", "module" => m.name())),
-                noops: LocalCounter::new(metrics::counter!("omni_noops_total", "module" => m.name())),
-                changes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => m.name())),
-            })
-            .collect()
-    }
-}
 
 /// Rooms by path, under a fast hash (each event looks its room up a few
 /// times) that is still seeded per process, so keys cannot be crafted
@@ -597,28 +555,6 @@ impl Engine {
     }
 }
 
-/// When commits fall due: an interval after the last one began, as in Kafka
-/// Streams. The interval is then the period of commits however long each
-/// takes, and bounds how long a record waits for its commit to begin.
-struct CommitClock {
-    interval: Duration,
-    last_began: Instant,
-}
-
-impl CommitClock {
-    fn new(interval: Duration, now: Instant) -> CommitClock {
-        CommitClock { interval, last_began: now }
-    }
-
-    fn began(&mut self, now: Instant) {
-        self.last_began = now;
-    }
-
-    fn until_due(&self, now: Instant) -> Duration {
-        self.interval.saturating_sub(now.saturating_duration_since(self.last_began))
-    }
-}
-
 /// The Redis view of a committed room state.
 pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
     RoomWrite {
@@ -643,24 +579,5 @@ fn is_retriable(e: &RdError) -> bool {
         RdError::Transaction(t) => t.is_retriable(),
         RdError::Flush(_) => true,
         _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commits_fall_due_an_interval_after_the_last_one_began_however_long_it_took() {
-        let ms = Duration::from_millis;
-        let start = Instant::now();
-        let mut clock = CommitClock::new(ms(100), start);
-        assert_eq!(clock.until_due(start + ms(60)), ms(40));
-        assert!(clock.until_due(start + ms(100)).is_zero());
-        clock.began(start + ms(100));
-        // The commit took 30 ms; the next one is still due at 200 ms, not 230.
-        assert_eq!(clock.until_due(start + ms(130)), ms(70));
-        assert!(clock.until_due(start + ms(200)).is_zero());
-        assert!(clock.until_due(start + ms(500)).is_zero(), "a late loop finds the commit overdue");
     }
 }

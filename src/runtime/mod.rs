@@ -5,7 +5,9 @@
 //! the last writes to Redis, and closes the store. All I/O lives here; the
 //! folds in [`crate::modules`] stay pure.
 
+mod clock;
 mod context;
+mod counters;
 mod engine;
 mod output;
 mod restore;
