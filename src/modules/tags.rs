@@ -1,7 +1,8 @@
 //! The `tags` module: free-form key/value labels on a room.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 use super::{Limits, Module, RejectKind, Rejection};
 use crate::proto::tecate::room_event::Kind;
@@ -10,9 +11,10 @@ use crate::proto::tecate::RoomEvent;
 pub struct Tags;
 
 impl Module for Tags {
-    /// Sorted, so the JSON form of equal states is equal text. Shared
-    /// strings, so the copy each pure fold makes copies no text.
-    type State = BTreeMap<Arc<str>, Arc<str>>;
+    /// Sorted, so the JSON form of equal states is equal text. Short text
+    /// is held inline and long text shared, so the copy each pure fold makes
+    /// neither allocates per tag nor touches a shared count for short tags.
+    type State = BTreeMap<SmolStr, SmolStr>;
 
     fn name(&self) -> &'static str {
         "tags"
@@ -46,7 +48,7 @@ impl Module for Tags {
                             ));
                         }
                         let mut next = state.clone();
-                        next.insert(Arc::from(set.key.as_str()), Arc::from(set.value.as_str()));
+                        next.insert(SmolStr::new(&set.key), SmolStr::new(&set.value));
                         Ok(Some(next))
                     }
                 }
@@ -83,14 +85,14 @@ mod tests {
     use super::*;
     use crate::modules::room::test_events::*;
 
-    type State = BTreeMap<Arc<str>, Arc<str>>;
+    type State = BTreeMap<SmolStr, SmolStr>;
 
     fn fold(state: &State, event: &RoomEvent) -> Result<Option<State>, Rejection> {
         Tags.fold(state, event, &Limits::default())
     }
 
     fn tags(pairs: &[(&str, &str)]) -> State {
-        pairs.iter().map(|(k, v)| (Arc::from(*k), Arc::from(*v))).collect()
+        pairs.iter().map(|(k, v)| (SmolStr::new(k), SmolStr::new(v))).collect()
     }
 
     #[test]
