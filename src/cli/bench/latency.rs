@@ -96,6 +96,7 @@ impl LatencyRun<'_> {
         let mut config = redis::Client::open(self.redis_url)?.get_multiplexed_async_connection().await?;
         let (_, events_before): (String, String) =
             redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut config).await?;
+        set_keyspace_events(&mut config, "Kh").await?;
         let watcher = self.watch_probes(Arc::clone(&redis_samples), Arc::clone(&stop)).await?;
 
         let achieved = self.produce(workload)?;
@@ -139,15 +140,15 @@ impl LatencyRun<'_> {
         Ok(consumer)
     }
 
-    /// Subscribes to keyspace notifications of the probe rooms' hashes.
+    /// Subscribes to keyspace notifications of the probe rooms' hashes (the
+    /// caller turns them on).
     async fn watch_probes(
         &self,
         samples: Arc<Mutex<Vec<f64>>>,
         stop: Arc<AtomicBool>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let client = redis::Client::open(self.redis_url)?;
-        let mut config = client.get_multiplexed_async_connection().await?;
-        set_keyspace_events(&mut config, "Kh").await?;
+        let mut reads = client.get_multiplexed_async_connection().await?;
         let mut pubsub = client.get_async_pubsub().await?;
         let channel = format!("__keyspace@0__:{}:room:{{app/bench/room/probe-*}}", self.key_prefix);
         pubsub.psubscribe(&channel).await?;
@@ -161,7 +162,7 @@ impl LatencyRun<'_> {
                 let seen = now_ms();
                 let key = message.get_channel_name()[keys_prefix..].to_owned();
                 let updated: Option<String> =
-                    redis::AsyncCommands::hget(&mut config, &key, "updated_at").await.ok().flatten();
+                    redis::AsyncCommands::hget(&mut reads, &key, "updated_at").await.ok().flatten();
                 if let Some(at) = updated.and_then(|u| chrono::DateTime::parse_from_rfc3339(&u).ok()) {
                     samples.lock().expect("samples").push((seen - at.timestamp_millis()) as f64);
                 }
