@@ -157,6 +157,16 @@ impl RoomWrite {
         Cow::Owned(changes)
     }
 
+    /// When the oldest change this write carries was folded (a reconcile,
+    /// which carries none, counts from its state's time). Redis gets the
+    /// longest-waiting writes first: a commit's rooms then become visible in
+    /// the order their changes arrived, which keeps the tail of the
+    /// produce-to-Redis latency near that of the broadcast.
+    fn waiting_since(&self) -> (i64, i32) {
+        let since = self.changes.first().and_then(|c| c.processed_at.as_ref()).or(self.updated_at.as_ref());
+        since.map_or((i64::MIN, 0), |t| (t.seconds, t.nanos))
+    }
+
     /// Folds a newer write for the same room into this one.
     fn absorb(&mut self, newer: RoomWrite, max_changes: usize) {
         let mut changes = std::mem::take(&mut self.changes);
@@ -335,9 +345,16 @@ impl Pending {
         }
     }
 
-    /// Up to `n` rooms' writes, taken out.
+    /// The `n` longest-waiting rooms' writes, taken out, oldest first.
     fn take(&mut self, n: usize) -> Vec<RoomWrite> {
-        let keys: Vec<String> = self.rooms.keys().take(n).cloned().collect();
+        let mut waiting: Vec<((i64, i32), &String)> =
+            self.rooms.iter().map(|(path, write)| (write.waiting_since(), path)).collect();
+        if waiting.len() > n {
+            waiting.select_nth_unstable(n);
+            waiting.truncate(n);
+        }
+        waiting.sort_unstable();
+        let keys: Vec<String> = waiting.into_iter().map(|(_, path)| path.clone()).collect();
         let batch: Vec<RoomWrite> = keys.iter().filter_map(|k| self.rooms.remove(k)).collect();
         self.changes -= batch.iter().map(|w| w.changes.len()).sum::<usize>();
         batch
@@ -484,6 +501,31 @@ mod tests {
         assert_eq!(pending.changes, 3);
         assert_eq!(pending.take(10).len(), 1);
         assert_eq!(pending.changes, 0);
+    }
+
+    #[test]
+    fn the_longest_waiting_writes_go_first() {
+        let at = |millis: i64| Some(crate::proto::timestamp_from_millis(millis));
+        let room = |name: &str, changes_at: &[i64], updated_at: i64| {
+            let mut w = RoomWrite { path: format!("app/a/room/{name}"), updated_at: at(updated_at), ..write(1, &[]) };
+            w.changes = changes_at
+                .iter()
+                .map(|&t| ChangeEntry { processed_at: at(t), ..write(1, &[1]).changes[0].clone() })
+                .collect();
+            w
+        };
+        let mut pending = pending(1000);
+        pending.absorb_all(vec![
+            room("late", &[900], 900),
+            room("early", &[100, 950], 950),
+            room("middle", &[500], 500),
+            room("reconcile", &[], 50),
+            room("latest", &[990], 990),
+        ]);
+        let paths = |batch: Vec<RoomWrite>| batch.into_iter().map(|w| w.path).collect::<Vec<_>>();
+        assert_eq!(paths(pending.take(3)), ["app/a/room/reconcile", "app/a/room/early", "app/a/room/middle"]);
+        assert_eq!(paths(pending.take(3)), ["app/a/room/late", "app/a/room/latest"]);
+        assert!(pending.is_empty());
     }
 
     #[test]
