@@ -103,6 +103,7 @@ fn describe_metrics() {
         ("omni_changes_emitted_total", "Effective changes broadcast, per module."),
         ("omni_dead_letters_total", "Records sent to the dead-letter topic, by error kind."),
         ("omni_transaction_aborts_total", "Aborted transactions."),
+        ("omni_producer_rebuilds_total", "Producers rebuilt in place after a fencing."),
         ("omni_rebalances_total", "Partition assignments and revocations."),
         ("omni_redis_rooms_written_total", "Room writes applied to Redis."),
         ("omni_redis_write_errors_total", "Failed Redis pipelines (retried)."),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
@@ -23,20 +23,16 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
-use super::output::{dead_letter_headers, send, take_changelog_ends, JobProducer};
+use super::output::{dead_letter_headers, finish, send, take_changelog_ends, JobProducer};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
-use crate::kafka::{drain, send_lingering};
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::now;
 use crate::proto::omni::{RoomState, StateChange};
 use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
 
-const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
-const COMMIT_ATTEMPTS: usize = 5;
-/// A commit slower than this is logged with the time of each of its steps.
-const SLOW_COMMIT: Duration = Duration::from_secs(1);
+pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -320,7 +316,7 @@ impl Engine {
             }
         }
         let started = Instant::now();
-        match self.finish(consumer, &offsets) {
+        match finish(&self.producer, self.exactly_once, consumer, &offsets) {
             Ok(()) => {
                 metrics::histogram!("omni_commit_seconds").record(started.elapsed().as_secs_f64());
                 self.open_since = None;
@@ -341,50 +337,6 @@ impl Engine {
             }
             Err(e) => Err(e.into()),
         }
-    }
-
-    fn finish<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        offsets: &TopicPartitionList,
-    ) -> Result<(), RdError> {
-        let started = Instant::now();
-        send_lingering(&self.producer);
-        if !self.exactly_once {
-            drain(&self.producer, KAFKA_TIMEOUT)?;
-            if offsets.count() > 0 {
-                consumer.commit(offsets, CommitMode::Sync)?;
-            }
-            return Ok(());
-        }
-        // The offsets join the transaction while its records are still
-        // being acknowledged: both round trips overlap.
-        if offsets.count() > 0 {
-            let group = consumer.group_metadata().ok_or(RdError::Canceled)?;
-            self.producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
-        }
-        let offsets_sent = started.elapsed();
-        drain(&self.producer, KAFKA_TIMEOUT)?;
-        let drained = started.elapsed();
-        let mut attempt = 1;
-        let result = loop {
-            match self.producer.commit_transaction(KAFKA_TIMEOUT) {
-                Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
-                    tracing::warn!(error = %e, attempt, "transaction commit will be retried");
-                    attempt += 1;
-                }
-                other => break other,
-            }
-        };
-        if started.elapsed() > SLOW_COMMIT {
-            tracing::warn!(
-                offsets_ms = offsets_sent.as_millis() as u64,
-                drain_ms = (drained - offsets_sent).as_millis() as u64,
-                commit_ms = (started.elapsed() - drained).as_millis() as u64,
-                "slow transaction commit"
-            );
-        }
-        result
     }
 
     /// Hands the committed overlays to Redis, then moves them into the store.
@@ -435,6 +387,33 @@ impl Engine {
         leaving: &[i32],
     ) -> Result<(), RuntimeError> {
         self.abort_open()?;
+        self.rewind(consumer, leaving)
+    }
+
+    /// Whether the producer failed for good. Under exactly-once that is a
+    /// fencing: its transaction outlived `transaction.timeout.ms` and the
+    /// coordinator bumped its epoch, or another producer took its
+    /// transactional id. Only a new producer can go on.
+    pub(super) fn producer_fenced(&self) -> bool {
+        self.producer.client().fatal_error().is_some()
+    }
+
+    /// Puts a new producer, its transactions initialised, in place of a
+    /// fenced one. The open transaction died with the old producer, so its
+    /// overlays are dropped and every active partition rewinds to its
+    /// committed offset, as after an abort.
+    pub(super) fn replace_producer<C: ConsumerContext>(
+        &mut self,
+        producer: JobProducer,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        self.producer = producer;
+        self.discard_open();
+        self.rewind(consumer, &[])
+    }
+
+    /// Seeks every active partition, except those in `leaving`, to its committed offset.
+    fn rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, leaving: &[i32]) -> Result<(), RuntimeError> {
         let mut active = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
             if !task.restoring && !leaving.contains(&partition) {
@@ -457,18 +436,23 @@ impl Engine {
 
     /// Aborts the open transaction, if any, without touching positions.
     pub(super) fn abort_open(&mut self) -> Result<(), RuntimeError> {
+        if self.open_since.is_some() && self.exactly_once {
+            self.producer.abort_transaction(KAFKA_TIMEOUT)?;
+        }
+        self.discard_open();
+        Ok(())
+    }
+
+    /// Forgets the open transaction, if any: what it touched is seen nowhere.
+    fn discard_open(&mut self) {
         if self.open_since.take().is_some() {
             metrics::counter!("omni_transaction_aborts_total").increment(1);
-            if self.exactly_once {
-                self.producer.abort_transaction(KAFKA_TIMEOUT)?;
-            }
         }
         take_changelog_ends(&self.producer);
         for task in self.tasks.values_mut() {
             task.dirty.clear();
             task.next_offset = None;
         }
-        Ok(())
     }
 
     /// Takes newly assigned partitions: each restores its store before it is consumed.
@@ -570,14 +554,6 @@ pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, cha
 fn requires_abort(e: &RdError) -> bool {
     match e {
         RdError::Transaction(t) => t.txn_requires_abort(),
-        _ => false,
-    }
-}
-
-fn is_retriable(e: &RdError) -> bool {
-    match e {
-        RdError::Transaction(t) => t.is_retriable(),
-        RdError::Flush(_) => true,
         _ => false,
     }
 }

@@ -9,6 +9,7 @@ mod clock;
 mod context;
 mod counters;
 mod engine;
+mod fencing;
 mod output;
 mod restore;
 
@@ -32,6 +33,7 @@ pub use output::{
 
 use context::JobContext;
 use engine::{Engine, Topics};
+use fencing::FencingBudget;
 use restore::Restores;
 
 /// Why the job stopped with an error.
@@ -252,6 +254,9 @@ const HOUSEKEEPING_EVERY: u32 = 64;
 /// Input prefetched per instance, in KiB, shared by its processing threads.
 pub const PREFETCH_KIB: usize = 2048;
 
+/// How long `init_transactions` may take, at start-up and after a fencing.
+const INIT_TRANSACTIONS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long start-up waits for a topic to be served.
 const TOPIC_WAIT: Duration = Duration::from_secs(30);
 
@@ -315,12 +320,15 @@ fn processing_loop(
     health: Arc<Health>,
     stop: &AtomicBool,
 ) -> Result<(), RuntimeError> {
-    let producer = output::create_producer(
-        topology.kafka.producer_config(),
-        &topics.changelog,
-        topology.exactly_once.then_some(member.id.as_str()),
-        Duration::from_millis(topology.instance.transaction_timeout_ms),
-    )?;
+    let new_producer = || {
+        output::create_producer(
+            topology.kafka.producer_config(),
+            &topics.changelog,
+            topology.exactly_once.then_some(member.id.as_str()),
+            Duration::from_millis(topology.instance.transaction_timeout_ms),
+        )
+    };
+    let producer = new_producer()?;
 
     let (restore_tx, restore_rx) = mpsc::channel();
     let store: Arc<dyn crate::store::StateStore> = store;
@@ -375,7 +383,7 @@ fn processing_loop(
     // reach the engine through the first poll, after this.
     if topology.exactly_once {
         // Also aborts whatever a previous incarnation left open.
-        context::lock(&engine).producer.init_transactions(Duration::from_secs(60))?;
+        context::lock(&engine).producer.init_transactions(INIT_TRANSACTIONS_TIMEOUT)?;
     }
     tracing::info!(
         thread = member.thread,
@@ -385,7 +393,7 @@ fn processing_loop(
     );
     tracing::info!(input = %topics.input, group = %topology.application_id, "processing");
 
-    let result = (|| {
+    let run = || {
         let mut timeout = Duration::from_millis(100);
         let mut since_housekeeping = 0u32;
         while !stop.load(Ordering::Relaxed) {
@@ -427,7 +435,34 @@ fn processing_loop(
         let mut engine = context::lock(&engine);
         engine.stopping = true;
         engine.commit(&consumer)
-    })();
+    };
+    // A fenced producer is rebuilt in place, as Kafka Streams does, unless
+    // fencings come so often that another instance must hold the same id.
+    let mut fencings = FencingBudget::default();
+    let result = loop {
+        let error = match run() {
+            Err(error) if topology.exactly_once && context::lock(&engine).producer_fenced() => error,
+            other => break other,
+        };
+        if !fencings.allow(Instant::now()) {
+            break Err(RuntimeError::Invalid(format!(
+                "producer {} fenced {} times within {:?}; is another instance running with the same instance id? last error: {error}",
+                member.id,
+                fencings.recent.len(),
+                FencingBudget::WINDOW
+            )));
+        }
+        tracing::warn!(%error, transactional_id = %member.id, "producer fenced; rebuilding it and rewinding to the committed offsets");
+        metrics::counter!("omni_producer_rebuilds_total").increment(1);
+        let rebuilt = new_producer().and_then(|producer| {
+            producer.init_transactions(INIT_TRANSACTIONS_TIMEOUT)?;
+            context::lock(&engine).replace_producer(producer, &consumer)
+        });
+        if let Err(error) = rebuilt {
+            break Err(error);
+        }
+        tracing::info!(transactional_id = %member.id, "producer rebuilt; processing goes on");
+    };
     if result.is_ok() {
         // Leave the group now, serving the revoke it triggers, so partitions
         // move to the other instances without waiting for a session timeout.

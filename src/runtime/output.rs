@@ -1,17 +1,27 @@
-//! The job's producer: one per instance, transactional under exactly-once.
-//! It tracks where its changelog records landed, so the store can record how
-//! far it has caught up with its own changelog after each commit.
+//! The job's producer: one per processing thread, transactional under
+//! exactly-once, and how a transaction ends. It tracks where its changelog
+//! records landed, so the store can record how far it has caught up with its
+//! own changelog after each commit.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::RuntimeError;
+use crate::kafka::{drain, send_lingering};
 use crate::modules::Rejection;
+
+/// How long one Kafka call of a commit may take.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+const COMMIT_ATTEMPTS: usize = 5;
+/// A commit slower than this is logged with the time of each of its steps.
+const SLOW_COMMIT: Duration = Duration::from_secs(1);
 
 /// Header names on dead-lettered records.
 pub const HEADER_ERROR_KIND: &str = "omni.error.kind";
@@ -40,6 +50,10 @@ impl ProducerContext for DeliveryTracker {
                 *end = (*end).max(message.offset() + 1);
             }
             Ok(_) => {}
+            // Purged by an abort or by dropping a fenced producer: the
+            // transaction is being given up anyway, and counted as such.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight), _)) => {
+            }
             Err((error, message)) => {
                 // The transaction cannot commit now; the engine aborts and retries it.
                 tracing::warn!(%error, topic = message.topic(), "record not delivered");
@@ -95,4 +109,61 @@ pub fn dead_letter_headers(rejection: &Rejection, topic: &str, partition: i32, o
         .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(topic) })
         .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
         .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) })
+}
+
+/// Ends a transaction: sends what lingers, adds the consumed offsets (with
+/// the group metadata, so a zombie is fenced), waits for every
+/// acknowledgement and commits. Without exactly-once, commits the offsets
+/// once everything was acknowledged.
+pub fn finish<C: ConsumerContext>(
+    producer: &JobProducer,
+    exactly_once: bool,
+    consumer: &BaseConsumer<C>,
+    offsets: &TopicPartitionList,
+) -> Result<(), KafkaError> {
+    let started = Instant::now();
+    send_lingering(producer);
+    if !exactly_once {
+        drain(producer, KAFKA_TIMEOUT)?;
+        if offsets.count() > 0 {
+            consumer.commit(offsets, CommitMode::Sync)?;
+        }
+        return Ok(());
+    }
+    // The offsets join the transaction while its records are still
+    // being acknowledged: both round trips overlap.
+    if offsets.count() > 0 {
+        let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+        producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
+    }
+    let offsets_sent = started.elapsed();
+    drain(producer, KAFKA_TIMEOUT)?;
+    let drained = started.elapsed();
+    let mut attempt = 1;
+    let result = loop {
+        match producer.commit_transaction(KAFKA_TIMEOUT) {
+            Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
+                tracing::warn!(error = %e, attempt, "transaction commit will be retried");
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    if started.elapsed() > SLOW_COMMIT {
+        tracing::warn!(
+            offsets_ms = offsets_sent.as_millis() as u64,
+            drain_ms = (drained - offsets_sent).as_millis() as u64,
+            commit_ms = (started.elapsed() - drained).as_millis() as u64,
+            "slow transaction commit"
+        );
+    }
+    result
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_retriable(),
+        KafkaError::Flush(_) => true,
+        _ => false,
+    }
 }

@@ -1,9 +1,12 @@
 //! Faults: a crash with a transaction open, a lost state directory, instances
-//! joining and leaving, and Redis going away. Every run must end exact.
+//! joining and leaving, Redis going away, and a fenced producer. Every run
+//! must end exact.
 
 use std::time::Duration;
 
 use omni::modules::Registry;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::ClientConfig;
 
 use crate::common::*;
 
@@ -134,4 +137,40 @@ async fn redis_down_mid_run_converges_when_back() {
     job.stop().await;
 
     drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_is_rebuilt_in_place_and_the_run_stays_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("fenced", 4, &dir.path().join("state"));
+    create_input(&topology).await;
+    let events = generate(13, 5000, 100);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    let producer = producer();
+
+    let job = JobProcess::spawn(&topology, dir.path(), "i1");
+    produce(&producer, topology.input_topic(), &events[..2500]);
+    wait_for_progress(&topology.broadcast_topic, 200);
+    // Another producer takes the job's transactional id, as a transaction
+    // timeout would: the coordinator bumps the epoch and aborts what is open.
+    let usurper: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("transactional.id", format!("{}-i1-0", topology.application_id))
+        .create()
+        .expect("usurping producer");
+    usurper.init_transactions(Duration::from_secs(30)).expect("usurping the job's transactional id");
+    produce(&producer, topology.input_topic(), &events[2500..]);
+
+    let log = job.log.clone();
+    wait_for(Duration::from_secs(60), "the job to rebuild its fenced producer", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("producer rebuilt").then_some(()) }
+    })
+    .await;
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    job.terminate();
+    assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
 }
