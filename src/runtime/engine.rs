@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError as RdError;
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
-use super::output::{dead_letter_headers, finish, send, take_changelog_ends, JobProducer};
+use super::output::{dead_letter_headers, finish, send, take_changelog_ends, JobProducer, KAFKA_TIMEOUT};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
@@ -31,8 +31,6 @@ use crate::proto::now;
 use crate::proto::omni::{RoomState, StateChange};
 use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
-
-pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -390,18 +388,29 @@ impl Engine {
         self.rewind(consumer, leaving)
     }
 
-    /// Whether the producer failed for good. Under exactly-once that is a
-    /// fencing: its transaction outlived `transaction.timeout.ms` and the
-    /// coordinator bumped its epoch, or another producer took its
-    /// transactional id. Only a new producer can go on.
-    pub(super) fn producer_fenced(&self) -> bool {
-        self.producer.client().fatal_error().is_some()
+    /// The producer's fencing, if it was fenced: its transaction outlived
+    /// `transaction.timeout.ms` and the coordinator bumped its epoch, or
+    /// another producer took its transactional id. Only a new producer can
+    /// go on. Other fatal errors (authorisation, a broken sequence) are not
+    /// fencings: a new producer would meet them again.
+    pub(super) fn producer_fencing(&self) -> Option<String> {
+        match self.producer.client().fatal_error()? {
+            (
+                RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch,
+                why,
+            ) => Some(why),
+            _ => None,
+        }
     }
 
     /// Puts a new producer, its transactions initialised, in place of a
-    /// fenced one. The open transaction died with the old producer, so its
-    /// overlays are dropped and every active partition rewinds to its
-    /// committed offset, as after an abort.
+    /// fenced one, and starts every active partition over as if it had just
+    /// been assigned: back to its committed offset, then restored from the
+    /// changelog before it is consumed, as Kafka Streams re-initialises its
+    /// tasks after a fencing. A commit cut short by the fencing may still
+    /// have committed (its reply lost): its offsets then cover records whose
+    /// state only the changelog holds, so neither the open overlays nor the
+    /// cached states can be trusted.
     pub(super) fn replace_producer<C: ConsumerContext>(
         &mut self,
         producer: JobProducer,
@@ -409,7 +418,10 @@ impl Engine {
     ) -> Result<(), RuntimeError> {
         self.producer = producer;
         self.discard_open();
-        self.rewind(consumer, &[])
+        self.rewind(consumer, &[])?;
+        let active: Vec<i32> = self.tasks.iter().filter(|(_, task)| !task.restoring).map(|(&p, _)| p).collect();
+        self.assign(consumer, &active);
+        Ok(())
     }
 
     /// Seeks every active partition, except those in `leaving`, to its committed offset.

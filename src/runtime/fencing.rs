@@ -13,20 +13,22 @@ use std::time::{Duration, Instant};
 /// out through a long stall) from a fight over one transactional id.
 #[derive(Debug, Default)]
 pub(super) struct FencingBudget {
-    pub(super) recent: VecDeque<Instant>,
+    recent: VecDeque<Instant>,
 }
 
 impl FencingBudget {
+    /// How far back fencings count.
     pub(super) const WINDOW: Duration = Duration::from_secs(600);
-    const MOST: usize = 3;
+    /// Most fencings within the window that are still ridden out.
+    pub(super) const MOST: usize = 3;
 
-    /// Records a fencing at `now`; false once more than `MOST` fell within `WINDOW`.
-    pub(super) fn allow(&mut self, now: Instant) -> bool {
+    /// Records a fencing at `now`, and returns how many fell within the window.
+    pub(super) fn record(&mut self, now: Instant) -> usize {
         while self.recent.front().is_some_and(|&at| now.duration_since(at) > Self::WINDOW) {
             self.recent.pop_front();
         }
         self.recent.push_back(now);
-        self.recent.len() <= Self::MOST
+        self.recent.len()
     }
 }
 
@@ -35,13 +37,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_few_fencings_are_ridden_out_and_a_run_of_them_is_not() {
+    fn fencings_within_the_window_add_up() {
         let start = Instant::now();
         let mut budget = FencingBudget::default();
-        for i in 0..FencingBudget::MOST as u64 {
-            assert!(budget.allow(start + Duration::from_secs(i)), "fencing {i} is allowed");
-        }
-        assert!(!budget.allow(start + Duration::from_secs(10)), "one more within the window is not");
+        let counts: Vec<usize> =
+            (0..=FencingBudget::MOST as u64).map(|i| budget.record(start + Duration::from_secs(i))).collect();
+        assert_eq!(counts, (1..=FencingBudget::MOST + 1).collect::<Vec<_>>());
     }
 
     #[test]
@@ -49,10 +50,9 @@ mod tests {
         let start = Instant::now();
         let mut budget = FencingBudget::default();
         for i in 0..FencingBudget::MOST as u64 {
-            assert!(budget.allow(start + Duration::from_secs(i)));
+            budget.record(start + Duration::from_secs(i));
         }
         let later = start + FencingBudget::WINDOW + Duration::from_secs(FencingBudget::MOST as u64);
-        assert!(budget.allow(later), "a fencing long after the others is allowed again");
-        assert_eq!(budget.recent.len(), 1);
+        assert_eq!(budget.record(later), 1, "a fencing long after the others counts alone");
     }
 }

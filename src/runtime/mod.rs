@@ -51,6 +51,11 @@ pub enum RuntimeError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "producer {transactional_id} was fenced {fencings} times within ten minutes ({reason}); \
+         does another instance run with the same instance id?"
+    )]
+    Fenced { transactional_id: String, fencings: usize, reason: String },
 }
 
 /// Liveness and readiness, read by the operations endpoint, summed over the
@@ -440,20 +445,20 @@ fn processing_loop(
     // fencings come so often that another instance must hold the same id.
     let mut fencings = FencingBudget::default();
     let result = loop {
-        let error = match run() {
-            Err(error) if topology.exactly_once && context::lock(&engine).producer_fenced() => error,
+        let (error, fencing) = match run() {
+            Err(error @ RuntimeError::Client(_)) if topology.exactly_once => {
+                match context::lock(&engine).producer_fencing() {
+                    Some(fencing) => (error, fencing),
+                    None => break Err(error),
+                }
+            }
             other => break other,
         };
-        if !fencings.allow(Instant::now()) {
-            break Err(RuntimeError::Invalid(format!(
-                "producer {} fenced {} times within {:?}; is another instance running with the same instance id? last error: {error}",
-                member.id,
-                fencings.recent.len(),
-                FencingBudget::WINDOW
-            )));
+        let fencings = fencings.record(Instant::now());
+        if fencings > FencingBudget::MOST {
+            break Err(RuntimeError::Fenced { transactional_id: member.id.clone(), fencings, reason: fencing });
         }
-        tracing::warn!(%error, transactional_id = %member.id, "producer fenced; rebuilding it and rewinding to the committed offsets");
-        metrics::counter!("omni_producer_rebuilds_total").increment(1);
+        tracing::warn!(%error, %fencing, transactional_id = %member.id, "producer fenced; rebuilding it and restoring the partitions");
         let rebuilt = new_producer().and_then(|producer| {
             producer.init_transactions(INIT_TRANSACTIONS_TIMEOUT)?;
             context::lock(&engine).replace_producer(producer, &consumer)
@@ -461,6 +466,7 @@ fn processing_loop(
         if let Err(error) = rebuilt {
             break Err(error);
         }
+        metrics::counter!("omni_producer_rebuilds_total").increment(1);
         tracing::info!(transactional_id = %member.id, "producer rebuilt; processing goes on");
     };
     if result.is_ok() {

@@ -17,8 +17,8 @@ use super::RuntimeError;
 use crate::kafka::{drain, send_lingering};
 use crate::modules::Rejection;
 
-/// How long one Kafka call of a commit may take.
-const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one blocking call into Kafka may take.
+pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 const COMMIT_ATTEMPTS: usize = 5;
 /// A commit slower than this is logged with the time of each of its steps.
 const SLOW_COMMIT: Duration = Duration::from_secs(1);
@@ -50,8 +50,8 @@ impl ProducerContext for DeliveryTracker {
                 *end = (*end).max(message.offset() + 1);
             }
             Ok(_) => {}
-            // Purged by an abort or by dropping a fenced producer: the
-            // transaction is being given up anyway, and counted as such.
+            // Purged by an abort, by a fatal error or by dropping a fenced
+            // producer: the transaction is given up anyway, and counted as such.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight), _)) => {
             }
             Err((error, message)) => {

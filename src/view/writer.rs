@@ -9,7 +9,7 @@
 //! is down, writes wait (coalesced) and are retried until it is back.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -157,14 +157,10 @@ impl RoomWrite {
         Cow::Owned(changes)
     }
 
-    /// When the oldest change this write carries was folded (a reconcile,
-    /// which carries none, counts from its state's time). Redis gets the
-    /// longest-waiting writes first: a commit's rooms then become visible in
-    /// the order their changes arrived, which keeps the tail of the
-    /// produce-to-Redis latency near that of the broadcast.
-    fn waiting_since(&self) -> (i64, i32) {
-        let since = self.changes.first().and_then(|c| c.processed_at.as_ref()).or(self.updated_at.as_ref());
-        since.map_or((i64::MIN, 0), |t| (t.seconds, t.nanos))
+    /// When the oldest change this write carries was folded, by omni's
+    /// clock; `None` for a reconcile, which carries none.
+    fn first_folded(&self) -> Option<(i64, i32)> {
+        self.changes.first().and_then(|c| c.processed_at.as_ref()).map(|t| (t.seconds, t.nanos))
     }
 
     /// Folds a newer write for the same room into this one.
@@ -259,7 +255,7 @@ async fn run(client: redis::Client, options: WriterOptions, mut rx: mpsc::Unboun
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
-                for write in batch {
+                for write in batch.into_iter().rev() {
                     pending.requeue(write);
                 }
                 open = wait_or_closed(&mut rx, &mut pending, &mut backoff, open).await;
@@ -297,8 +293,18 @@ async fn wait_or_closed(
 /// entries they hold. Past the bound (Redis far behind or down), new change
 /// entries are dropped while room states are still kept: Redis converges all
 /// the same, and a late joiner that meets the hole re-snapshots.
+///
+/// Rooms go to Redis in the order they started waiting, and a room that is
+/// written again while it waits keeps its place, so a busy room is never
+/// starved. The rooms of one commit start waiting together; among them, the
+/// room whose oldest change was folded first goes first. A commit's rooms
+/// then turn visible in the order their changes arrived, which keeps the
+/// tail of the produce-to-Redis latency near that of the broadcast.
 struct Pending {
     rooms: HashMap<String, RoomWrite>,
+    /// Paths in the order their rooms started waiting. A requeue can leave a
+    /// path in twice; `take` skips a path whose room was already taken.
+    order: VecDeque<String>,
     changes: usize,
     max_changes_per_room: usize,
     max_changes: usize,
@@ -308,6 +314,7 @@ impl Pending {
     fn new(options: &WriterOptions) -> Pending {
         Pending {
             rooms: HashMap::new(),
+            order: VecDeque::new(),
             changes: 0,
             max_changes_per_room: options.stream_max_len,
             max_changes: options.max_pending_changes,
@@ -318,13 +325,15 @@ impl Pending {
         self.rooms.is_empty()
     }
 
-    fn absorb_all(&mut self, writes: Vec<RoomWrite>) {
+    /// Takes in one commit's writes.
+    fn absorb_all(&mut self, mut writes: Vec<RoomWrite>) {
+        writes.sort_by_key(RoomWrite::first_folded);
         for write in writes {
-            self.absorb(write);
+            self.absorb(write, Place::Back);
         }
     }
 
-    fn absorb(&mut self, mut write: RoomWrite) {
+    fn absorb(&mut self, mut write: RoomWrite, place: Place) {
         // Changes older than the stream keeps would be trimmed on arrival.
         let excess = write.changes.len().saturating_sub(self.max_changes_per_room);
         write.changes.drain(..excess);
@@ -340,34 +349,44 @@ impl Pending {
                 self.changes -= before - existing.changes.len();
             }
             None => {
+                match place {
+                    Place::Back => self.order.push_back(write.path.clone()),
+                    Place::Front => self.order.push_front(write.path.clone()),
+                }
                 self.rooms.insert(write.path.clone(), write);
             }
         }
     }
 
-    /// The `n` longest-waiting rooms' writes, taken out, oldest first.
+    /// The writes of the `n` rooms that have waited longest, taken out, longest first.
     fn take(&mut self, n: usize) -> Vec<RoomWrite> {
-        let mut waiting: Vec<((i64, i32), &String)> =
-            self.rooms.iter().map(|(path, write)| (write.waiting_since(), path)).collect();
-        if waiting.len() > n {
-            waiting.select_nth_unstable(n);
-            waiting.truncate(n);
+        let mut batch = Vec::with_capacity(n.min(self.rooms.len()));
+        while batch.len() < n {
+            let Some(path) = self.order.pop_front() else { break };
+            if let Some(write) = self.rooms.remove(&path) {
+                batch.push(write);
+            }
         }
-        waiting.sort_unstable();
-        let keys: Vec<String> = waiting.into_iter().map(|(_, path)| path.clone()).collect();
-        let batch: Vec<RoomWrite> = keys.iter().filter_map(|k| self.rooms.remove(k)).collect();
         self.changes -= batch.iter().map(|w| w.changes.len()).sum::<usize>();
         batch
     }
 
-    /// Puts a failed write back in front of anything newer that arrived meanwhile.
+    /// Puts a failed write back in front, merged with anything newer that
+    /// arrived meanwhile. Requeue a batch last first to keep its order.
     fn requeue(&mut self, mut failed: RoomWrite) {
         if let Some(newer) = self.rooms.remove(&failed.path) {
             self.changes -= newer.changes.len();
             failed.absorb(newer, self.max_changes_per_room);
         }
-        self.absorb(failed);
+        self.absorb(failed, Place::Front);
     }
+}
+
+/// Where a room that was not waiting joins the queue.
+#[derive(Clone, Copy)]
+enum Place {
+    Back,
+    Front,
 }
 
 async fn write_batch(
@@ -487,7 +506,7 @@ mod tests {
     }
 
     fn pending(max_changes: usize) -> Pending {
-        Pending { rooms: HashMap::new(), changes: 0, max_changes_per_room: 100, max_changes }
+        Pending { rooms: HashMap::new(), order: VecDeque::new(), changes: 0, max_changes_per_room: 100, max_changes }
     }
 
     #[test]
@@ -503,29 +522,45 @@ mod tests {
         assert_eq!(pending.changes, 0);
     }
 
-    #[test]
-    fn the_longest_waiting_writes_go_first() {
+    fn room(name: &str, folded_at: &[i64]) -> RoomWrite {
         let at = |millis: i64| Some(crate::proto::timestamp_from_millis(millis));
-        let room = |name: &str, changes_at: &[i64], updated_at: i64| {
-            let mut w = RoomWrite { path: format!("app/a/room/{name}"), updated_at: at(updated_at), ..write(1, &[]) };
-            w.changes = changes_at
-                .iter()
-                .map(|&t| ChangeEntry { processed_at: at(t), ..write(1, &[1]).changes[0].clone() })
-                .collect();
-            w
-        };
+        let changes =
+            folded_at.iter().map(|&t| ChangeEntry { processed_at: at(t), ..write(1, &[1]).changes[0].clone() });
+        RoomWrite { path: format!("app/a/room/{name}"), changes: changes.collect(), ..write(1, &[]) }
+    }
+
+    fn paths(batch: Vec<RoomWrite>) -> Vec<String> {
+        batch.into_iter().map(|w| w.path.trim_start_matches("app/a/room/").to_owned()).collect()
+    }
+
+    #[test]
+    fn rooms_go_in_the_order_they_started_waiting_and_a_commit_by_its_oldest_change() {
         let mut pending = pending(1000);
         pending.absorb_all(vec![
-            room("late", &[900], 900),
-            room("early", &[100, 950], 950),
-            room("middle", &[500], 500),
-            room("reconcile", &[], 50),
-            room("latest", &[990], 990),
+            room("late", &[900]),
+            room("early", &[100, 950]),
+            room("middle", &[500]),
+            room("reconcile", &[]),
         ]);
-        let paths = |batch: Vec<RoomWrite>| batch.into_iter().map(|w| w.path).collect::<Vec<_>>();
-        assert_eq!(paths(pending.take(3)), ["app/a/room/reconcile", "app/a/room/early", "app/a/room/middle"]);
-        assert_eq!(paths(pending.take(3)), ["app/a/room/late", "app/a/room/latest"]);
+        // The next commit: a busy room written again keeps its place.
+        pending.absorb_all(vec![room("newest", &[1010]), room("early", &[1000])]);
+        assert_eq!(paths(pending.take(3)), ["reconcile", "early", "middle"]);
+        assert_eq!(paths(pending.take(3)), ["late", "newest"]);
         assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_failed_batch_goes_back_in_front_in_its_order() {
+        let mut pending = pending(1000);
+        pending.absorb_all(vec![room("a", &[1]), room("b", &[2]), room("c", &[3])]);
+        let failed = pending.take(2);
+        pending.absorb_all(vec![room("d", &[4]), room("a", &[5])]);
+        for write in failed.into_iter().rev() {
+            pending.requeue(write);
+        }
+        assert_eq!(paths(pending.take(10)), ["a", "b", "c", "d"]);
+        assert_eq!(pending.changes, 0);
+        assert!(pending.take(10).is_empty(), "a path left in twice is skipped once its room is taken");
     }
 
     #[test]
@@ -543,7 +578,7 @@ mod tests {
     #[test]
     fn a_write_holds_no_more_changes_than_the_stream_keeps() {
         let mut pending = Pending { max_changes_per_room: 3, ..pending(1000) };
-        pending.absorb(write(5, &[1, 2, 3, 4, 5]));
+        pending.absorb(write(5, &[1, 2, 3, 4, 5]), Place::Back);
         assert_eq!(versions(&pending.rooms["app/a/room/r"]), vec![3, 4, 5]);
         assert_eq!(pending.changes, 3);
     }
@@ -551,8 +586,8 @@ mod tests {
     #[test]
     fn past_the_budget_states_are_kept_and_change_entries_dropped() {
         let mut pending = pending(3);
-        pending.absorb(write(2, &[1, 2]));
-        pending.absorb(write(4, &[3, 4]));
+        pending.absorb(write(2, &[1, 2]), Place::Back);
+        pending.absorb(write(4, &[3, 4]), Place::Back);
         let w = &pending.rooms["app/a/room/r"];
         assert_eq!(w.version, 4, "the newest state is kept");
         assert_eq!(versions(w), vec![1, 2], "entries past the budget are dropped");
