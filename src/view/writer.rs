@@ -157,10 +157,10 @@ impl RoomWrite {
         Cow::Owned(changes)
     }
 
-    /// When the oldest change this write carries was folded, by omni's
-    /// clock; `None` for a reconcile, which carries none.
-    fn first_folded(&self) -> Option<(i64, i32)> {
-        self.changes.first().and_then(|c| c.processed_at.as_ref()).map(|t| (t.seconds, t.nanos))
+    /// When the event behind the oldest change this write carries occurred;
+    /// `None` for a reconcile, which carries none.
+    fn first_occurred(&self) -> Option<(i64, i32)> {
+        self.changes.first().and_then(|c| c.occurred_at.as_ref()).map(|t| (t.seconds, t.nanos))
     }
 
     /// Folds a newer write for the same room into this one.
@@ -297,9 +297,13 @@ async fn wait_or_closed(
 /// Rooms go to Redis in the order they started waiting, and a room that is
 /// written again while it waits keeps its place, so a busy room is never
 /// starved. The rooms of one commit start waiting together; among them, the
-/// room whose oldest change was folded first goes first. A commit's rooms
-/// then turn visible in the order their changes arrived, which keeps the
-/// tail of the produce-to-Redis latency near that of the broadcast.
+/// room whose oldest change has the earliest event goes first, so the
+/// changes that waited longest turn visible first, which keeps the tail of
+/// the event-to-Redis latency near that of the broadcast. Event times come
+/// from the event's producer (fold order would not do: the records that
+/// queue up during a commit are folded in a burst, partition by partition);
+/// a producer's skewed clock can only reorder the rooms of one commit, never
+/// hold a room back past the next.
 struct Pending {
     rooms: HashMap<String, RoomWrite>,
     /// Paths in the order their rooms started waiting. A requeue can leave a
@@ -327,7 +331,7 @@ impl Pending {
 
     /// Takes in one commit's writes.
     fn absorb_all(&mut self, mut writes: Vec<RoomWrite>) {
-        writes.sort_by_key(RoomWrite::first_folded);
+        writes.sort_by_key(RoomWrite::first_occurred);
         for write in writes {
             self.absorb(write, Place::Back);
         }
@@ -522,10 +526,10 @@ mod tests {
         assert_eq!(pending.changes, 0);
     }
 
-    fn room(name: &str, folded_at: &[i64]) -> RoomWrite {
+    fn room(name: &str, occurred_at: &[i64]) -> RoomWrite {
         let at = |millis: i64| Some(crate::proto::timestamp_from_millis(millis));
         let changes =
-            folded_at.iter().map(|&t| ChangeEntry { processed_at: at(t), ..write(1, &[1]).changes[0].clone() });
+            occurred_at.iter().map(|&t| ChangeEntry { occurred_at: at(t), ..write(1, &[1]).changes[0].clone() });
         RoomWrite { path: format!("app/a/room/{name}"), changes: changes.collect(), ..write(1, &[]) }
     }
 
