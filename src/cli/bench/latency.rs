@@ -50,6 +50,12 @@ pub struct LatencyReport {
     pub to_fold: Percentiles,
     pub to_broadcast: Percentiles,
     pub to_redis: Percentiles,
+    /// Mean time of omni's transaction commits during the phase, from its
+    /// `omni_commit_seconds`: what an event waits beyond the commit interval.
+    pub commit_mean_ms: Option<f64>,
+    /// Mean time of omni's Redis pipelines during the phase, from its
+    /// `omni_redis_write_seconds`.
+    pub redis_pipeline_mean_ms: Option<f64>,
 }
 
 pub struct LatencyRun<'a> {
@@ -116,6 +122,8 @@ impl LatencyRun<'_> {
             to_fold,
             to_broadcast,
             to_redis,
+            commit_mean_ms: None,
+            redis_pipeline_mean_ms: None,
         })
     }
 

@@ -19,7 +19,7 @@ use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
 use omni::topology::Topology;
 use serde_json::json;
 
-use process::OmniProcess;
+use process::{HistogramTotals, OmniProcess};
 use workload::{Expected, Workload};
 
 #[derive(Debug, clap::Args)]
@@ -127,7 +127,14 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
             rate: args.rate,
             duration: Duration::from_secs(args.latency_secs),
         };
-        Some(run.run(&mut workload).await?)
+        const COMMITS: &str = "omni_commit_seconds";
+        const PIPELINES: &str = "omni_redis_write_seconds";
+        let (commits, pipelines) = (omni.histogram_totals(COMMITS).await, omni.histogram_totals(PIPELINES).await);
+        let mut report = run.run(&mut workload).await?;
+        let since = |before: Option<HistogramTotals>, after: Option<HistogramTotals>| after?.mean_ms_since(before?);
+        report.commit_mean_ms = since(commits, omni.histogram_totals(COMMITS).await);
+        report.redis_pipeline_mean_ms = since(pipelines, omni.histogram_totals(PIPELINES).await);
+        Some(report)
     } else {
         None
     };
@@ -261,6 +268,8 @@ fn print_table(report: &serde_json::Value) {
         ("latency → fold p50/p99/p999/max ms", percentiles(&report["latency"]["to_fold"])),
         ("latency → broadcast p50/p99/p999/max ms", percentiles(&report["latency"]["to_broadcast"])),
         ("latency → Redis p50/p99/p999/max ms", percentiles(&report["latency"]["to_redis"])),
+        ("commit mean ms (latency phase)", num(&report["latency"]["commit_mean_ms"])),
+        ("Redis pipeline mean ms (latency phase)", num(&report["latency"]["redis_pipeline_mean_ms"])),
         ("restore records/s", num(&report["restore"]["records_per_s"])),
     ];
     for (name, value) in rows {

@@ -87,6 +87,13 @@ impl OmniProcess {
         body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
     }
 
+    /// A histogram's running sum and count.
+    pub async fn histogram_totals(&self, name: &str) -> Option<HistogramTotals> {
+        let sum = self.metric(&format!("{name}_sum")).await?;
+        let count = self.metric(&format!("{name}_count")).await?;
+        Some(HistogramTotals { sum, count })
+    }
+
     /// Times the restore: from all partitions assigned to ready.
     pub async fn time_restore(&self, partitions: i32) -> anyhow::Result<RestoreReport> {
         let spawned = Instant::now();
@@ -123,6 +130,21 @@ impl OmniProcess {
             anyhow::bail!("omni run exited with {status}; the end of its log:\n{}", tail.join("\n"));
         }
         Ok(())
+    }
+}
+
+/// The running sum and count of a Prometheus histogram.
+#[derive(Debug, Clone, Copy)]
+pub struct HistogramTotals {
+    sum: f64,
+    count: f64,
+}
+
+impl HistogramTotals {
+    /// The mean of what was recorded since `earlier`, in milliseconds.
+    pub fn mean_ms_since(self, earlier: HistogramTotals) -> Option<f64> {
+        let count = self.count - earlier.count;
+        (count > 0.0).then(|| (self.sum - earlier.sum) / count * 1000.0)
     }
 }
 
