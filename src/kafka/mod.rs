@@ -12,7 +12,7 @@ use rdkafka::ClientConfig;
 
 pub use admin::{ensure_topics, not_served_yet, wait_for_topic, TopicSpec};
 pub use partitioner::{murmur2, partition_for};
-pub use producer::{drain, send, send_lingering, serve_ready};
+pub use producer::{commit_transaction, drain, send, send_lingering, serve_ready};
 
 /// Errors from Kafka clients.
 #[derive(Debug, thiserror::Error)]

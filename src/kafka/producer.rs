@@ -1,5 +1,6 @@
 //! Producing without oversleeping: serving delivery reports, sending through
-//! a full local queue, and waiting for acknowledgements.
+//! a full local queue, waiting for acknowledgements, and committing a
+//! transaction.
 //!
 //! rust-rdkafka's `BaseProducer::poll(Duration::ZERO)` serves one event, and
 //! each event is the delivery report of one batch: a loop that polls once per
@@ -14,11 +15,17 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::TopicPartitionList;
 
 /// How long [`drain`] naps between turns of serving reports.
 const DRAIN_NAP: Duration = Duration::from_micros(250);
+/// How many times a retriable transaction commit is tried.
+const COMMIT_ATTEMPTS: usize = 5;
+/// A commit slower than this is logged with the time of each of its steps.
+const SLOW_COMMIT: Duration = Duration::from_secs(1);
 
 /// Serves every event that is ready now, without waiting.
 pub fn serve_ready<C: ProducerContext>(producer: &BaseProducer<C>) {
@@ -77,6 +84,55 @@ pub fn send<C: ProducerContext>(
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+/// Commits the open transaction with the consumed `offsets`: sends what
+/// lingers, adds the offsets with the group metadata (so a zombie is fenced)
+/// while the records are still being acknowledged, so both round trips
+/// overlap, waits for every acknowledgement and commits, retrying a
+/// retriable commit. Each blocking call may take `timeout`.
+pub fn commit_transaction<P: ProducerContext, C: ConsumerContext>(
+    producer: &BaseProducer<P>,
+    consumer: &BaseConsumer<C>,
+    offsets: &TopicPartitionList,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let started = Instant::now();
+    send_lingering(producer);
+    if offsets.count() > 0 {
+        let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+        producer.send_offsets_to_transaction(offsets, &group, timeout)?;
+    }
+    let offsets_sent = started.elapsed();
+    drain(producer, timeout)?;
+    let drained = started.elapsed();
+    let mut attempt = 1;
+    let result = loop {
+        match producer.commit_transaction(timeout) {
+            Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
+                tracing::warn!(error = %e, attempt, "transaction commit will be retried");
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    if started.elapsed() > SLOW_COMMIT {
+        tracing::warn!(
+            offsets_ms = offsets_sent.as_millis() as u64,
+            drain_ms = (drained - offsets_sent).as_millis() as u64,
+            commit_ms = (started.elapsed() - drained).as_millis() as u64,
+            "slow transaction commit"
+        );
+    }
+    result
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_retriable(),
+        KafkaError::Flush(_) => true,
+        _ => false,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -14,14 +14,11 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::RuntimeError;
-use crate::kafka::{drain, send_lingering};
+use crate::kafka::{commit_transaction, drain, send_lingering};
 use crate::modules::Rejection;
 
 /// How long one blocking call into Kafka may take.
 pub(super) const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
-const COMMIT_ATTEMPTS: usize = 5;
-/// A commit slower than this is logged with the time of each of its steps.
-const SLOW_COMMIT: Duration = Duration::from_secs(1);
 
 /// Header names on dead-lettered records.
 pub const HEADER_ERROR_KIND: &str = "omni.error.kind";
@@ -111,59 +108,21 @@ pub fn dead_letter_headers(rejection: &Rejection, topic: &str, partition: i32, o
         .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) })
 }
 
-/// Ends a transaction: sends what lingers, adds the consumed offsets (with
-/// the group metadata, so a zombie is fenced), waits for every
-/// acknowledgement and commits. Without exactly-once, commits the offsets
-/// once everything was acknowledged.
+/// Ends a transaction (see [`crate::kafka::commit_transaction`]). Without
+/// exactly-once, commits the offsets once everything was acknowledged.
 pub fn finish<C: ConsumerContext>(
     producer: &JobProducer,
     exactly_once: bool,
     consumer: &BaseConsumer<C>,
     offsets: &TopicPartitionList,
 ) -> Result<(), KafkaError> {
-    let started = Instant::now();
+    if exactly_once {
+        return commit_transaction(producer, consumer, offsets, KAFKA_TIMEOUT);
+    }
     send_lingering(producer);
-    if !exactly_once {
-        drain(producer, KAFKA_TIMEOUT)?;
-        if offsets.count() > 0 {
-            consumer.commit(offsets, CommitMode::Sync)?;
-        }
-        return Ok(());
-    }
-    // The offsets join the transaction while its records are still
-    // being acknowledged: both round trips overlap.
-    if offsets.count() > 0 {
-        let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
-        producer.send_offsets_to_transaction(offsets, &group, KAFKA_TIMEOUT)?;
-    }
-    let offsets_sent = started.elapsed();
     drain(producer, KAFKA_TIMEOUT)?;
-    let drained = started.elapsed();
-    let mut attempt = 1;
-    let result = loop {
-        match producer.commit_transaction(KAFKA_TIMEOUT) {
-            Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
-                tracing::warn!(error = %e, attempt, "transaction commit will be retried");
-                attempt += 1;
-            }
-            other => break other,
-        }
-    };
-    if started.elapsed() > SLOW_COMMIT {
-        tracing::warn!(
-            offsets_ms = offsets_sent.as_millis() as u64,
-            drain_ms = (drained - offsets_sent).as_millis() as u64,
-            commit_ms = (started.elapsed() - drained).as_millis() as u64,
-            "slow transaction commit"
-        );
+    if offsets.count() > 0 {
+        consumer.commit(offsets, CommitMode::Sync)?;
     }
-    result
-}
-
-fn is_retriable(e: &KafkaError) -> bool {
-    match e {
-        KafkaError::Transaction(t) => t.is_retriable(),
-        KafkaError::Flush(_) => true,
-        _ => false,
-    }
+    Ok(())
 }

@@ -69,11 +69,7 @@ pub fn run(
             for (partition, next) in &offsets {
                 list.add_partition_offset(input, *partition, Offset::Offset(*next))?;
             }
-            omni::kafka::send_lingering(&producer);
-            let group = consumer.group_metadata().ok_or_else(|| anyhow::anyhow!("no group metadata"))?;
-            producer.send_offsets_to_transaction(&list, &group, Duration::from_secs(30))?;
-            omni::kafka::drain(&producer, Duration::from_secs(30))?;
-            producer.commit_transaction(Duration::from_secs(30))?;
+            omni::kafka::commit_transaction(&producer, &consumer, &list, Duration::from_secs(30))?;
             open_since = None;
         }
     }
