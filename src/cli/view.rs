@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use omni::kafka::KafkaSettings;
 use omni::path::Path;
-use omni::pubsub::{Follower, Pattern};
+use omni::pubsub::{Follower, Pattern, PubSubError};
 use omni::topology::Topology;
 use omni::view::{snapshot, KeyLayout, RoomSnapshot};
 
@@ -80,8 +80,22 @@ pub async fn watch_command(args: WatchArgs, kafka: KafkaSettings, redis_url: &st
         Duration::from_secs(args.lookback_secs),
     )
     .await?;
-    while let Some(event) = follower.next().await {
-        println!("{}", serde_json::to_string(&event?)?);
+    // Errors are transient (the follower keeps going): log the first of a
+    // run, and every report of a room Redis leaves behind.
+    let mut failing = false;
+    while let Some(next) = follower.next().await {
+        match next {
+            Ok(event) => {
+                failing = false;
+                println!("{}", serde_json::to_string(&event)?);
+            }
+            Err(error @ PubSubError::RedisBehind { .. }) => tracing::warn!(%error, "a room is behind"),
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "following failed; retrying");
+            }
+            Err(_) => {}
+        }
     }
     Ok(())
 }

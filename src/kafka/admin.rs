@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -96,4 +96,25 @@ pub async fn ensure_topics(settings: &KafkaSettings, specs: &[TopicSpec]) -> Res
         }
     }
     Ok(())
+}
+
+/// Each topic's `max.message.bytes`: the largest record batch its brokers
+/// take, as the broker reports it (the topic's own setting, or the broker's
+/// default when the topic has none).
+pub async fn max_message_bytes(settings: &KafkaSettings, topics: &[&str]) -> Result<Vec<(String, usize)>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let mut sizes = Vec::with_capacity(topics.len());
+    for (topic, result) in topics.iter().zip(admin.describe_configs(&specifiers, &options).await?) {
+        let fail = |reason: String| KafkaError::Topic { topic: (*topic).to_owned(), reason };
+        let resource = result.map_err(|code| fail(format!("describing its configs failed: {code}")))?;
+        let value = resource
+            .get("max.message.bytes")
+            .and_then(|entry| entry.value.as_deref())
+            .ok_or_else(|| fail("the broker reported no max.message.bytes".to_owned()))?;
+        let bytes = value.parse().map_err(|_| fail(format!("max.message.bytes {value:?} is not a number")))?;
+        sizes.push(((*topic).to_owned(), bytes));
+    }
+    Ok(sizes)
 }

@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientConfig;
 
-pub use admin::{ensure_topics, not_served_yet, wait_for_topic, TopicSpec};
+pub use admin::{ensure_topics, max_message_bytes, not_served_yet, wait_for_topic, TopicSpec};
 pub use partitioner::{murmur2, partition_for};
-pub use producer::{commit_transaction, drain, send, send_lingering, serve_ready};
+pub use producer::{
+    abort_transaction, commit_transaction, drain, refused_by_broker, send, send_lingering, serve_ready,
+};
 
 /// Errors from Kafka clients.
 #[derive(Debug, thiserror::Error)]

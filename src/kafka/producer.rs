@@ -13,16 +13,17 @@
 //! [`drain`] returns as soon as the broker has acknowledged everything, which
 //! keeps commits as short as the round trips.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext, PurgeConfig};
 use rdkafka::TopicPartitionList;
 
 /// How long [`drain`] naps between turns of serving reports.
 const DRAIN_NAP: Duration = Duration::from_micros(250);
-/// How many times a retriable transaction commit is tried.
+/// How many times a retriable step of a transaction commit is tried.
 const COMMIT_ATTEMPTS: usize = 5;
 /// A commit slower than this is logged with the time of each of its steps.
 const SLOW_COMMIT: Duration = Duration::from_secs(1);
@@ -102,21 +103,12 @@ pub fn commit_transaction<P: ProducerContext, C: ConsumerContext>(
     send_lingering(producer);
     if offsets.count() > 0 {
         let group = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
-        producer.send_offsets_to_transaction(offsets, &group, timeout)?;
+        retried("sending the offsets", || producer.send_offsets_to_transaction(offsets, &group, timeout))?;
     }
     let offsets_sent = started.elapsed();
     drain(producer, timeout)?;
     let drained = started.elapsed();
-    let mut attempt = 1;
-    let result = loop {
-        match producer.commit_transaction(timeout) {
-            Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
-                tracing::warn!(error = %e, attempt, "transaction commit will be retried");
-                attempt += 1;
-            }
-            other => break other,
-        }
-    };
+    let result = retried("committing", || producer.commit_transaction(timeout));
     if started.elapsed() > SLOW_COMMIT {
         tracing::warn!(
             offsets_ms = offsets_sent.as_millis() as u64,
@@ -126,6 +118,59 @@ pub fn commit_transaction<P: ProducerContext, C: ConsumerContext>(
         );
     }
     result
+}
+
+/// Runs one step of a commit, again while it fails with a retriable error.
+fn retried(step: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+    let mut attempt = 1;
+    loop {
+        match call() {
+            Err(e) if attempt < COMMIT_ATTEMPTS && is_retriable(&e) => {
+                tracing::warn!(error = %e, attempt, step, "a step of the transaction commit failed; retrying");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Aborts the open transaction while serving delivery reports. librdkafka's
+/// abort waits for the records in flight to be acknowledged or to fail, and
+/// their reports must be served meanwhile, or the abort times out ("the
+/// event queue must be polled"). Queued records are purged first: the abort
+/// would only drop them.
+pub fn abort_transaction<C>(producer: &BaseProducer<C>, timeout: Duration) -> Result<(), KafkaError>
+where
+    C: ProducerContext + Sync,
+{
+    producer.purge(PurgeConfig::default().queue());
+    let aborted = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let abort = scope.spawn(|| {
+            let result = producer.abort_transaction(timeout);
+            aborted.store(true, Ordering::Release);
+            result
+        });
+        while !aborted.load(Ordering::Acquire) {
+            serve_ready(producer);
+            std::thread::sleep(DRAIN_NAP * 4);
+        }
+        abort.join().unwrap_or(Err(KafkaError::Canceled))
+    })
+}
+
+/// Whether the broker refused a record for what it is (too large for the
+/// topic, malformed), so sending it again would fail again.
+pub fn refused_by_broker(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }
 
 fn is_retriable(e: &KafkaError) -> bool {

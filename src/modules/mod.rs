@@ -37,6 +37,23 @@ pub struct Limits {
     pub max_tag_value_bytes: usize,
     /// Largest input record (key plus value), in bytes.
     pub max_record_bytes: usize,
+    /// Largest room state (every module's JSON and name, summed), in bytes.
+    /// It bounds every changelog and broadcast record, so the job checks at
+    /// start-up that the output topics take records of that size.
+    pub max_room_state_bytes: usize,
+    /// Memory for committed room states kept decoded between events, per
+    /// instance, in bytes; past it the cache starts over.
+    pub room_cache_bytes: usize,
+    /// Memory for writes waiting for Redis, in bytes. Past it, waiting
+    /// writes keep only their room's path and are re-read from the store
+    /// when their turn comes, and their change-stream entries are dropped.
+    pub redis_backlog_bytes: usize,
+    /// Most bytes of change-stream entries one room's Redis write carries;
+    /// older entries past it are dropped, and the stream gets a marker that
+    /// sends readers back to the snapshot.
+    pub redis_write_bytes: usize,
+    /// How long a closed room's change stream stays in Redis, in seconds.
+    pub closed_stream_retention_secs: u64,
 }
 
 impl Default for Limits {
@@ -46,6 +63,14 @@ impl Default for Limits {
             max_tag_key_bytes: 128,
             max_tag_value_bytes: 4096,
             max_record_bytes: 64 * 1024,
+            // Half the broker's default `max.message.bytes` (1 MiB), so a
+            // broadcast record at the limit, with its path and event id,
+            // fits a topic made with the broker's defaults.
+            max_room_state_bytes: 512 * 1024,
+            room_cache_bytes: 32 << 20,
+            redis_backlog_bytes: 64 << 20,
+            redis_write_bytes: 4 << 20,
+            closed_stream_retention_secs: 24 * 3600,
         }
     }
 }
@@ -71,6 +96,10 @@ pub enum RejectKind {
     InvalidEvent,
     /// The room's stored state could not be read back (a module changed its format).
     CorruptState,
+    /// A module panicked while folding the event.
+    ModulePanic,
+    /// The broker refused a record the event produced (too large for the topic, say).
+    ProductionRefused,
 }
 
 impl RejectKind {
@@ -81,6 +110,8 @@ impl RejectKind {
             RejectKind::OverLimit => "over_limit",
             RejectKind::InvalidEvent => "invalid_event",
             RejectKind::CorruptState => "corrupt_state",
+            RejectKind::ModulePanic => "module_panic",
+            RejectKind::ProductionRefused => "production_refused",
         }
     }
 }
@@ -198,8 +229,13 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("module states serialise to JSON")
 }
 
+/// Names no module may take: the close's change ([`ROOM_MODULE`]), and the
+/// fields every room snapshot carries beside its modules' states (a module
+/// under one of them would overwrite the room's version in Redis).
+pub const RESERVED_MODULE_NAMES: [&str; 3] = [ROOM_MODULE, "version", "updated_at"];
+
 /// Why a topology's module list cannot be built.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
     #[error("unknown module {0:?}; registered modules: {1}")]
     Unknown(String, String),
@@ -207,12 +243,17 @@ pub enum RegistryError {
     Duplicate(String),
     #[error("module name {0:?} is reserved")]
     Reserved(String),
+    #[error("module name {0:?} is registered twice (is it a built-in's name?)")]
+    Registered(String),
 }
 
 /// The modules a process knows by name. Topology files pick from it.
 #[derive(Clone, Default)]
 pub struct Registry {
     modules: BTreeMap<&'static str, Arc<dyn DynModule>>,
+    /// Registrations refused (a reserved or taken name), reported by [`Registry::select`]
+    /// so that `register` stays chainable.
+    refused: Vec<RegistryError>,
 }
 
 impl Registry {
@@ -221,9 +262,18 @@ impl Registry {
         Registry::default().register(Recording).register(Tags)
     }
 
-    /// Adds a module; a later registration of the same name replaces an earlier one.
+    /// Adds a module. A reserved name, or one already registered (a
+    /// built-in's, say), is refused: the job then refuses to start, since a
+    /// module silently replacing another would change what its state means.
     pub fn register<M: Module>(mut self, module: M) -> Registry {
-        self.modules.insert(Module::name(&module), Arc::new(module));
+        let name = Module::name(&module);
+        if RESERVED_MODULE_NAMES.contains(&name) {
+            self.refused.push(RegistryError::Reserved(name.to_owned()));
+        } else if self.modules.contains_key(name) {
+            self.refused.push(RegistryError::Registered(name.to_owned()));
+        } else {
+            self.modules.insert(name, Arc::new(module));
+        }
         self
     }
 
@@ -233,9 +283,12 @@ impl Registry {
 
     /// The modules named by a topology, in its order.
     pub fn select(&self, names: &[String]) -> Result<Vec<Arc<dyn DynModule>>, RegistryError> {
+        if let Some(refused) = self.refused.first() {
+            return Err(refused.clone());
+        }
         let mut picked: Vec<Arc<dyn DynModule>> = Vec::with_capacity(names.len());
         for name in names {
-            if name == ROOM_MODULE {
+            if RESERVED_MODULE_NAMES.contains(&name.as_str()) {
                 return Err(RegistryError::Reserved(name.clone()));
             }
             if picked.iter().any(|m| m.name() == name) {

@@ -129,13 +129,15 @@ impl RoomFolder {
                 Some(decoded) => decoded,
                 slot => {
                     let json = room.state.modules.get(module.name()).map(String::as_str);
-                    slot.insert(module.decode_state(json)?)
+                    slot.insert(guarded(module.name(), || module.decode_state(json))?)
                 }
             };
-            if let Some(next) = module.fold_state(current, event, &self.limits)? {
+            let limits = &self.limits;
+            if let Some(next) = guarded(module.name(), || module.fold_state(current, event, limits))? {
                 next_states.push((index, next));
             }
         }
+        self.check_state_size(&room.state, &next_states)?;
         let state = &mut room.state;
         let mut changes = Vec::with_capacity(next_states.len());
         for (index, (decoded, json)) in next_states {
@@ -154,6 +156,29 @@ impl RoomFolder {
             state.closed = false;
         }
         Ok(FoldOutcome { changes, closed: false })
+    }
+
+    /// Refuses changes that would take the room's state past its byte limit.
+    fn check_state_size(&self, state: &RoomState, next: &[(usize, (ModuleState, String))]) -> Result<(), Rejection> {
+        if next.is_empty() {
+            return Ok(());
+        }
+        let held = |name: &str| state.modules.get(name).map_or(0, |json| name.len() + json.len());
+        let mut size: usize = state.modules.iter().map(|(name, json)| name.len() + json.len()).sum();
+        for (index, (_, json)) in next {
+            let name = self.modules[*index].name();
+            size = size - held(name) + name.len() + json.len();
+        }
+        if size > self.limits.max_room_state_bytes {
+            return Err(Rejection::new(
+                RejectKind::OverLimit,
+                format!(
+                    "the room's state would be {size} bytes, over the {}-byte limit",
+                    self.limits.max_room_state_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A close clears every module as one change; the version survives so a
@@ -181,6 +206,20 @@ impl RoomFolder {
             (m.name(), json)
         })
     }
+}
+
+/// Runs a module's code, turning a panic into a rejection of the event: one
+/// module's bug dead-letters the events that trigger it instead of stopping
+/// the job (which would meet the same event again after every restart).
+fn guarded<T>(module: &str, call: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-text panic".to_owned());
+        Err(Rejection::new(RejectKind::ModulePanic, format!("module {module} panicked: {what}")))
+    })
 }
 
 /// Event constructors shared by the module tests.
@@ -269,6 +308,78 @@ mod tests {
         let before = room.clone();
         assert_eq!(f.fold(&mut room, &tag_set("b", "2")).unwrap_err().kind, RejectKind::OverLimit);
         assert_eq!(room, before);
+    }
+
+    #[test]
+    fn an_event_that_would_take_the_state_past_its_byte_limit_is_rejected_whole() {
+        let limits = Limits { max_room_state_bytes: 60, ..Limits::default() };
+        let f = RoomFolder::new(Registry::with_builtins().select(&["tags".to_owned()]).unwrap(), limits);
+        let mut room = RoomState::default();
+        // "tags" + {"a":"0123456789"} = 4 + 18 bytes.
+        f.fold(&mut room, &tag_set("a", "0123456789")).unwrap();
+        f.fold(&mut room, &tag_set("b", "0123456789")).unwrap();
+        let before = room.clone();
+        let rejection = f.fold(&mut room, &tag_set("c", "0123456789012345678")).unwrap_err();
+        assert_eq!(rejection.kind, RejectKind::OverLimit);
+        assert!(rejection.message.contains("over the 60-byte limit"), "{}", rejection.message);
+        assert_eq!(room, before);
+        // Replacing a value with a shorter one shrinks the state: allowed.
+        assert_eq!(f.fold(&mut room, &tag_set("a", "0")).unwrap().changes.len(), 1);
+    }
+
+    struct Panicky;
+
+    impl crate::modules::Module for Panicky {
+        type State = u64;
+        fn name(&self) -> &'static str {
+            "panicky"
+        }
+        fn fold(&self, state: &u64, event: &RoomEvent, _: &Limits) -> Result<Option<u64>, Rejection> {
+            if matches!(event.kind, Some(Kind::RoomClosed(_))) {
+                return Ok(None);
+            }
+            assert!(*state < 1, "a module bug");
+            Ok(Some(state + 1))
+        }
+    }
+
+    #[test]
+    fn a_panicking_module_rejects_the_event_and_leaves_the_room_as_it_was() {
+        let registry = Registry::with_builtins().register(Panicky);
+        let names = ["tags".to_owned(), "panicky".to_owned()];
+        let f = RoomFolder::new(registry.select(&names).unwrap(), Limits::default());
+        let mut room = RoomState::default();
+        f.fold(&mut room, &tag_set("k", "v")).unwrap();
+        let before = room.clone();
+        let rejection = f.fold(&mut room, &tag_set("k", "w")).unwrap_err();
+        assert_eq!(rejection.kind, RejectKind::ModulePanic);
+        assert!(rejection.message.contains("module panicky panicked: a module bug"), "{}", rejection.message);
+        assert_eq!(room, before, "the tags change of the same event is not applied either");
+    }
+
+    #[test]
+    fn a_module_cannot_take_a_reserved_or_registered_name() {
+        struct Named(&'static str);
+        impl crate::modules::Module for Named {
+            type State = u64;
+            fn name(&self) -> &'static str {
+                self.0
+            }
+            fn fold(&self, _: &u64, _: &RoomEvent, _: &Limits) -> Result<Option<u64>, Rejection> {
+                Ok(None)
+            }
+        }
+        let tags = ["tags".to_owned()];
+        for (name, error) in [
+            ("tags", crate::modules::RegistryError::Registered("tags".into())),
+            ("version", crate::modules::RegistryError::Reserved("version".into())),
+            ("updated_at", crate::modules::RegistryError::Reserved("updated_at".into())),
+            ("room", crate::modules::RegistryError::Reserved("room".into())),
+        ] {
+            let registry = Registry::with_builtins().register(Named(name));
+            assert_eq!(registry.select(&tags).err(), Some(error), "{name}");
+        }
+        assert!(Registry::with_builtins().register(Named("other")).select(&tags).is_ok());
     }
 
     #[test]

@@ -72,6 +72,14 @@ pub enum PubSubError {
     Decode { topic: String, partition: i32, offset: i64, reason: String },
     #[error("background task failed: {0}")]
     Task(String),
+    /// A [`Follower`] room whose gap Redis has not let it bridge for a long
+    /// while; the follower keeps trying, and the room's next event is the
+    /// catch-up.
+    #[error(
+        "room {path} is at version {version} on the broadcast, but redis {} after {waited:?}; still waiting",
+        .redis_version.map_or("has no usable state for it".to_owned(), |v| format!("is at version {v}"))
+    )]
+    RedisBehind { path: String, version: u64, redis_version: Option<u64>, waited: std::time::Duration },
 }
 
 /// Checks a topic name against Kafka's rules before it reaches librdkafka,

@@ -8,12 +8,14 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::engine::Engine;
+use super::progress::{Stage, ThreadProgress};
 
 /// Shares the engine between the processing loop and the rebalance callbacks,
 /// which librdkafka runs on the loop's own thread inside `poll`.
 pub struct JobContext {
     pub engine: Arc<Mutex<Engine>>,
     pub input: String,
+    pub progress: Arc<ThreadProgress>,
 }
 
 impl JobContext {
@@ -48,6 +50,7 @@ impl ClientContext for JobContext {
 impl ConsumerContext for JobContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
+            self.progress.enter(Stage::Rebalancing);
             let partitions = self.partitions(list);
             tracing::info!(?partitions, lost = consumer.assignment_lost(), "partitions revoked");
             metrics::counter!("omni_rebalances_total", "kind" => "revoke").increment(1);
@@ -73,6 +76,7 @@ impl ConsumerContext for JobContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
+                self.progress.enter(Stage::Rebalancing);
                 let partitions = self.partitions(list);
                 tracing::info!(?partitions, "partitions assigned");
                 metrics::counter!("omni_rebalances_total", "kind" => "assign").increment(1);

@@ -18,19 +18,23 @@ use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
-use super::output::{dead_letter_headers, finish, send, take_changelog_ends, JobProducer, KAFKA_TIMEOUT};
+use super::output::{
+    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, JobProducer, Source, KAFKA_TIMEOUT,
+};
+use super::progress::{Stage, ThreadProgress};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::now;
-use crate::proto::omni::{RoomState, StateChange};
+use crate::proto::omni::StateChange;
 use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
+use crate::kafka::abort_transaction;
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -49,11 +53,26 @@ struct DirtyRoom {
     /// The state as sent to the changelog at commit, then written to the store.
     encoded: Vec<u8>,
     changes: Vec<ChangeEntry>,
+    /// The input record behind the room's latest change, to blame if the
+    /// broker refuses its changelog record.
+    last_source: Source,
 }
 
-/// Most committed room states kept decoded in memory per partition, so hot
-/// rooms skip the store read; past it the cache starts over.
-const RECENT_ROOMS_PER_PARTITION: usize = 20_000;
+/// An input record whose output the broker refused: it is dead-lettered
+/// when the rewound input reaches it again, instead of being folded.
+#[derive(Debug, Clone)]
+struct Poison {
+    reason: String,
+    /// How many times records on its behalf were refused: a refused dead
+    /// letter is sent again without its value, and dropped after that.
+    refusals: u32,
+}
+
+/// What memory a cached room is charged: its encoded state about twice
+/// (the decoded module states beside it), its path and the map's overhead.
+fn cache_weight(path: &str, encoded_len: usize) -> usize {
+    2 * encoded_len + path.len() + 128
+}
 
 /// Rooms by path, under a fast hash (each event looks its room up a few
 /// times) that is still seeded per process, so keys cannot be crafted
@@ -86,6 +105,13 @@ pub struct Engine {
     pub(super) restores: Restores,
     pub(super) restore_results: mpsc::Receiver<RestoreDone>,
     tasks: BTreeMap<i32, Task>,
+    /// Memory the cached rooms of every task may take, and what they take.
+    room_cache_budget: usize,
+    room_cache_bytes: usize,
+    poisoned: HashMap<Source, Poison>,
+    progress: Arc<ThreadProgress>,
+    /// Transactions committed, so the thread can tell a recovery that worked.
+    pub(super) commits: u64,
     counters: Vec<ModuleCounters>,
     /// Room closes, counted as changes of the `room` module.
     closes: LocalCounter,
@@ -114,8 +140,15 @@ impl Engine {
         health: Arc<Health>,
         restores: Restores,
         restore_results: mpsc::Receiver<RestoreDone>,
+        room_cache_budget: usize,
+        progress: Arc<ThreadProgress>,
     ) -> Engine {
         Engine {
+            room_cache_budget,
+            room_cache_bytes: 0,
+            poisoned: HashMap::new(),
+            progress,
+            commits: 0,
             counters: ModuleCounters::for_modules(&folder),
             closes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE)),
             consumed: LocalCounter::new(metrics::counter!("omni_events_consumed_total")),
@@ -175,9 +208,11 @@ impl Engine {
         }
         self.begin()?;
         self.consumed.add(1);
-        let outcome = self.fold(partition, message);
-        if let Err(rejection) = outcome? {
-            self.dead_letter(message, &rejection)?;
+        let source = Source { partition, offset: message.offset() };
+        if let Some(poison) = self.poisoned.get(&source).cloned() {
+            self.dead_letter_refused(message, source, &poison)?;
+        } else if let Err(rejection) = self.fold(source, message)? {
+            self.dead_letter(message, source, &rejection, true)?;
         }
         if let Some(task) = self.tasks.get_mut(&partition) {
             task.next_offset = Some(message.offset() + 1);
@@ -186,8 +221,9 @@ impl Engine {
     }
 
     /// Folds a record into its room; the inner result is the record's own rejection.
-    fn fold(&mut self, partition: i32, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
-        let Engine { tasks, store, folder, producer, topics, counters, closes, .. } = self;
+    fn fold(&mut self, source: Source, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
+        let Engine { tasks, store, folder, producer, topics, counters, closes, room_cache_bytes, .. } = self;
+        let partition = source.partition;
         let task = tasks.get_mut(&partition).expect("checked by process");
         // Only keys that passed the check become held rooms.
         let held = |path: &str| task.dirty.contains_key(path) || task.recent.contains_key(path);
@@ -197,7 +233,11 @@ impl Engine {
         };
         if !task.dirty.contains_key(path) {
             let room = match task.recent.remove(path) {
-                Some(room) => room,
+                Some(room) => {
+                    *room_cache_bytes =
+                        room_cache_bytes.saturating_sub(cache_weight(path, room.state().encoded_len()));
+                    room
+                }
                 None => match store.get(partition, path) {
                     Ok(state) => LiveRoom::new(state.unwrap_or_default()),
                     Err(e @ StoreError::Corrupt(..)) => {
@@ -206,8 +246,8 @@ impl Engine {
                     Err(e) => return Err(e.into()),
                 },
             };
-            task.dirty
-                .insert(path.to_owned(), DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new() });
+            let dirty = DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new(), last_source: source };
+            task.dirty.insert(path.to_owned(), dirty);
         }
         let room = task.dirty.get_mut(path).expect("inserted above");
         // A rejected event leaves the state as it was, so folding in place is safe.
@@ -230,9 +270,10 @@ impl Engine {
             closes.add(1);
         }
         room.changed = true;
+        room.last_source = source;
         let processed_at = now();
         for change in outcome.changes {
-            let record = StateChange {
+            let broadcast = StateChange {
                 path: path.to_owned(),
                 version: change.version,
                 module: change.module.to_owned(),
@@ -241,21 +282,29 @@ impl Engine {
                 occurred_at: event.occurred_at,
                 processed_at: Some(processed_at),
             };
-            let payload = record.encode_to_vec();
-            send(producer, BaseRecord::to(&topics.broadcast).key(path.as_bytes()).payload(&payload[..]))?;
+            let payload = broadcast.encode_to_vec();
+            send(producer, record(&topics.broadcast, source).key(path.as_bytes()).payload(&payload[..]))?;
             room.changes.push(ChangeEntry {
-                version: record.version,
+                version: broadcast.version,
                 module: change.module,
-                state_json: record.state_json,
-                cause_event_id: record.cause_event_id,
-                occurred_at: record.occurred_at,
-                processed_at: record.processed_at,
+                state_json: broadcast.state_json,
+                cause_event_id: broadcast.cause_event_id,
+                occurred_at: broadcast.occurred_at,
+                processed_at: broadcast.processed_at,
             });
         }
         Ok(Ok(()))
     }
 
-    fn dead_letter(&mut self, message: &BorrowedMessage<'_>, rejection: &Rejection) -> Result<(), RuntimeError> {
+    /// Sends a refused record to the dead-letter topic, with its value unless
+    /// `with_value` is false.
+    fn dead_letter(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        source: Source,
+        rejection: &Rejection,
+        with_value: bool,
+    ) -> Result<(), RuntimeError> {
         tracing::warn!(
             kind = rejection.kind.as_str(),
             reason = %rejection.message,
@@ -266,14 +315,59 @@ impl Engine {
         );
         metrics::counter!("omni_dead_letters_total", "kind" => rejection.kind.as_str()).increment(1);
         let headers = dead_letter_headers(rejection, message.topic(), message.partition(), message.offset());
-        let mut record = BaseRecord::to(&self.topics.dead_letter).headers(headers);
+        let mut dead = record(&self.topics.dead_letter, source).headers(headers);
         if let Some(key) = message.key() {
-            record = record.key(key);
+            dead = dead.key(key);
         }
-        if let Some(value) = message.payload() {
-            record = record.payload(value);
+        if let Some(value) = message.payload().filter(|_| with_value) {
+            dead = dead.payload(value);
         }
-        send(&self.producer, record)
+        send(&self.producer, dead)
+    }
+
+    /// Dead-letters an input record whose output the broker refused. Its
+    /// dead letter can be refused too (a dead-letter topic that takes less
+    /// than the input): it is then sent without its value, and after that
+    /// dropped, so no record can hold its partition up.
+    fn dead_letter_refused(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        source: Source,
+        poison: &Poison,
+    ) -> Result<(), RuntimeError> {
+        let rejection = Rejection::new(RejectKind::ProductionRefused, poison.reason.clone());
+        match poison.refusals {
+            1 => self.dead_letter(message, source, &rejection, true),
+            2 => self.dead_letter(message, source, &rejection, false),
+            _ => {
+                tracing::error!(
+                    partition = source.partition,
+                    offset = source.offset,
+                    reason = %poison.reason,
+                    "even the dead letter of a refused record was refused; dropping the record"
+                );
+                metrics::counter!("omni_dead_letters_dropped_total").increment(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Remembers the input records behind the records the broker refused,
+    /// so they are dead-lettered when the rewound input reaches them again.
+    fn poison_refused(&mut self) {
+        for refused in take_refused(&self.producer) {
+            let reason = format!("{} refused a {}-byte record: {}", refused.topic, refused.bytes, refused.reason);
+            tracing::warn!(
+                partition = refused.source.partition,
+                offset = refused.source.offset,
+                %reason,
+                "the input record behind a refused record will be dead-lettered"
+            );
+            self.poisoned
+                .entry(refused.source)
+                .and_modify(|poison| poison.refusals += 1)
+                .or_insert(Poison { reason, refusals: 1 });
+        }
     }
 
     /// Publishes the counts gathered since the last commit.
@@ -299,7 +393,7 @@ impl Engine {
                 let value = dirty.room.state().encode_to_vec();
                 send(
                     &self.producer,
-                    BaseRecord::to(&self.topics.changelog)
+                    record(&self.topics.changelog, dirty.last_source)
                         .partition(partition)
                         .key(room.as_bytes())
                         .payload(&value[..]),
@@ -314,10 +408,12 @@ impl Engine {
             }
         }
         let started = Instant::now();
+        self.progress.enter(Stage::Committing);
         match finish(&self.producer, self.exactly_once, consumer, &offsets) {
             Ok(()) => {
                 metrics::histogram!("omni_commit_seconds").record(started.elapsed().as_secs_f64());
                 self.open_since = None;
+                self.commits += 1;
                 self.after_commit()?;
                 metrics::histogram!("omni_transaction_seconds").record(opened.elapsed().as_secs_f64());
                 Ok(())
@@ -329,10 +425,8 @@ impl Engine {
                 tracing::warn!(error = %e, "transaction failed while stopping; aborting it");
                 self.abort_open()
             }
-            Err(e) if self.exactly_once && requires_abort(&e) => {
-                tracing::warn!(error = %e, "transaction failed; aborting and rewinding to the committed offsets");
-                self.abort(consumer, &[])
-            }
+            // The thread decides what a failure calls for: an abort and a
+            // rewind, a new producer, or the end of the job.
             Err(e) => Err(e.into()),
         }
     }
@@ -342,8 +436,15 @@ impl Engine {
     /// safe once the transaction committed.
     fn after_commit(&mut self) -> Result<(), RuntimeError> {
         let ends = take_changelog_ends(&self.producer);
+        let tasks = &self.tasks;
+        // Refused records below the committed offsets are dealt with.
+        self.poisoned.retain(|source, _| {
+            let committed = tasks.get(&source.partition).and_then(|task| task.next_offset);
+            committed.map_or(true, |next| source.offset >= next)
+        });
         let mut writes = Vec::new();
         let mut store_writes = Vec::new();
+        let mut cache_bytes = self.room_cache_bytes;
         for (&partition, task) in &mut self.tasks {
             task.next_offset = None;
             let dirty = std::mem::take(&mut task.dirty);
@@ -351,16 +452,15 @@ impl Engine {
                 continue;
             }
             let mut rooms = Vec::with_capacity(dirty.len());
-            for (path, DirtyRoom { room, changed, encoded, changes }) in dirty {
+            for (path, DirtyRoom { room, changed, encoded, changes, .. }) in dirty {
+                let encoded_len = if changed { encoded.len() } else { room.state().encoded_len() };
                 if changed {
                     if self.redis.is_some() {
-                        writes.push(room_write(&self.folder, &path, room.state(), changes));
+                        writes.push(RoomWrite::from_state(&self.folder, &path, room.state(), changes));
                     }
                     rooms.push((path.as_bytes().to_vec(), encoded));
                 }
-                if task.recent.len() >= RECENT_ROOMS_PER_PARTITION {
-                    task.recent.clear();
-                }
+                cache_bytes += cache_weight(&path, encoded_len);
                 task.recent.insert(path, room);
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
@@ -368,9 +468,19 @@ impl Engine {
                     .push((partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() }));
             }
         }
+        self.room_cache_bytes = cache_bytes;
+        if self.room_cache_bytes > self.room_cache_budget {
+            // Past its budget the cache starts over: cheaper than tracking
+            // recency, and hot rooms come back with their next event.
+            for task in self.tasks.values_mut() {
+                task.recent = RoomMap::default();
+            }
+            self.room_cache_bytes = 0;
+        }
         if let Some(redis) = &self.redis {
             redis.send(writes);
         }
+        self.progress.enter(Stage::WritingStore);
         for (partition, write) in store_writes {
             self.store.write(partition, write)?;
         }
@@ -449,7 +559,8 @@ impl Engine {
     /// Aborts the open transaction, if any, without touching positions.
     pub(super) fn abort_open(&mut self) -> Result<(), RuntimeError> {
         if self.open_since.is_some() && self.exactly_once {
-            self.producer.abort_transaction(KAFKA_TIMEOUT)?;
+            self.progress.enter(Stage::Aborting);
+            abort_transaction(&self.producer, KAFKA_TIMEOUT)?;
         }
         self.discard_open();
         Ok(())
@@ -461,6 +572,7 @@ impl Engine {
             metrics::counter!("omni_transaction_aborts_total").increment(1);
         }
         take_changelog_ends(&self.producer);
+        self.poison_refused();
         for task in self.tasks.values_mut() {
             task.dirty.clear();
             task.next_offset = None;
@@ -473,14 +585,7 @@ impl Engine {
         for &partition in partitions {
             paused.add_partition(&self.topics.input, partition);
             self.tasks.insert(partition, Task { restoring: true, ..Task::default() });
-            let from = match self.store.changelog_offset(partition) {
-                Ok(from) => from,
-                Err(e) => {
-                    self.failure.get_or_insert(e.into());
-                    None
-                }
-            };
-            self.restores.start(partition, from);
+            self.restores.start(partition);
         }
         if let Err(e) = consumer.pause(&paused) {
             self.failure.get_or_insert(e.into());
@@ -490,9 +595,13 @@ impl Engine {
 
     /// Gives up partitions: their work is already in the committed transaction.
     pub(super) fn revoke(&mut self, partitions: &[i32]) {
+        self.poisoned.retain(|source, _| !partitions.contains(&source.partition));
         for partition in partitions {
             self.restores.cancel(*partition);
-            self.tasks.remove(partition);
+            if let Some(task) = self.tasks.remove(partition) {
+                let weights = task.recent.iter().map(|(path, room)| cache_weight(path, room.state().encoded_len()));
+                self.room_cache_bytes = self.room_cache_bytes.saturating_sub(weights.sum());
+            }
             metrics::gauge!("omni_restore_remaining_records", "partition" => partition.to_string()).set(0.0);
         }
         self.update_health();
@@ -548,18 +657,6 @@ impl Engine {
     pub(super) fn shutdown(&mut self) {
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.revoke(&partitions);
-    }
-}
-
-/// The Redis view of a committed room state.
-pub(super) fn room_write(folder: &RoomFolder, room: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
-    RoomWrite {
-        path: room.to_owned(),
-        version: state.version,
-        closed: state.closed,
-        modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
-        updated_at: state.updated_at,
-        changes,
     }
 }
 

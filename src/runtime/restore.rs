@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,14 +19,60 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::engine::room_write;
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
 use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
-use crate::view::RedisWriter;
+use crate::view::{RedisWriter, RoomWrite};
 
 const BATCH: usize = 10_000;
+
+/// Most restores one processing thread runs at once: each has a consumer
+/// with its own fetch buffer and a thread, and more than a few only share
+/// the same disk and network.
+const MOST_CONCURRENT: usize = 2;
+
+/// Longest pause between two attempts at a restore that failed.
+const MOST_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Counts the restores running, so no more than [`MOST_CONCURRENT`] do.
+#[derive(Default)]
+struct Slots {
+    running: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    /// Takes a slot, waiting for one; `false` if cancelled meanwhile.
+    fn take(&self, cancel: &AtomicBool) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running >= MOST_CONCURRENT {
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            running = self.freed.wait_timeout(running, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *running += 1;
+        true
+    }
+
+    fn give_back(&self) {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.freed.notify_one();
+    }
+}
+
+/// Why a restore attempt ended without finishing.
+enum Interrupted {
+    Cancelled,
+    Failed(RuntimeError),
+}
+
+impl<E: Into<RuntimeError>> From<E> for Interrupted {
+    fn from(error: E) -> Interrupted {
+        Interrupted::Failed(error.into())
+    }
+}
 
 /// A finished restore.
 pub struct RestoreDone {
@@ -57,6 +103,7 @@ pub struct Restores {
     done: mpsc::Sender<RestoreDone>,
     running: HashMap<i32, Running>,
     generations: u64,
+    slots: Arc<Slots>,
 }
 
 impl Restores {
@@ -81,11 +128,12 @@ impl Restores {
             done,
             running: HashMap::new(),
             generations: 0,
+            slots: Arc::default(),
         })
     }
 
-    /// Starts restoring `partition` from changelog offset `from` (the beginning when `None`).
-    pub fn start(&mut self, partition: i32, from: Option<i64>) {
+    /// Starts restoring `partition` from the changelog offset its store reached.
+    pub fn start(&mut self, partition: i32) {
         self.cancel(partition);
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
@@ -97,16 +145,20 @@ impl Restores {
             health: Arc::clone(&self.health),
             reconcile: self.reconcile.clone(),
             partition,
-            from,
             cancel: Arc::clone(&cancel),
         };
+        let slots = Arc::clone(&self.slots);
         let done = self.done.clone();
         self.generations += 1;
         let generation = self.generations;
         let thread = std::thread::Builder::new()
             .name(format!("restore-{partition}"))
             .spawn(move || {
-                let result = job.run().and_then(|records| job.reconcile().map(|()| records));
+                if !slots.take(&job.cancel) {
+                    return;
+                }
+                let result = job.run_to_the_end().and_then(|records| job.reconcile().map(|()| records));
+                slots.give_back();
                 let _ = done.send(RestoreDone { partition, generation, result });
             })
             .expect("spawning a restore thread");
@@ -145,21 +197,47 @@ struct Job {
     health: Arc<Health>,
     reconcile: Option<(RoomFolder, RedisWriter)>,
     partition: i32,
-    from: Option<i64>,
     cancel: Arc<AtomicBool>,
 }
 
 impl Job {
+    /// Restores until the end of the changelog, again after a failure
+    /// (a broker restarting, a leader moving) from where the store got to,
+    /// until it succeeds or is cancelled. A cancelled restore reports 0
+    /// records; nobody reads its report.
+    fn run_to_the_end(&self) -> Result<u64, RuntimeError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.run() {
+                Ok(records) => return Ok(records),
+                Err(Interrupted::Cancelled) => return Ok(0),
+                Err(Interrupted::Failed(error)) if !retriable(&error) => return Err(error),
+                Err(Interrupted::Failed(error)) => {
+                    tracing::warn!(partition = self.partition, %error, "restore failed; retrying");
+                    metrics::counter!("omni_restore_retries_total").increment(1);
+                    let deadline = std::time::Instant::now() + delay;
+                    while std::time::Instant::now() < deadline {
+                        if self.cancel.load(Ordering::Relaxed) {
+                            return Ok(0);
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    delay = (delay * 2).min(MOST_RETRY_DELAY);
+                }
+            }
+        }
+    }
+
     /// The changelog partition's watermarks, waiting out a leader that is not
     /// serving yet (a topic created moments ago, a leader moving).
-    fn watermarks(&self) -> Result<(i64, i64), RuntimeError> {
+    fn watermarks(&self) -> Result<(i64, i64), Interrupted> {
         let mut attempts = 0;
         loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Interrupted::Cancelled);
+            }
             match self.watermarks.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
                 Err(e) if attempts < 50 && not_served_yet(&e) => {
-                    if self.cancel.load(Ordering::Relaxed) {
-                        return Ok((0, 0));
-                    }
                     attempts += 1;
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -181,15 +259,20 @@ impl Job {
             .store
             .rooms(self.partition)?
             .into_iter()
-            .map(|(room, state)| room_write(folder, &room, &state, Vec::new()))
+            .map(|(room, state)| RoomWrite::from_state(folder, &room, &state, Vec::new()))
             .collect();
         redis.send(writes);
         Ok(())
     }
 
-    fn run(&self) -> Result<u64, RuntimeError> {
+    fn run(&self) -> Result<u64, Interrupted> {
+        let from = self.store.changelog_offset(self.partition)?;
         let (low, high) = self.watermarks()?;
-        let start = match self.from {
+        if self.cancel.load(Ordering::Relaxed) {
+            // Watermarks asked for in vain must never pass for a truncated changelog.
+            return Err(Interrupted::Cancelled);
+        }
+        let start = match from {
             // A checkpoint past the end (the changelog was recreated or truncated)
             // or before its start (records the store has not seen were deleted)
             // means the store no longer matches the changelog: start afresh.
@@ -270,6 +353,12 @@ impl Job {
                 return Ok(restored);
             }
         }
-        Ok(restored)
+        Err(Interrupted::Cancelled)
     }
+}
+
+/// Whether a failed restore is worth another attempt: anything Kafka says
+/// can pass (a broker away, a leader moving, a timeout); not the store.
+fn retriable(error: &RuntimeError) -> bool {
+    matches!(error, RuntimeError::Client(_) | RuntimeError::Kafka(_))
 }

@@ -26,6 +26,10 @@ pub enum TopologyError {
     Invalid(String),
 }
 
+/// The largest room state a topology may allow: every change to a room at
+/// that size costs a changelog and a broadcast record of about that size.
+const MOST_ROOM_STATE_BYTES: usize = 64 << 20;
+
 /// A processing job's whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +205,17 @@ impl Topology {
         if self.commit_interval_ms == 0 {
             return invalid("commit_interval_ms must be positive");
         }
+        // A commit that falls due must have time to finish well within the
+        // transaction timeout, or the coordinator aborts it and fences the producer.
+        if self.commit_interval_ms.saturating_mul(3) > self.instance.transaction_timeout_ms {
+            return invalid(
+                "commit_interval_ms must be at most a third of instance.transaction_timeout_ms, \
+                 so a transaction commits well before the coordinator times it out",
+            );
+        }
+        if self.limits.max_room_state_bytes == 0 || self.limits.max_room_state_bytes > MOST_ROOM_STATE_BYTES {
+            return invalid("limits.max_room_state_bytes must be between 1 and 64 MiB");
+        }
         if self.instance.threads == 0 {
             return invalid("instance.threads must be at least 1");
         }
@@ -268,6 +283,12 @@ mod tests {
         assert!(t.validate().is_ok());
         t.inputs.push("second".into());
         assert!(t.validate().unwrap_err().to_string().contains("one input topic"));
+        let mut t = Topology::with_defaults("a", &["tags"]);
+        t.commit_interval_ms = 5000;
+        assert!(t.validate().unwrap_err().to_string().contains("a third of instance.transaction_timeout_ms"));
+        let mut t = Topology::with_defaults("a", &["tags"]);
+        t.limits.max_room_state_bytes = 0;
+        assert!(t.validate().unwrap_err().to_string().contains("max_room_state_bytes"));
         let mut t = Topology::with_defaults("a", &["tags"]);
         t.broadcast_topic = t.inputs[0].clone();
         assert!(t.validate().is_err());

@@ -17,7 +17,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
-use crate::modules::ROOM_MODULE;
+use crate::modules::{RoomFolder, ROOM_MODULE};
+use crate::proto::omni::RoomState;
 use crate::proto::{rfc3339, Timestamp};
 
 /// Compare-and-set of a room hash plus its change stream. A write adds at
@@ -137,6 +138,19 @@ pub struct RoomWrite {
 }
 
 impl RoomWrite {
+    /// The Redis view of a committed room state, with the changes since the
+    /// room's previous write (none for a reconcile from the store).
+    pub fn from_state(folder: &RoomFolder, path: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
+        RoomWrite {
+            path: path.to_owned(),
+            version: state.version,
+            closed: state.closed,
+            modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
+            updated_at: state.updated_at,
+            changes,
+        }
+    }
+
     /// The changes for the room's stream. A closing write always ends with
     /// its close, even one that does not carry it (a reconcile from the
     /// store, or entries dropped past the budget): the stream must end at the

@@ -563,3 +563,49 @@ impl Lines {
         self.rx.recv_timeout(timeout).ok()
     }
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for staging Redis faults on a test's own Redis (never the shared one).
+
+impl ScratchRedis {
+    /// Starts redis-server in `dir` on a free port with no persistence at
+    /// all, so a FLUSHALL leaves nothing behind to reload.
+    pub fn start_volatile(dir: &FsPath) -> ScratchRedis {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = pick_free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let redis = ScratchRedis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+}
+
+/// Runs one command (`FLUSHALL`, `CLIENT UNPAUSE`, …) on the Redis at `url`.
+pub async fn redis_command(url: &str, args: &[&str]) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connecting to redis");
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    let _: redis::Value = command.query_async(&mut conn).await.unwrap_or_else(|e| panic!("redis {args:?}: {e}"));
+}
+
+/// Holds every client's writes on the Redis at `url` for up to `pause` (reads go on).
+pub async fn pause_redis_writes(url: &str, pause: Duration) {
+    redis_command(url, &["CLIENT", "PAUSE", &pause.as_millis().to_string(), "WRITE"]).await;
+}
+
+/// Ends a [`pause_redis_writes`] early.
+pub async fn unpause_redis(url: &str) {
+    redis_command(url, &["CLIENT", "UNPAUSE"]).await;
+}

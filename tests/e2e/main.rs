@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod extension;
 mod faults;
+mod follow_faults;
 mod golden;
 mod ops;
 mod processor;

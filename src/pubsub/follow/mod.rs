@@ -9,29 +9,30 @@
 //! look-back did not reach far enough, or the room was first seen mid-way),
 //! the missing versions come from the room's Redis change stream, or, when
 //! that no longer holds them, the room is re-read and announced as
-//! [`FollowEvent::Resynchronised`].
+//! [`FollowEvent::Resynchronised`]. Redis may lag, lose data or be down, so
+//! a room it cannot vouch for waits, its later changes held, and is retried
+//! until Redis catches up; nothing is guessed.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use prost::Message as _;
 use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
 
 use super::{Delivery, Pattern, PubSubError, StartAt, Subscriber};
 use crate::kafka::KafkaSettings;
 use crate::proto::omni::StateChange;
 use crate::proto::rfc3339;
 use crate::view::{self, ChangeRecord, KeyLayout, RoomSnapshot, ViewError};
-use sequence::{settle, LagPolicy, RoomSource, Tracker};
+use bridge::RoomSource;
+use sequence::{Sequencer, FIRST_RETRY, MAX_RETRY};
 
+mod bridge;
 mod sequence;
 
 /// How far back a follower starts reading the broadcast topic, by default.
 /// It must cover the time between a change's commit and its Redis write.
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(60);
-
-/// How long to wait before retrying a change whose Redis reads failed.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// One thing a [`Follower`] reports.
 ///
@@ -61,8 +62,10 @@ pub enum FollowEvent {
     Snapshot(RoomSnapshot),
     /// One change, at the version after the room's previous event.
     Change(ChangeRecord),
-    /// The room's state re-read after a gap that could not be filled; the
-    /// next change for the room follows on from this version.
+    /// The room's state after a gap the change stream could not fill:
+    /// re-read from Redis once Redis has caught up, or, after a close, the
+    /// empty room at the close's version (`updated_at` being the close's
+    /// `processed_at`). The next change for the room follows on from it.
     Resynchronised(RoomSnapshot),
 }
 
@@ -138,28 +141,24 @@ pub fn change_record(change: StateChange) -> Result<ChangeRecord, serde_json::Er
 pub struct Follower {
     subscriber: Subscriber,
     redis: RedisSource,
-    tracker: Tracker,
-    lag: LagPolicy,
-    ready: VecDeque<FollowEvent>,
-    /// The change being settled; kept across errors and cancellations so it is retried, not lost.
-    in_flight: Option<ChangeRecord>,
-    failed: bool,
+    sequencer: Sequencer,
 }
 
 impl std::fmt::Debug for Follower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Follower")
             .field("subscriber", &self.subscriber)
-            .field("rooms", &self.tracker.known.len())
-            .field("ready", &self.ready.len())
+            .field("rooms", &self.sequencer.rooms())
+            .field("rooms_behind", &self.sequencer.rooms_behind())
             .finish_non_exhaustive()
     }
 }
 
 impl Follower {
     /// Subscribes to `broadcast_topic` from `lookback` ago, then reads the
-    /// matching rooms' snapshots from Redis. Waits for the topic to exist;
-    /// bound it with `tokio::time::timeout`. Must run on a Tokio runtime.
+    /// matching rooms' snapshots from Redis. Waits for the topic to exist
+    /// and for Redis to answer (retrying with back-off, logged once); bound
+    /// it with `tokio::time::timeout`. Must run on a Tokio runtime.
     pub async fn start(
         settings: &KafkaSettings,
         broadcast_topic: &str,
@@ -173,55 +172,44 @@ impl Follower {
         // Subscribing first fixes the start offsets, so no change can fall
         // between the snapshot and the stream.
         let subscriber = Subscriber::subscribe(settings, broadcast_topic, pattern, StartAt::Timestamp(since)).await?;
-        let mut redis = RedisSource { client: redis, keys, conn: None };
+        let mut redis = RedisSource { client: redis, keys, conn: None, failing: false };
         let snapshots = redis.initial_snapshots(subscriber.pattern()).await?;
         tracing::debug!(topic = broadcast_topic, pattern = %subscriber.pattern(), rooms = snapshots.len(), "follower started");
-        let ready: VecDeque<FollowEvent> = snapshots.into_iter().map(FollowEvent::Snapshot).collect();
-        let mut tracker = Tracker::default();
-        tracker.record(ready.iter());
-        Ok(Follower { subscriber, redis, tracker, lag: LagPolicy::DEFAULT, ready, in_flight: None, failed: false })
+        Ok(Follower { subscriber, redis, sequencer: Sequencer::new(snapshots) })
     }
 
     /// The next event: first the snapshots, then changes as they happen.
     ///
-    /// After an error (Kafka or Redis), calling again retries; a change
-    /// whose gap could not be repaired yet is kept and retried, so no
-    /// version is skipped. Cancelling a call loses nothing.
+    /// A room whose gap Redis cannot bridge yet (it lags, lost the room, or
+    /// is down) waits, its later changes held, while other rooms go on; it
+    /// is retried with back-off until Redis catches up. One that waits over
+    /// 30 s is reported once as [`PubSubError::RedisBehind`]. After an error
+    /// (that one, or Kafka's), calling again continues. Cancelling a call
+    /// loses nothing.
     pub async fn next(&mut self) -> Option<Result<FollowEvent, PubSubError>> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                return Some(Ok(event));
+            if let Some(reported) = self.sequencer.pop() {
+                return Some(reported);
             }
-            if self.in_flight.is_none() {
-                let delivery = match self.subscriber.next().await? {
-                    Ok(delivery) => delivery,
-                    Err(error) => return Some(Err(error)),
-                };
-                match decode(&delivery) {
-                    Ok(change) if self.subscriber.pattern().matches(&change.path) => self.in_flight = Some(change),
-                    Ok(_) => continue,
-                    Err(error) => {
-                        tracing::warn!(%error, "skipping an undecodable broadcast record");
-                        continue;
-                    }
-                }
-            } else if self.failed {
-                tokio::time::sleep(RETRY_DELAY).await;
-            }
-            let Some(change) = self.in_flight.as_ref() else {
+            if let Some(path) = self.sequencer.due(Instant::now()) {
+                self.sequencer.catch_up(&mut self.redis, &path, Instant::now()).await;
                 continue;
+            }
+            let retry = self.sequencer.next_retry();
+            let delivery = tokio::select! {
+                delivery = self.subscriber.next() => delivery?,
+                () = sleep_until(retry) => continue,
             };
-            match settle(&self.tracker, &mut self.redis, change, self.lag).await {
-                Ok(events) => {
-                    self.tracker.record(events.iter());
-                    self.ready.extend(events);
-                    self.in_flight = None;
-                    self.failed = false;
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(error) => return Some(Err(error)),
+            };
+            match decode(&delivery) {
+                Ok(change) if self.subscriber.pattern().matches(&change.path) => {
+                    self.sequencer.admit(change, delivery.payload.len(), Instant::now())
                 }
-                Err(error) => {
-                    self.failed = true;
-                    return Some(Err(error));
-                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "skipping an undecodable broadcast record"),
             }
         }
     }
@@ -233,7 +221,15 @@ impl Follower {
 
     /// The version of the last event reported for a room, if any.
     pub fn known_version(&self, path: &str) -> Option<u64> {
-        self.tracker.known.get(path).copied()
+        self.sequencer.known_version(path)
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -255,40 +251,79 @@ fn decode(delivery: &Delivery) -> Result<ChangeRecord, PubSubError> {
     change_record(change).map_err(|e| fail(format!("state_json is not JSON: {e}")))
 }
 
+/// Whether an error is Redis failing to answer (down, restarting, timing
+/// out, refusing), which is worth waiting out, rather than bad data.
+fn is_redis_failure(error: &PubSubError) -> bool {
+    matches!(error, PubSubError::Redis(_) | PubSubError::View(ViewError::Redis(_)))
+}
+
 struct RedisSource {
     client: redis::Client,
     keys: KeyLayout,
     /// Dropped after a Redis error, because a multiplexed connection does not reconnect by itself.
     conn: Option<MultiplexedConnection>,
-}
-
-async fn connect<'a>(
-    client: &redis::Client,
-    slot: &'a mut Option<MultiplexedConnection>,
-) -> Result<&'a mut MultiplexedConnection, PubSubError> {
-    let conn = match slot.take() {
-        Some(conn) => conn,
-        None => client.get_multiplexed_async_connection().await?,
-    };
-    Ok(slot.insert(conn))
+    /// Whether the last read failed, so an outage is logged once, not per retry.
+    failing: bool,
 }
 
 impl RedisSource {
-    fn keep<T>(&mut self, result: Result<T, ViewError>) -> Result<T, PubSubError> {
-        if let Err(ViewError::Redis(_)) = &result {
-            self.conn = None;
+    async fn connection(&mut self) -> Result<MultiplexedConnection, PubSubError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
         }
-        Ok(result?)
+        let connected = self.client.get_multiplexed_async_connection().await.map_err(PubSubError::from);
+        let conn = self.observe(connected)?;
+        Ok(self.conn.insert(conn).clone())
     }
 
-    /// The snapshots of the existing rooms matching `pattern`.
+    /// Logs the first failure of an outage and the recovery, and drops a
+    /// connection that failed.
+    fn observe<T>(&mut self, result: Result<T, PubSubError>) -> Result<T, PubSubError> {
+        match &result {
+            Err(error) => {
+                if is_redis_failure(error) {
+                    self.conn = None;
+                }
+                if !self.failing {
+                    self.failing = true;
+                    if is_redis_failure(error) {
+                        tracing::warn!(%error, "redis not reachable; waiting");
+                    } else {
+                        tracing::warn!(%error, "redis holds unreadable room state; waiting");
+                    }
+                }
+            }
+            Ok(_) if self.failing => {
+                self.failing = false;
+                tracing::info!("redis answers again");
+            }
+            Ok(_) => {}
+        }
+        result
+    }
+
+    /// The snapshots of the existing rooms matching `pattern`, waiting with
+    /// back-off while Redis does not answer.
     async fn initial_snapshots(&mut self, pattern: &Pattern) -> Result<Vec<RoomSnapshot>, PubSubError> {
+        let mut delay = FIRST_RETRY;
+        loop {
+            match self.read_initial_snapshots(pattern).await {
+                Err(error) if is_redis_failure(&error) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+                read => return read,
+            }
+        }
+    }
+
+    async fn read_initial_snapshots(&mut self, pattern: &Pattern) -> Result<Vec<RoomSnapshot>, PubSubError> {
         let paths = if pattern.is_literal() {
             vec![pattern.to_string()]
         } else {
-            let conn = connect(&self.client, &mut self.conn).await?;
-            let found = view::room_paths(conn, &self.keys).await;
-            self.keep(found)?.into_iter().filter(|p| pattern.matches(p)).collect()
+            let mut conn = self.connection().await?;
+            let found = view::room_paths(&mut conn, &self.keys).await.map_err(PubSubError::from);
+            self.observe(found)?.into_iter().filter(|p| pattern.matches(p)).collect()
         };
         let mut snapshots = Vec::with_capacity(paths.len());
         for path in paths {
@@ -303,15 +338,15 @@ impl RedisSource {
 
 impl RoomSource for RedisSource {
     async fn changes_after(&mut self, path: &str, after: u64) -> Result<Vec<ChangeRecord>, PubSubError> {
-        let conn = connect(&self.client, &mut self.conn).await?;
-        let result = view::changes_after(conn, &self.keys, path, after).await;
-        self.keep(result)
+        let mut conn = self.connection().await?;
+        let read = view::changes_after(&mut conn, &self.keys, path, after).await.map_err(PubSubError::from);
+        self.observe(read)
     }
 
     async fn snapshot(&mut self, path: &str) -> Result<Option<RoomSnapshot>, PubSubError> {
-        let conn = connect(&self.client, &mut self.conn).await?;
-        let result = view::snapshot(conn, &self.keys, path).await;
-        self.keep(result)
+        let mut conn = self.connection().await?;
+        let read = view::snapshot(&mut conn, &self.keys, path).await.map_err(PubSubError::from);
+        self.observe(read)
     }
 }
 
@@ -334,6 +369,11 @@ mod tests {
             occurred_at: "2024-01-01T00:00:00Z".into(),
             processed_at: "2024-01-01T00:00:01Z".into(),
         }
+    }
+
+    /// The room's close at `version`, as the broadcast and the change stream carry it.
+    pub(super) fn close(version: u64) -> ChangeRecord {
+        ChangeRecord { module: crate::modules::ROOM_MODULE.into(), state: serde_json::json!({}), ..change(version) }
     }
 
     pub(super) fn snap(version: u64) -> RoomSnapshot {

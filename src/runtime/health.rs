@@ -1,0 +1,85 @@
+//! Liveness and readiness of the job, summed over its processing threads,
+//! as the operations endpoint reports them.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::progress::{Stall, ThreadProgress, STALL_AFTER};
+
+/// Liveness and readiness, read by the operations endpoint, summed over the
+/// instance's processing threads.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub(super) threads: AtomicUsize,
+    progress: Mutex<Vec<Arc<ThreadProgress>>>,
+    joined: AtomicUsize,
+    assigned: AtomicUsize,
+    restoring: AtomicUsize,
+    restore_total: AtomicU64,
+    restore_done: AtomicU64,
+}
+
+/// One processing thread's share of [`Health`].
+#[derive(Debug, Default)]
+pub(super) struct ThreadHealth {
+    joined: bool,
+    assigned: usize,
+    restoring: usize,
+}
+
+impl Health {
+    pub(super) fn mark_joined(&self, thread: &mut ThreadHealth) {
+        if !std::mem::replace(&mut thread.joined, true) {
+            self.joined.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn set_partitions(&self, thread: &mut ThreadHealth, assigned: usize, restoring: usize) {
+        self.assigned.fetch_add(assigned, Ordering::Relaxed);
+        self.assigned.fetch_sub(std::mem::replace(&mut thread.assigned, assigned), Ordering::Relaxed);
+        self.restoring.fetch_add(restoring, Ordering::Relaxed);
+        self.restoring.fetch_sub(std::mem::replace(&mut thread.restoring, restoring), Ordering::Relaxed);
+        metrics::gauge!("omni_assigned_partitions").set(self.assigned() as f64);
+    }
+
+    /// Ready once every processing thread joined the group and every
+    /// assigned partition is restored, and while no thread is stalled.
+    pub fn ready(&self) -> bool {
+        let threads = self.threads.load(Ordering::Relaxed);
+        threads > 0
+            && self.joined.load(Ordering::Relaxed) == threads
+            && self.restoring.load(Ordering::Relaxed) == 0
+            && self.stall().is_none()
+    }
+
+    /// A processing thread stuck in one step for longer than [`STALL_AFTER`], if any.
+    pub fn stall(&self) -> Option<Stall> {
+        let now = Instant::now();
+        let threads = self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        threads.iter().find_map(|thread| thread.stalled(now, STALL_AFTER))
+    }
+
+    /// Watches a processing thread's progress.
+    pub(super) fn watch(&self, thread: Arc<ThreadProgress>) {
+        self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(thread);
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
+    /// Changelog records restored so far and to restore in all, since start-up.
+    pub fn restore_progress(&self) -> (u64, u64) {
+        (self.restore_done.load(Ordering::Relaxed), self.restore_total.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn restore_planned(&self, records: u64) {
+        self.restore_total.fetch_add(records, Ordering::Relaxed);
+    }
+
+    pub(super) fn restore_advanced(&self, records: u64) {
+        self.restore_done.fetch_add(records, Ordering::Relaxed);
+    }
+}
+
