@@ -27,6 +27,7 @@ use super::output::{
     dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, JobProducer, Source, KAFKA_TIMEOUT,
 };
 use super::progress::{Stage, ThreadProgress};
+use super::reconcile::Resync;
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
@@ -43,6 +44,8 @@ pub struct Topics {
     pub changelog: String,
     pub broadcast: String,
     pub dead_letter: String,
+    /// The input's partition count, which every other topic shares.
+    pub partitions: i32,
 }
 
 /// A room touched in the open transaction, with the changes that Redis has not seen yet.
@@ -112,6 +115,9 @@ pub struct Engine {
     progress: Arc<ThreadProgress>,
     /// Transactions committed, so the thread can tell a recovery that worked.
     pub(super) commits: u64,
+    /// Redis data losses the writer had reported when last looked at.
+    losses_seen: u64,
+    resync: Option<Resync>,
     counters: Vec<ModuleCounters>,
     /// Room closes, counted as changes of the `room` module.
     closes: LocalCounter,
@@ -149,6 +155,8 @@ impl Engine {
             poisoned: HashMap::new(),
             progress,
             commits: 0,
+            losses_seen: 0,
+            resync: None,
             counters: ModuleCounters::for_modules(&folder),
             closes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE)),
             consumed: LocalCounter::new(metrics::counter!("omni_events_consumed_total")),
@@ -653,8 +661,29 @@ impl Engine {
         metrics::gauge!("omni_rocksdb_disk_bytes").set(usage.disk_bytes as f64);
     }
 
-    /// Stops every restore, for shutdown.
+    /// Rewrites the rooms of every active partition to Redis when the
+    /// writer found that Redis lost data. Partitions still restoring rewrite
+    /// theirs once restored anyway.
+    pub(super) fn resync_if_redis_lost_data(&mut self) {
+        let Some(redis) = &self.redis else { return };
+        let losses = redis.losses();
+        if losses == self.losses_seen {
+            return;
+        }
+        self.losses_seen = losses;
+        if let Some(running) = self.resync.take() {
+            running.cancel();
+        }
+        let active: Vec<i32> = self.tasks.iter().filter(|(_, task)| !task.restoring).map(|(&p, _)| p).collect();
+        tracing::info!(partitions = ?active, "rewriting every room of this thread's partitions to redis");
+        self.resync = Resync::start(Arc::clone(&self.store), self.folder.clone(), redis.clone(), active);
+    }
+
+    /// Stops every restore and resync, for shutdown.
     pub(super) fn shutdown(&mut self) {
+        if let Some(running) = self.resync.take() {
+            running.cancel();
+        }
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.revoke(&partitions);
     }

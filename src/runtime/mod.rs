@@ -13,6 +13,7 @@ mod fencing;
 mod health;
 mod output;
 mod progress;
+mod reconcile;
 mod restore;
 mod thread;
 
@@ -36,6 +37,7 @@ pub use progress::{Stall, STALL_AFTER};
 
 use engine::Topics;
 use health::ThreadHealth;
+use reconcile::StoreRooms;
 use thread::{Member, Shared, StreamThread};
 
 /// Why the job stopped with an error.
@@ -75,25 +77,29 @@ pub async fn run(
         "" => None,
         url => Some(connect_redis(url).await?),
     };
-    let (redis_writer, redis_task) = match redis {
-        Some(client) => {
-            let options = WriterOptions {
-                keys: KeyLayout::new(&topology.redis.key_prefix),
-                stream_max_len: topology.redis.stream_max_len,
-                batch_rooms: 512,
-                max_pending_changes: 50_000,
-            };
-            let (writer, task) = spawn_writer(client, options);
-            (Some(writer), Some(task))
-        }
-        None => (None, None),
-    };
-
     let store_dir = topology.store.dir.clone();
     let store_options = topology.store.memory;
     let store = tokio::task::spawn_blocking(move || RocksStore::open(&store_dir, store_options))
         .await
         .map_err(|e| RuntimeError::Invalid(format!("opening the store: {e}")))??;
+    let (redis_writer, redis_task) = match redis {
+        Some(client) => {
+            let limits = &topology.limits;
+            let options = WriterOptions {
+                keys: KeyLayout::new(&topology.redis.key_prefix),
+                stream_max_len: topology.redis.stream_max_len,
+                batch_rooms: 512,
+                backlog_bytes: limits.redis_backlog_bytes,
+                write_bytes: limits.redis_write_bytes,
+                closed_stream_retention: Duration::from_secs(limits.closed_stream_retention_secs),
+            };
+            let stored = StoreRooms { store: store.clone(), folder: folder.clone(), partitions: topics.partitions };
+            let (writer, task) = spawn_writer(client, options, Some(Arc::new(stored)));
+            (Some(writer), Some(task))
+        }
+        None => (None, None),
+    };
+
     let instance_id = match topology.instance.id.as_str() {
         "" => uuid::Uuid::new_v4().to_string(),
         id => id.to_owned(),
@@ -241,6 +247,7 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         changelog: topology.changelog_topic(),
         broadcast: topology.broadcast_topic.clone(),
         dead_letter: topology.dead_letter_topic.clone(),
+        partitions,
     };
     // A room at every tag limit, its JSON escaped, can pass the broker's 1 MiB default.
     let large_records = vec![("max.message.bytes", "8388608".to_owned())];

@@ -23,7 +23,8 @@ use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
 use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
-use crate::view::{RedisWriter, RoomWrite};
+use super::reconcile::rewrite_partition;
+use crate::view::RedisWriter;
 
 const BATCH: usize = 10_000;
 
@@ -85,6 +86,8 @@ pub struct RestoreDone {
 
 struct Running {
     generation: u64,
+    /// Reported back; its thread may still be rewriting the rooms to Redis.
+    reported: bool,
     cancel: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
@@ -157,12 +160,20 @@ impl Restores {
                 if !slots.take(&job.cancel) {
                     return;
                 }
-                let result = job.run_to_the_end().and_then(|records| job.reconcile().map(|()| records));
+                let result = job.run_to_the_end();
                 slots.give_back();
+                let restored = result.is_ok();
                 let _ = done.send(RestoreDone { partition, generation, result });
+                // The partition is consumed again meanwhile: its live writes
+                // go to Redis ahead of this rewrite.
+                if restored {
+                    if let Err(error) = job.reconcile() {
+                        tracing::error!(partition, %error, "could not rewrite the restored rooms to redis");
+                    }
+                }
             })
             .expect("spawning a restore thread");
-        self.running.insert(partition, Running { generation, cancel, thread });
+        self.running.insert(partition, Running { generation, reported: false, cancel, thread });
     }
 
     /// Stops a restore and waits for its thread, so two never write one partition.
@@ -173,14 +184,13 @@ impl Restores {
         }
     }
 
-    /// Forgets a restore that reported back; false if the report is stale
-    /// (its restore was cancelled, and perhaps started again since).
+    /// Takes a restore's report; false if the report is stale (its restore
+    /// was cancelled, and perhaps started again since). Its thread goes on
+    /// rewriting the partition's rooms to Redis until done or cancelled.
     pub fn finished(&mut self, partition: i32, generation: u64) -> bool {
-        match self.running.get(&partition) {
-            Some(running) if running.generation == generation => {
-                if let Some(running) = self.running.remove(&partition) {
-                    let _ = running.thread.join();
-                }
+        match self.running.get_mut(&partition) {
+            Some(running) if running.generation == generation && !running.reported => {
+                running.reported = true;
                 true
             }
             _ => false,
@@ -252,16 +262,7 @@ impl Job {
     /// processing thread, since a partition can hold many rooms.
     fn reconcile(&self) -> Result<(), RuntimeError> {
         let Some((folder, redis)) = &self.reconcile else { return Ok(()) };
-        if self.cancel.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let writes = self
-            .store
-            .rooms(self.partition)?
-            .into_iter()
-            .map(|(room, state)| RoomWrite::from_state(folder, &room, &state, Vec::new()))
-            .collect();
-        redis.send(writes);
+        rewrite_partition(self.store.as_ref(), folder, redis, self.partition, &self.cancel)?;
         Ok(())
     }
 

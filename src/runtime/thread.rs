@@ -203,6 +203,7 @@ impl<'a> StreamThread<'a> {
         if idle || self.since_housekeeping >= HOUSEKEEPING_EVERY {
             self.since_housekeeping = 0;
             engine.finish_restores(&self.consumer)?;
+            engine.resync_if_redis_lost_data();
             crate::kafka::serve_ready(&engine.producer);
             engine.report_store_usage();
         }

@@ -53,8 +53,19 @@ pub trait StateStore: Send + Sync {
     /// Forgets everything a partition holds, for a store the changelog no longer explains.
     fn clear(&self, partition: i32) -> Result<(), StoreError>;
 
-    /// Every room of a partition, for reconciling Redis after a restore.
-    fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError>;
+    /// Every room of a partition, for tests and tools; see [`StateStore::visit_rooms`] for large ones.
+    fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError> {
+        let mut rooms = Vec::new();
+        self.visit_rooms(partition, &mut |room, state| {
+            rooms.push((room, state));
+            true
+        })?;
+        Ok(rooms)
+    }
+
+    /// Hands every room of a partition to `visit`, one at a time, until it
+    /// returns false: streams a partition of any size in bounded memory.
+    fn visit_rooms(&self, partition: i32, visit: &mut dyn FnMut(String, RoomState) -> bool) -> Result<(), StoreError>;
 
     fn usage(&self) -> StoreUsage;
 }

@@ -61,9 +61,16 @@ impl RocksStore {
     pub fn open(dir: &FsPath, options: StoreOptions) -> Result<Arc<RocksStore>, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend(format!("creating {}: {e}", dir.display())))?;
         let cache = Cache::new_lru_cache(options.block_cache_mib << 20);
+        // No stall: a manager that stalls writes once memtables pass their
+        // budget can stall them for good when the flushes it waits for
+        // cannot free enough (one column family per partition, each with a
+        // memtable of its own), and the processing thread then blocks
+        // inside RocksDB forever. Without the stall, passing the budget
+        // only makes memtables flush early; the memory they take is charged
+        // to the block cache, which stays bounded.
         let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
             options.write_buffer_mib << 20,
-            true,
+            false,
             cache.clone(),
         );
         let mut table = BlockBasedOptions::default();
@@ -136,9 +143,8 @@ impl StateStore for RocksStore {
         Ok(())
     }
 
-    fn rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError> {
+    fn visit_rooms(&self, partition: i32, visit: &mut dyn FnMut(String, RoomState) -> bool) -> Result<(), StoreError> {
         let cf = self.cf(partition)?;
-        let mut rooms = Vec::new();
         for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(backend)?;
             if key.as_ref() == CHANGELOG_OFFSET_KEY {
@@ -146,9 +152,11 @@ impl StateStore for RocksStore {
             }
             let room = String::from_utf8_lossy(&key).into_owned();
             let state = RoomState::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(room.clone(), e))?;
-            rooms.push((room, state));
+            if !visit(room, state) {
+                break;
+            }
         }
-        Ok(rooms)
+        Ok(())
     }
 
     fn usage(&self) -> StoreUsage {

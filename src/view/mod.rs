@@ -17,7 +17,7 @@ mod read;
 mod writer;
 
 pub use read::{changes_after, room_paths, snapshot, ChangeRecord, RoomSnapshot};
-pub use writer::{spawn_writer, ChangeEntry, RedisWriter, RoomWrite, WriterOptions};
+pub use writer::{spawn_writer, ChangeEntry, RedisWriter, RoomWrite, StoredRooms, WriterOptions};
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,11 @@ impl KeyLayout {
     /// The room change stream key.
     pub fn changes(&self, path: &str) -> String {
         format!("{}:room:{{{path}}}:changes", self.prefix)
+    }
+
+    /// The key of a writer's marker, which tells it when Redis lost data.
+    pub fn writer_marker(&self, writer: &str) -> String {
+        format!("{}:writer:{writer}", self.prefix)
     }
 
     /// The path inside a room hash key, or `None` for other keys.

@@ -26,6 +26,19 @@ fn write(version: u64, closed: bool, tags: &str, changes: impl IntoIterator<Item
                 processed_at: Some(Timestamp { seconds: 1_795_773_601, nanos: 0 }),
             })
             .collect(),
+        truncated: false,
+    }
+}
+
+/// The writer's options for these tests, with a stream of `stream_max_len` versions.
+fn options(keys: &KeyLayout, stream_max_len: usize) -> WriterOptions {
+    WriterOptions {
+        keys: keys.clone(),
+        stream_max_len,
+        batch_rooms: 16,
+        backlog_bytes: 64 << 20,
+        write_bytes: 4 << 20,
+        closed_stream_retention: Duration::from_secs(3600),
     }
 }
 
@@ -35,7 +48,8 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let (writer, task) = spawn_writer(
         client.clone(),
-        WriterOptions { keys: keys.clone(), stream_max_len: 3, batch_rooms: 16, max_pending_changes: 100_000 },
+        options(&keys, 3),
+        None,
     );
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let version = |conn: redis::aio::MultiplexedConnection, keys: KeyLayout| async move {
@@ -116,7 +130,8 @@ async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let (writer, task) = spawn_writer(
         client.clone(),
-        WriterOptions { keys: keys.clone(), stream_max_len: 1000, batch_rooms: 16, max_pending_changes: 100_000 },
+        options(&keys, 1000),
+        None,
     );
     writer.send(vec![write(5, false, "{}", 1..=5)]);
     drop(writer);
@@ -124,7 +139,8 @@ async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
     // A write that reached Redis but whose reply was lost comes back merged with newer changes.
     let (writer, task) = spawn_writer(
         client.clone(),
-        WriterOptions { keys: keys.clone(), stream_max_len: 1000, batch_rooms: 16, max_pending_changes: 100_000 },
+        options(&keys, 1000),
+        None,
     );
     writer.send(vec![write(8, false, "{}", 3..=8)]);
     drop(writer);
@@ -152,7 +168,8 @@ async fn the_change_stream_is_capped() {
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let (writer, task) = spawn_writer(
         client.clone(),
-        WriterOptions { keys: keys.clone(), stream_max_len: 100, batch_rooms: 16, max_pending_changes: 100_000 },
+        options(&keys, 100),
+        None,
     );
     for v in 1..=1000u64 {
         writer.send(vec![write(v, false, "{}", v..=v)]);

@@ -1,0 +1,643 @@
+//! Writes committed room state to Redis.
+//!
+//! The runtime hands over writes only after their Kafka transaction
+//! committed. Writes to one room coalesce while they wait ([`pending`]), so a
+//! hot room costs one round trip per flush, and every flush is one pipeline.
+//! Each room is written by a Lua compare-and-set ([`script`]) that applies
+//! only a newer version: replays, a lagging previous owner after a
+//! rebalance, and retries are all harmless, and Redis never goes back to an
+//! older version through omni's writes.
+//!
+//! Faults, and what the writer does about them:
+//! - Redis unreachable: writes wait (coalesced, bounded in bytes) and the
+//!   flush is retried with back-off until it is back.
+//! - One room's write fails: that room alone is retried with back-off,
+//!   counted and logged once; the others keep flowing.
+//! - Redis lost data (FLUSHALL, a restart without persistence, a restart
+//!   from an older snapshot): a marker the writer advances on every flush
+//!   and checks every second no longer holds what it set last. The writer
+//!   counts a loss, and the runtime rewrites every room of its partitions
+//!   from the store through [`RedisWriter::rewrite`], a lane that yields to
+//!   live writes.
+
+mod pending;
+mod script;
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+
+use super::KeyLayout;
+use crate::modules::{RoomFolder, ROOM_MODULE};
+use crate::proto::omni::RoomState;
+use crate::proto::Timestamp;
+use pending::{Bounds, Pending, Place, Waiting};
+
+/// One change, as written to a room's change stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeEntry {
+    pub version: u64,
+    pub module: &'static str,
+    pub state_json: String,
+    pub cause_event_id: String,
+    pub occurred_at: Option<Timestamp>,
+    pub processed_at: Option<Timestamp>,
+}
+
+/// A room's committed state to publish in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomWrite {
+    pub path: String,
+    pub version: u64,
+    /// A closed room's hash is deleted; its stream stays.
+    pub closed: bool,
+    /// Module name → state JSON.
+    pub modules: Vec<(String, String)>,
+    pub updated_at: Option<Timestamp>,
+    /// The changes since the previous write, oldest first. Empty for a rewrite from the store.
+    pub changes: Vec<ChangeEntry>,
+    /// Versions before the first change (every version, when the write
+    /// carries none) may be missing: entries dropped past a bound, or a room
+    /// rewritten from the store. The stream then gets a marker that sends
+    /// readers back to the hash.
+    pub truncated: bool,
+}
+
+impl RoomWrite {
+    /// The Redis view of a committed room state, with the changes since the
+    /// room's previous write.
+    pub fn from_state(folder: &RoomFolder, path: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
+        RoomWrite {
+            path: path.to_owned(),
+            version: state.version,
+            closed: state.closed,
+            modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
+            updated_at: state.updated_at,
+            changes,
+            truncated: false,
+        }
+    }
+
+    /// A room rewritten from the store: its state, without the changes that led to it.
+    pub fn rewrite(folder: &RoomFolder, path: &str, state: &RoomState) -> RoomWrite {
+        RoomWrite { truncated: true, ..RoomWrite::from_state(folder, path, state, Vec::new()) }
+    }
+
+    /// The newest version the stream may lack before `stream_changes`, or 0.
+    fn newest_missing(&self, stream_changes: &[ChangeEntry]) -> u64 {
+        match (self.truncated, stream_changes.first()) {
+            (false, _) => 0,
+            (true, Some(first)) => first.version.saturating_sub(1),
+            (true, None) => self.version,
+        }
+    }
+
+    /// The changes for the room's stream. A closing write always ends with
+    /// its close, even one that does not carry it (a reconcile from the
+    /// store, or entries dropped past the budget): the stream must end at the
+    /// close, or a replay of an older version could bring the room back.
+    fn stream_changes(&self) -> Cow<'_, [ChangeEntry]> {
+        if !self.closed || self.changes.last().is_some_and(|c| c.version == self.version) {
+            return Cow::Borrowed(&self.changes);
+        }
+        let mut changes = self.changes.clone();
+        changes.push(ChangeEntry {
+            version: self.version,
+            module: ROOM_MODULE,
+            state_json: "{}".to_owned(),
+            cause_event_id: String::new(),
+            occurred_at: self.updated_at,
+            processed_at: self.updated_at,
+        });
+        Cow::Owned(changes)
+    }
+
+    /// When the event behind the oldest change this write carries occurred;
+    /// `None` for a rewrite, which carries none.
+    fn first_occurred(&self) -> Option<(i64, i32)> {
+        self.changes.first().and_then(|c| c.occurred_at.as_ref()).map(|t| (t.seconds, t.nanos))
+    }
+
+    /// Folds a newer write for the same room into this one. A hole before
+    /// the newer write's changes leaves this one's changes on its far side:
+    /// they are dropped, and the hole covers them.
+    fn absorb(&mut self, newer: RoomWrite) {
+        let mut changes = std::mem::take(&mut self.changes);
+        let truncated = self.truncated || newer.truncated;
+        if newer.truncated {
+            changes.clear();
+        }
+        changes.extend(newer.changes);
+        if newer.version >= self.version {
+            *self = RoomWrite { changes: Vec::new(), ..newer };
+        }
+        self.changes = changes;
+        self.truncated = truncated;
+    }
+}
+
+
+/// Tuning of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub keys: KeyLayout,
+    /// How many of a room's latest versions its change stream keeps (whole
+    /// entries: an entry holding one of them is kept with all its changes).
+    pub stream_max_len: usize,
+    /// Most rooms per pipeline.
+    pub batch_rooms: usize,
+    /// Most bytes of writes waiting for Redis (see [`crate::modules::Limits::redis_backlog_bytes`]).
+    pub backlog_bytes: usize,
+    /// Most bytes of change entries one room's write carries.
+    pub write_bytes: usize,
+    /// How long a closed room's change stream outlives it.
+    pub closed_stream_retention: Duration,
+}
+
+/// Rooms as the store holds them, for writes that waited past the backlog
+/// budget with only their path.
+pub trait StoredRooms: Send + Sync {
+    /// The room's committed state, rewritten whole; `None` if this instance does not hold it.
+    fn room(&self, path: &str) -> Option<RoomWrite>;
+}
+
+/// How long Redis may take to answer one pipeline.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an idle writer checks that Redis still holds its marker.
+const MARKER_CHECK: Duration = Duration::from_secs(1);
+
+/// How long the marker outlives its writer.
+const MARKER_TTL_SECS: u64 = 24 * 3600;
+
+/// Batches of rewrites queued at most; a rewriting thread waits past that.
+const REWRITE_QUEUE: usize = 2;
+
+/// The runtime's handle to the writer task. Dropping every handle lets the
+/// task finish what it holds and stop.
+#[derive(Clone)]
+pub struct RedisWriter {
+    live: mpsc::UnboundedSender<Vec<RoomWrite>>,
+    rewrites: mpsc::Sender<Vec<RoomWrite>>,
+    losses: Arc<AtomicU64>,
+}
+
+impl RedisWriter {
+    /// Queues committed room writes; never blocks.
+    pub fn send(&self, writes: Vec<RoomWrite>) {
+        if !writes.is_empty() && self.live.send(writes).is_err() {
+            tracing::warn!("redis writer has stopped; dropping a write that the next reconcile will repair");
+        }
+    }
+
+    /// Queues rooms rewritten from the store, after the live writes: blocks
+    /// while earlier rewrites wait, so a partition's rooms stream through a
+    /// bounded queue. From a thread outside the async runtime. `false` if
+    /// `cancel` was set or the writer stopped first.
+    pub fn rewrite(&self, writes: Vec<RoomWrite>, cancel: &AtomicBool) -> bool {
+        let mut writes = writes;
+        loop {
+            match self.rewrites.try_send(writes) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) => writes = back,
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many times the writer found that Redis had lost data.
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Relaxed)
+    }
+}
+
+/// Starts the writer task on the current tokio runtime. With `stored`, a
+/// write that waits past the backlog budget keeps only its path.
+pub fn spawn_writer(
+    client: redis::Client,
+    options: WriterOptions,
+    stored: Option<Arc<dyn StoredRooms>>,
+) -> (RedisWriter, tokio::task::JoinHandle<()>) {
+    let (live, live_rx) = mpsc::unbounded_channel();
+    let (rewrites, rewrites_rx) = mpsc::channel(REWRITE_QUEUE);
+    let losses = Arc::new(AtomicU64::new(0));
+    let bounds = Bounds {
+        changes_per_room: options.stream_max_len,
+        change_bytes_per_room: options.write_bytes,
+        backlog_bytes: options.backlog_bytes,
+        reloadable: stored.is_some(),
+    };
+    let marker = Marker::new(&options.keys);
+    let writer = Writer {
+        client,
+        script: redis::Script::new(script::ROOM_CAS),
+        marker_script: redis::Script::new(script::MARKER),
+        pending: Pending::new(bounds),
+        options,
+        stored,
+        connection: None,
+        backoff: Duration::from_millis(50),
+        marker,
+        losses: Arc::clone(&losses),
+        live: Some(live_rx),
+        rewrites: Some(rewrites_rx),
+    };
+    let task = tokio::spawn(writer.run());
+    (RedisWriter { live, rewrites, losses }, task)
+}
+
+/// The writer's marker: a key only it writes, advanced on every flush.
+struct Marker {
+    key: String,
+    next: u64,
+    /// The values Redis may hold if it kept its data: the last one
+    /// confirmed, and any sent since whose reply was lost.
+    accepted: Vec<String>,
+    checked: Instant,
+}
+
+impl Marker {
+    fn new(keys: &KeyLayout) -> Marker {
+        let key = keys.writer_marker(&uuid::Uuid::new_v4().simple().to_string());
+        Marker { key, next: 1, accepted: Vec::new(), checked: Instant::now() }
+    }
+
+    fn command(&mut self, script: &redis::Script) -> (redis::Cmd, String) {
+        let value = self.next.to_string();
+        self.next += 1;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(1).arg(&self.key).arg(&value).arg(MARKER_TTL_SECS);
+        for accepted in &self.accepted {
+            cmd.arg(accepted);
+        }
+        self.checked = Instant::now();
+        (cmd, value)
+    }
+
+    /// Takes the marker's reply; true when it shows that Redis lost data.
+    fn answered(&mut self, value: String, held: bool) -> bool {
+        let judged = !self.accepted.is_empty();
+        self.accepted = vec![value];
+        judged && !held
+    }
+
+    /// The reply was lost: Redis may hold the value sent or the one before.
+    fn unanswered(&mut self, value: String) {
+        if self.accepted.len() < 16 {
+            self.accepted.push(value);
+        }
+    }
+}
+
+struct Writer {
+    client: redis::Client,
+    options: WriterOptions,
+    script: redis::Script,
+    marker_script: redis::Script,
+    pending: Pending,
+    stored: Option<Arc<dyn StoredRooms>>,
+    connection: Option<ConnectionManager>,
+    backoff: Duration,
+    marker: Marker,
+    losses: Arc<AtomicU64>,
+    /// `None` once every handle is dropped.
+    live: Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>,
+    rewrites: Option<mpsc::Receiver<Vec<RoomWrite>>>,
+}
+
+/// What a waiting writer woke up for.
+enum Wake {
+    Live(Option<Vec<RoomWrite>>),
+    Rewrite(Option<Vec<RoomWrite>>),
+    Tick,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        loop {
+            if self.idle() {
+                if self.live.is_none() && self.rewrites.is_none() && self.pending.is_empty() {
+                    return;
+                }
+                self.wait_for_work().await;
+            }
+            self.take_in();
+            self.report_backlog();
+            if self.idle() {
+                if self.marker.checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
+                    self.flush(Vec::new()).await;
+                }
+                continue;
+            }
+            let batch = self.pending.take(self.options.batch_rooms, Instant::now());
+            let batch = self.reload(batch);
+            self.flush(batch).await;
+            self.report_backlog();
+        }
+    }
+
+    /// Nothing to write now: no room waits, or every one backs off after a failure.
+    fn idle(&self) -> bool {
+        self.pending.is_empty() || self.pending.only_failing()
+    }
+
+    /// Waits for new writes, a failing room's retry, or the next marker check.
+    async fn wait_for_work(&mut self) {
+        let next_check = self.marker.checked + MARKER_CHECK;
+        let until = self.pending.next_retry().map_or(next_check, |retry| retry.min(next_check));
+        let sleep = tokio::time::sleep_until(until.into());
+        let (live_open, rewrites_open) = (self.live.is_some(), self.rewrites.is_some());
+        let wake = tokio::select! {
+            writes = recv_unbounded(&mut self.live), if live_open => Wake::Live(writes),
+            writes = recv_bounded(&mut self.rewrites), if rewrites_open => Wake::Rewrite(writes),
+            () = sleep => Wake::Tick,
+        };
+        match wake {
+            Wake::Live(Some(writes)) => self.pending.absorb_all(writes),
+            Wake::Live(None) => self.live = None,
+            Wake::Rewrite(Some(writes)) => self.absorb_rewrites(writes),
+            Wake::Rewrite(None) => self.rewrites = None,
+            Wake::Tick => {}
+        }
+    }
+
+    /// Takes every live write that arrived, and a batch of rewrites when
+    /// few live writes wait: live writes go first.
+    fn take_in(&mut self) {
+        if let Some(live) = &mut self.live {
+            while let Ok(writes) = live.try_recv() {
+                self.pending.absorb_all(writes);
+            }
+        }
+        if self.pending.len() < self.options.batch_rooms / 2 {
+            if let Some(Ok(writes)) = self.rewrites.as_mut().map(|r| r.try_recv()) {
+                self.absorb_rewrites(writes);
+            }
+        }
+    }
+
+    fn absorb_rewrites(&mut self, writes: Vec<RoomWrite>) {
+        for write in writes {
+            self.pending.absorb(Waiting::Write(write), Place::Back);
+        }
+    }
+
+    fn report_backlog(&self) {
+        metrics::gauge!("omni_redis_backlog_rooms").set(self.pending.len() as f64);
+        metrics::gauge!("omni_redis_backlog_bytes").set(self.pending.bytes() as f64);
+    }
+
+    /// Reads back the state of rooms that waited with only their path. A
+    /// room the store has not caught up with yet (the store takes a commit
+    /// just after Redis does) waits again.
+    fn reload(&mut self, batch: Vec<Waiting>) -> Vec<RoomWrite> {
+        let mut writes = Vec::with_capacity(batch.len());
+        for waiting in batch {
+            match waiting {
+                Waiting::Write(write) => writes.push(write),
+                Waiting::Reload { path, version } => match self.stored.as_ref().and_then(|s| s.room(&path)) {
+                    Some(write) if write.version >= version => writes.push(write),
+                    Some(_) => self.pending.absorb(Waiting::Reload { path, version }, Place::Back),
+                    // The room is no longer this instance's: its new owner writes it.
+                    None => {}
+                },
+            }
+        }
+        writes
+    }
+
+    /// Writes a batch, with the marker check in front, in one pipeline.
+    async fn flush(&mut self, batch: Vec<RoomWrite>) {
+        if self.connect().await.is_none() {
+            self.requeue(batch);
+            self.back_off().await;
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let (marker, value) = self.marker.command(&self.marker_script);
+        pipe.add_command(marker);
+        for write in &batch {
+            pipe.add_command(script::room_command(&self.script, &self.options, write));
+        }
+        let started = Instant::now();
+        let conn = self.connection.as_mut().expect("connected above");
+        let replies: Result<Vec<redis::RedisResult<redis::Value>>, _> = pipe.query_async(conn).await;
+        match replies {
+            Ok(replies) => {
+                metrics::histogram!("omni_redis_write_seconds").record(started.elapsed().as_secs_f64());
+                self.backoff = Duration::from_millis(50);
+                self.settle(batch, value, replies).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
+                metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.marker.unanswered(value);
+                self.requeue(batch);
+                self.back_off().await;
+            }
+        }
+    }
+
+    /// Sorts out a pipeline's replies: the marker's, then each room's.
+    async fn settle(&mut self, batch: Vec<RoomWrite>, value: String, replies: Vec<redis::RedisResult<redis::Value>>) {
+        let mut replies = replies.into_iter();
+        let mut missing_script = false;
+        match replies.next() {
+            Some(Ok(reply)) => self.marker_answered(value, matches!(reply, redis::Value::Int(1))),
+            Some(Err(e)) if is_no_script(&e) => {
+                missing_script = true;
+                self.marker.unanswered(value);
+            }
+            _ => self.marker.unanswered(value),
+        }
+        let now = Instant::now();
+        let mut written = 0;
+        let mut unscripted = Vec::new();
+        for (write, reply) in batch.into_iter().zip(replies) {
+            match reply {
+                Ok(_) => {
+                    written += 1;
+                    self.pending.succeeded(&write.path);
+                }
+                Err(e) if is_no_script(&e) => unscripted.push(write),
+                Err(e) => self.room_failed(write, &e, now),
+            }
+        }
+        metrics::counter!("omni_redis_rooms_written_total").increment(written);
+        if missing_script || !unscripted.is_empty() {
+            // Redis restarted, or its scripts were flushed: load them, try again.
+            self.load_scripts().await;
+            self.requeue(unscripted);
+        }
+    }
+
+    fn marker_answered(&mut self, value: String, held: bool) {
+        if self.marker.answered(value, held) {
+            self.losses.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("omni_redis_resyncs_total").increment(1);
+            tracing::warn!(
+                "redis lost data (FLUSHALL, a restart without persistence, or an older snapshot); \
+                 rewriting every room from the store"
+            );
+        }
+    }
+
+    fn room_failed(&mut self, write: RoomWrite, error: &redis::RedisError, now: Instant) {
+        metrics::counter!("omni_redis_room_failures_total").increment(1);
+        let path = write.path.clone();
+        let failures = self.pending.fail(Waiting::Write(write), now);
+        if failures == 1 {
+            tracing::warn!(%path, %error, "redis refused a room's write; retrying that room alone, with back-off");
+        }
+    }
+
+    async fn load_scripts(&mut self) {
+        if let Some(conn) = &mut self.connection {
+            for script in [&self.script, &self.marker_script] {
+                if let Err(e) = script.prepare_invoke().load_async(conn).await {
+                    tracing::warn!(error = %e, "loading a script into redis failed");
+                }
+            }
+        }
+    }
+
+    fn requeue(&mut self, batch: Vec<RoomWrite>) {
+        for write in batch.into_iter().rev() {
+            self.pending.requeue(Waiting::Write(write));
+        }
+    }
+
+    async fn connect(&mut self) -> Option<()> {
+        if self.connection.is_none() {
+            let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+            match ConnectionManager::new_with_config(self.client.clone(), config).await {
+                Ok(conn) => self.connection = Some(conn),
+                Err(e) => {
+                    metrics::counter!("omni_redis_write_errors_total").increment(1);
+                    tracing::warn!(error = %e, backlog = self.pending.len(), "redis unreachable; holding writes");
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// Backs off before a retry while still taking in new writes.
+    async fn back_off(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+        loop {
+            let Some(live) = &mut self.live else {
+                tokio::time::sleep_until(deadline).await;
+                return;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return,
+                writes = live.recv() => match writes {
+                    Some(writes) => self.pending.absorb_all(writes),
+                    None => self.live = None,
+                },
+            }
+        }
+    }
+}
+
+async fn recv_unbounded(rx: &mut Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>) -> Option<Vec<RoomWrite>> {
+    rx.as_mut()?.recv().await
+}
+
+async fn recv_bounded(rx: &mut Option<mpsc::Receiver<Vec<RoomWrite>>>) -> Option<Vec<RoomWrite>> {
+    rx.as_mut()?.recv().await
+}
+
+fn is_no_script(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(version: u64, changes: &[u64]) -> RoomWrite {
+        RoomWrite {
+            path: "app/a/room/r".into(),
+            version,
+            closed: false,
+            modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
+            updated_at: None,
+            changes: changes
+                .iter()
+                .map(|&v| ChangeEntry {
+                    version: v,
+                    module: "tags",
+                    state_json: "{}".into(),
+                    cause_event_id: String::new(),
+                    occurred_at: None,
+                    processed_at: None,
+                })
+                .collect(),
+            truncated: false,
+        }
+    }
+
+    fn versions(w: &RoomWrite) -> Vec<u64> {
+        w.changes.iter().map(|c| c.version).collect()
+    }
+
+    #[test]
+    fn a_newer_write_takes_over_the_state_and_appends_its_changes() {
+        let mut w = write(2, &[1, 2]);
+        w.absorb(write(4, &[3, 4]));
+        assert_eq!(w.version, 4);
+        assert_eq!(w.modules, write(4, &[]).modules);
+        assert_eq!(versions(&w), vec![1, 2, 3, 4]);
+        assert!(!w.truncated);
+    }
+
+    #[test]
+    fn a_hole_before_the_newer_changes_swallows_the_older_ones() {
+        let mut w = write(2, &[1, 2]);
+        w.absorb(RoomWrite { truncated: true, ..write(6, &[5, 6]) });
+        assert_eq!(versions(&w), vec![5, 6]);
+        assert!(w.truncated);
+        assert_eq!(w.newest_missing(&w.stream_changes()), 4);
+        let mut w = RoomWrite { truncated: true, ..write(2, &[2]) };
+        w.absorb(write(3, &[3]));
+        assert_eq!((versions(&w), w.truncated), (vec![2, 3], true), "an older hole stays in front");
+        let rewrite = RoomWrite { truncated: true, ..write(9, &[]) };
+        assert_eq!(rewrite.newest_missing(&rewrite.stream_changes()), 9);
+        assert_eq!(write(9, &[9]).newest_missing(&write(9, &[9]).changes), 0);
+    }
+
+    #[test]
+    fn a_closing_write_always_ends_its_stream_changes_with_the_close() {
+        let reconcile = RoomWrite { closed: true, ..write(7, &[]) };
+        let changes = reconcile.stream_changes();
+        assert_eq!(changes.iter().map(|c| (c.version, c.module)).collect::<Vec<_>>(), vec![(7, ROOM_MODULE)]);
+        let dropped = RoomWrite { closed: true, ..write(7, &[4, 5]) };
+        assert_eq!(dropped.stream_changes().iter().map(|c| c.version).collect::<Vec<_>>(), vec![4, 5, 7]);
+        let whole = RoomWrite { closed: true, ..write(7, &[6, 7]) };
+        assert!(matches!(whole.stream_changes(), Cow::Borrowed(_)), "a close that carries its change is sent as is");
+        assert!(matches!(write(7, &[]).stream_changes(), Cow::Borrowed(c) if c.is_empty()));
+    }
+
+    #[test]
+    fn the_marker_judges_only_once_it_knows_what_redis_should_hold() {
+        let mut marker = Marker::new(&KeyLayout::default());
+        assert!(!marker.answered("1".into(), false), "the first answer sets the marker");
+        assert!(!marker.answered("2".into(), true));
+        marker.unanswered("3".into());
+        assert_eq!(marker.accepted, vec!["2".to_owned(), "3".to_owned()], "a lost reply leaves both possible");
+        assert!(marker.answered("4".into(), false), "a marker Redis no longer holds is a loss");
+        assert!(marker.key.starts_with("omni:writer:"));
+    }
+}
