@@ -9,6 +9,7 @@
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::output::{
-    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, JobProducer, Source, KAFKA_TIMEOUT,
+    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, JobProducer, Refused, Source,
+    KAFKA_TIMEOUT,
 };
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::Resync;
@@ -46,6 +48,8 @@ pub struct Topics {
     pub dead_letter: String,
     /// The input's partition count, which every other topic shares.
     pub partitions: i32,
+    /// The producer's batch size, which every output topic takes.
+    pub batch_bytes: usize,
 }
 
 /// A room touched in the open transaction, with the changes that Redis has not seen yet.
@@ -115,6 +119,8 @@ pub struct Engine {
     progress: Arc<ThreadProgress>,
     /// Transactions committed, so the thread can tell a recovery that worked.
     pub(super) commits: u64,
+    /// Refused records traced to their input, which is progress too.
+    pub(super) refusals: u64,
     /// Redis data losses the writer had reported when last looked at.
     losses_seen: u64,
     resync: Option<Resync>,
@@ -155,6 +161,7 @@ impl Engine {
             poisoned: HashMap::new(),
             progress,
             commits: 0,
+            refusals: 0,
             losses_seen: 0,
             resync: None,
             counters: ModuleCounters::for_modules(&folder),
@@ -363,7 +370,23 @@ impl Engine {
     /// Remembers the input records behind the records the broker refused,
     /// so they are dead-lettered when the rewound input reaches them again.
     fn poison_refused(&mut self) {
+        // A refused batch reports every record in it. Batches are smaller
+        // than any output topic takes, so the culprit is the largest record
+        // of its topic partition: the rest are sent again.
+        let mut culprits: HashMap<(String, i32), Refused> = HashMap::new();
         for refused in take_refused(&self.producer) {
+            match culprits.entry((refused.topic.clone(), refused.partition)) {
+                Entry::Occupied(mut largest) if largest.get().bytes < refused.bytes => {
+                    largest.insert(refused);
+                }
+                Entry::Occupied(_) => {}
+                Entry::Vacant(slot) => {
+                    slot.insert(refused);
+                }
+            }
+        }
+        for refused in culprits.into_values() {
+            self.refusals += 1;
             let reason = format!("{} refused a {}-byte record: {}", refused.topic, refused.bytes, refused.reason);
             tracing::warn!(
                 partition = refused.source.partition,

@@ -248,6 +248,7 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         broadcast: topology.broadcast_topic.clone(),
         dead_letter: topology.dead_letter_topic.clone(),
         partitions,
+        batch_bytes: output::batch_bytes(usize::MAX),
     };
     // A room at every tag limit, its JSON escaped, can pass the broker's 1 MiB default.
     let large_records = vec![("max.message.bytes", "8388608".to_owned())];
@@ -275,14 +276,15 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
             )));
         }
     }
-    check_record_sizes(topology, &topics).await?;
-    Ok(topics)
+    let smallest = check_record_sizes(topology, &topics).await?;
+    Ok(Topics { batch_bytes: output::batch_bytes(smallest), ..topics })
 }
 
 /// Refuses to start when an output topic cannot take the largest record
 /// the limits allow: every such record would be refused by the broker and
-/// dead-lettered, which a configuration mistake should not cause.
-async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<(), RuntimeError> {
+/// dead-lettered, which a configuration mistake should not cause. Returns
+/// the smallest `max.message.bytes` among them.
+async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usize, RuntimeError> {
     let largest = output::largest_records(&topology.limits);
     let wanted = [
         (topics.changelog.as_str(), largest.changelog, "limits.max_room_state_bytes"),
@@ -291,6 +293,7 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<(), 
     ];
     let names: Vec<&str> = wanted.iter().map(|(topic, ..)| *topic).collect();
     let sizes = max_message_bytes(&topology.kafka, &names).await?;
+    let smallest = sizes.iter().map(|(_, takes)| *takes).min().unwrap_or(usize::MAX);
     for ((topic, needed, limits), (_, takes)) in wanted.iter().zip(sizes) {
         if takes < *needed {
             return Err(RuntimeError::Invalid(format!(
@@ -298,6 +301,6 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<(), 
             )));
         }
     }
-    Ok(())
+    Ok(smallest)
 }
 

@@ -41,6 +41,7 @@ pub struct Source {
 pub struct Refused {
     pub source: Source,
     pub topic: String,
+    pub partition: i32,
     pub bytes: usize,
     pub reason: String,
 }
@@ -85,6 +86,7 @@ impl ProducerContext for DeliveryTracker {
                     refused.push(Refused {
                         source: *source,
                         topic: message.topic().to_owned(),
+                        partition: message.partition(),
                         bytes: message.payload_len(),
                         reason: error.to_string(),
                     });
@@ -125,6 +127,13 @@ pub fn largest_records(limits: &Limits) -> LargestRecords {
     }
 }
 
+/// The producer's batch size: 256 KiB, or less where an output topic takes
+/// smaller batches, so a batch of ordinary records always fits its topic
+/// and the broker refuses only a record that is too large by itself.
+pub fn batch_bytes(smallest_topic_max: usize) -> usize {
+    (smallest_topic_max / 2).clamp(16 << 10, 256 << 10)
+}
+
 /// Builds the producer. Under exactly-once its transactions still need
 /// [`Producer::init_transactions`] before the first one begins.
 pub fn create_producer(
@@ -133,6 +142,7 @@ pub fn create_producer(
     transactional_id: Option<&str>,
     transaction_timeout: Duration,
     limits: &Limits,
+    batch_bytes: usize,
 ) -> Result<JobProducer, RuntimeError> {
     let largest = largest_records(limits);
     // Larger than any record the limits allow, so librdkafka never refuses
@@ -140,7 +150,7 @@ pub fn create_producer(
     let message_max = (2 * largest.broadcast.max(largest.changelog).max(largest.dead_letter)).max(8 << 20);
     config
         .set("linger.ms", "5")
-        .set("batch.size", "262144")
+        .set("batch.size", batch_bytes.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "16384")
         .set("message.max.bytes", message_max.to_string())

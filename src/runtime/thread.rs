@@ -74,8 +74,8 @@ pub(super) struct StreamThread<'a> {
     /// Pause before the next recovery; grows while recoveries follow each
     /// other with no commit between them (a broker that is down).
     backoff: Duration,
-    /// Commits the engine had made at the last recovery.
-    commits_at_recovery: u64,
+    /// Commits and traced refusals the engine had made at the last recovery.
+    progress_at_recovery: (u64, u64),
     since_housekeeping: u32,
 }
 
@@ -142,7 +142,7 @@ impl<'a> StreamThread<'a> {
             progress,
             fencings: FencingBudget::default(),
             backoff: Duration::ZERO,
-            commits_at_recovery: 0,
+            progress_at_recovery: (0, 0),
             since_housekeeping: 0,
         })
     }
@@ -259,12 +259,16 @@ impl<'a> StreamThread<'a> {
         }
     }
 
-    /// Waits before a recovery that follows another with no commit between
-    /// them, longer each time, so a broker that is down is not hammered.
+    /// Waits before a recovery that follows another with no progress
+    /// between them (no commit, no refused record traced to its input),
+    /// longer each time, so a broker that is down is not hammered.
     fn pause_between_recoveries(&mut self) {
-        let commits = self.engine().commits;
-        if commits != self.commits_at_recovery {
-            self.commits_at_recovery = commits;
+        let progress = {
+            let engine = self.engine();
+            (engine.commits, engine.refusals)
+        };
+        if progress != self.progress_at_recovery {
+            self.progress_at_recovery = progress;
             self.backoff = Duration::ZERO;
         }
         let deadline = Instant::now() + self.backoff;
@@ -344,6 +348,7 @@ fn new_producer(shared: &Shared, member: &Member) -> Result<JobProducer, Runtime
         topology.exactly_once.then_some(member.id.as_str()),
         Duration::from_millis(topology.instance.transaction_timeout_ms),
         &topology.limits,
+        shared.topics.batch_bytes,
     )
 }
 

@@ -8,6 +8,7 @@ mod extension;
 mod faults;
 mod follow_faults;
 mod golden;
+mod liveness;
 mod ops;
 mod processor;
 mod pubsub;

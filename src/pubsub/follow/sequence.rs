@@ -405,7 +405,8 @@ mod tests {
         assert_eq!(drain(&mut sequencer), Vec::<String>::new());
         assert_eq!(sequencer.rooms_behind(), 1);
         redis.fail = false;
-        attempt_due(&mut sequencer, &mut redis, sequencer.next_retry().unwrap());
+        let retry = sequencer.next_retry().unwrap();
+        attempt_due(&mut sequencer, &mut redis, retry);
         assert_eq!(drain(&mut sequencer), ["resync 7", "change 8"]);
     }
 
@@ -426,7 +427,8 @@ mod tests {
         assert_eq!(sequencer.behind[PATH].held.len(), 1);
         redis.states.push((Some(snap(newest + 1)), Vec::new()));
         attempt_due(&mut sequencer, &mut redis, now);
-        attempt_due(&mut sequencer, &mut redis, sequencer.next_retry().unwrap());
+        let retry = sequencer.next_retry().unwrap();
+        attempt_due(&mut sequencer, &mut redis, retry);
         assert_eq!(drain(&mut sequencer), [format!("resync {}", newest + 1)]);
     }
 

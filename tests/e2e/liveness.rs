@@ -1,0 +1,229 @@
+//! No input stalls the job: an oversized room is dead-lettered while every
+//! other room flows, a record the broker refuses is traced back to its event
+//! and dead-lettered with the reason, output topics too small for the limits
+//! stop the job at start-up with a clear message, and a module that panics
+//! dead-letters the event instead of crash-looping.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use omni::kafka::{ensure_topics, TopicSpec};
+use omni::modules::{Limits, Module, Registry, Rejection, RoomFolder};
+use omni::proto::tecate::room_event::Kind;
+use omni::proto::tecate::{RoomEvent, TagSet};
+use omni::proto::Message as _;
+use omni::runtime::HEADER_ERROR_KIND;
+use omni::topology::Topology;
+use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+
+use crate::common::*;
+
+fn tag_set(id: usize, room: &str, key: &str, value: String) -> (String, RoomEvent) {
+    (room.to_owned(), event(id, 1_795_773_600_000 + id as i64, Kind::TagSet(TagSet { key: key.into(), value })))
+}
+
+/// Text of `len` random characters, so compression cannot shrink records below the broker's limits.
+fn random_text(rng: &mut impl Rng, len: usize) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// Creates the topology's input and broadcast topics with the broker's
+/// defaults (a 1 MiB `max.message.bytes`), as a new user's cluster would.
+async fn create_with_broker_defaults(topology: &Topology, extra: Vec<(&'static str, String)>) {
+    let spec = |name: &str, configs| TopicSpec { name: name.to_owned(), partitions: topology.partitions, configs };
+    ensure_topics(
+        &topology.kafka,
+        &[spec(topology.input_topic(), vec![]), spec(&topology.broadcast_topic, extra)],
+    )
+    .await
+    .expect("creating topics with the broker's defaults");
+}
+
+/// The dead letters of a topic, as (room, kind, reason, event id).
+fn dead_letters(topic: &str, want: usize) -> Vec<(String, String, String, String)> {
+    read_committed(topic, want, Duration::from_secs(90))
+        .into_iter()
+        .map(|read| {
+            let room = String::from_utf8(read.key.unwrap_or_default()).unwrap();
+            let event_id = read.value.as_deref().map_or(String::new(), |v| RoomEvent::decode(v).unwrap().event_id);
+            let reason = read.headers.get("omni.error.message").cloned().unwrap_or_default();
+            (room, read.headers[HEADER_ERROR_KIND].clone(), reason, event_id)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_room_is_dead_lettered_and_every_other_room_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("oversized", 4, &dir.path().join("state"));
+    create_with_broker_defaults(&topology, vec![]).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let mut events = Vec::new();
+    for k in 0..256 {
+        events.push(tag_set(events.len(), "app/big/room/big", &format!("k{k:03}"), random_text(&mut rng, 4096)));
+        let small = format!("app/a/room/small{}", k % 60);
+        events.push(tag_set(events.len(), &small, &format!("k{}", k / 60), "v".into()));
+    }
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    let big = &expected.rooms["app/big/room/big"];
+    let accepted = big.version as usize;
+    assert!(accepted > 64 && accepted < 256, "the room stops at its byte limit: {accepted} tags");
+    assert_eq!(expected.rooms.len(), 61, "every small room has state");
+
+    produce(&producer(), topology.input_topic(), &events);
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    let dead = dead_letters(&topology.dead_letter_topic, 256 - accepted);
+    assert_eq!(dead.len(), 256 - accepted, "every refused event is dead-lettered once");
+    for (room, kind, reason, _) in &dead {
+        assert_eq!((room.as_str(), kind.as_str()), ("app/big/room/big", "over_limit"));
+        assert!(reason.contains("over the 524288-byte limit"), "{reason}");
+    }
+    job.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("refused", 2, &dir.path().join("state"));
+    create_input(&topology).await;
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    // The broadcast topic shrinks under the running job, as an operator's
+    // mistake would make it: its records past 300 kB are refused from now on.
+    let admin: AdminClient<DefaultClientContext> = topology.kafka.client_config().create().unwrap();
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(&topology.broadcast_topic)).set("max.message.bytes", "300000");
+    for result in admin.alter_configs(&[alter], &AdminOptions::new()).await.unwrap() {
+        result.expect("altering the broadcast topic");
+    }
+
+    let fat = "app/a/room/fat";
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut events = Vec::new();
+    for k in 0..100 {
+        events.push(tag_set(events.len(), fat, &format!("k{k:02}"), random_text(&mut rng, 4000)));
+        for r in 0..10 {
+            events.push(tag_set(events.len(), &format!("app/a/room/thin{r}"), &format!("k{}", k % 7), format!("{k}")));
+        }
+    }
+    // A close ends the fat room small again, and tells when its events are all done.
+    events.push((fat.to_owned(), event(events.len(), 1_795_773_700_000, Kind::RoomClosed(Default::default()))));
+    produce(&producer(), topology.input_topic(), &events);
+
+    let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
+    wait_for(Duration::from_secs(180), "the fat room's close in redis", || {
+        let (mut conn, keys) = (conn.clone(), keys.clone());
+        async move {
+            let changes = omni::view::changes_after(&mut conn, &keys, fat, 0).await.ok()?;
+            (changes.last()?.module == "room").then_some(())
+        }
+    })
+    .await;
+    let dead = dead_letters(&topology.dead_letter_topic, 100);
+    assert!(dead.len() >= 10, "the fat room's largest records were refused: {} dead letters", dead.len());
+    let refused: BTreeSet<String> = dead.iter().map(|(_, _, _, id)| id.clone()).collect();
+    assert_eq!(refused.len(), dead.len(), "each refused event is dead-lettered once");
+    for (room, kind, reason, _) in &dead {
+        assert_eq!((room.as_str(), kind.as_str()), (fat, "production_refused"));
+        assert!(reason.contains(&topology.broadcast_topic) && reason.contains("too large"), "{reason}");
+    }
+    let folder = folder(&["recording", "tags"]);
+    let kept: Vec<_> = events.iter().filter(|(_, e)| !refused.contains(&e.event_id)).cloned().collect();
+    let expected = model(&folder, &kept);
+    assert_eq!(expected.rooms[fat].version, 101 - refused.len() as u64);
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    let _ = &mut conn;
+    job.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_refuses_to_start_when_an_output_topic_cannot_take_its_largest_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("small-topic", 2, &dir.path().join("state"));
+    create_with_broker_defaults(&topology, vec![("max.message.bytes", "100000".into())]).await;
+    let health = std::sync::Arc::new(omni::runtime::Health::default());
+    let run = omni::runtime::run(topology.clone(), Registry::with_builtins(), health, std::future::pending());
+    let error = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the job stops at start-up")
+        .expect_err("the job refuses to start");
+    let text = error.to_string();
+    assert!(text.contains(&topology.broadcast_topic) && text.contains("max.message.bytes"), "{text}");
+    assert!(text.contains("100000") && text.contains("limits.max_room_state_bytes"), "{text}");
+}
+
+/// Panics on a tag named `boom`, as a module with a bug would.
+struct Fragile;
+
+impl Module for Fragile {
+    type State = u64;
+
+    fn name(&self) -> &'static str {
+        "fragile"
+    }
+
+    fn fold(&self, state: &u64, event: &RoomEvent, _: &Limits) -> Result<Option<u64>, Rejection> {
+        match &event.kind {
+            Some(Kind::TagSet(set)) if set.key == "boom" => panic!("fragile met a boom"),
+            Some(Kind::TagSet(_)) => Ok(Some(state + 1)),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_panics_dead_letters_the_event_and_the_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("panics", 2, &dir.path().join("state"));
+    topology.modules = vec!["tags".into(), "fragile".into()];
+    create_input(&topology).await;
+    let registry = Registry::with_builtins().register(Fragile);
+    let folder = RoomFolder::new(registry.select(&topology.modules).unwrap(), Limits::default());
+    let mut events = generate(43, 600, 20);
+    let booms: Vec<usize> = (0..600).step_by(50).collect();
+    for &i in &booms {
+        events[i].1.kind = Some(Kind::TagSet(TagSet { key: "boom".into(), value: "x".into() }));
+    }
+    let expected = model(&folder, &events);
+    produce(&producer(), topology.input_topic(), &events);
+    let job = RunningJob::start(topology.clone(), registry).await;
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    let dead = dead_letters(&topology.dead_letter_topic, booms.len());
+    assert_eq!(dead.len(), booms.len());
+    for (_, kind, reason, _) in &dead {
+        assert_eq!(kind, "module_panic");
+        assert!(reason.contains("module fragile panicked: fragile met a boom"), "{reason}");
+    }
+    job.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_under_a_taken_name_stops_the_job_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("taken", 1, &dir.path().join("state"));
+    struct Impostor;
+    impl Module for Impostor {
+        type State = u64;
+        fn name(&self) -> &'static str {
+            "tags"
+        }
+        fn fold(&self, _: &u64, _: &RoomEvent, _: &Limits) -> Result<Option<u64>, Rejection> {
+            Ok(None)
+        }
+    }
+    let health = std::sync::Arc::new(omni::runtime::Health::default());
+    let registry = Registry::with_builtins().register(Impostor);
+    let error = omni::runtime::run(topology, registry, health, std::future::pending()).await.unwrap_err();
+    assert!(error.to_string().contains("\"tags\" is registered twice"), "{error}");
+}
