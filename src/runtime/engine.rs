@@ -25,8 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::output::{
-    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, JobProducer, Refused, Source,
-    KAFKA_TIMEOUT,
+    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, transaction_failed, JobProducer,
+    Refused, Source, KAFKA_TIMEOUT,
 };
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::Resync;
@@ -419,6 +419,7 @@ impl Engine {
             return Ok(());
         };
         self.commit_clock.began(Instant::now());
+        self.check_delivery()?;
         for (&partition, task) in &mut self.tasks {
             for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed) {
                 let value = dirty.room.state().encode_to_vec();
@@ -460,6 +461,15 @@ impl Engine {
             // rewind, a new producer, or the end of the job.
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Fails at once when a record of the open transaction was not
+    /// delivered: it can only be aborted.
+    pub(super) fn check_delivery(&self) -> Result<(), RuntimeError> {
+        if self.exactly_once && self.open_since.is_some() && transaction_failed(&self.producer) {
+            return Err(RuntimeError::TransactionFailed);
+        }
+        Ok(())
     }
 
     /// Hands the committed overlays to Redis, then moves them into the store.

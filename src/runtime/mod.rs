@@ -55,6 +55,8 @@ pub enum RuntimeError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Invalid(String),
+    #[error("a record of the transaction was not delivered; it must be aborted")]
+    TransactionFailed,
     #[error(
         "producer {transactional_id} was fenced {fencings} times within ten minutes ({reason}); \
          does another instance run with the same instance id?"

@@ -4,6 +4,7 @@
 //! own changelog after each commit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub struct DeliveryTracker {
     changelog_ends: Mutex<HashMap<i32, i64>>,
     /// Records refused since the last abort.
     refused: Mutex<Vec<Refused>>,
+    /// A record of the open transaction was not delivered: it cannot commit.
+    failed: AtomicBool,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -77,6 +80,7 @@ impl ProducerContext for DeliveryTracker {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight), _)) => {
             }
             Err((error, message)) if refused_by_broker(error) => {
+                self.failed.store(true, Ordering::Relaxed);
                 // The transaction cannot commit now; the engine aborts it and
                 // dead-letters the event behind this record when it meets it again.
                 tracing::warn!(%error, topic = message.topic(), bytes = message.payload_len(), "the broker refused a record");
@@ -93,6 +97,7 @@ impl ProducerContext for DeliveryTracker {
                 }
             }
             Err((error, message)) => {
+                self.failed.store(true, Ordering::Relaxed);
                 // The transaction cannot commit now; the engine aborts and retries it.
                 tracing::warn!(%error, topic = message.topic(), "record not delivered");
                 metrics::counter!("omni_produce_errors_total", "kind" => "transient").increment(1);
@@ -163,6 +168,7 @@ pub fn create_producer(
         changelog_topic: changelog_topic.to_owned(),
         changelog_ends: Mutex::default(),
         refused: Mutex::default(),
+        failed: AtomicBool::new(false),
     };
     Ok(config.create_with_context(tracker)?)
 }
@@ -172,9 +178,17 @@ pub fn take_changelog_ends(producer: &JobProducer) -> HashMap<i32, i64> {
     std::mem::take(&mut *producer.context().changelog_ends.lock().expect("delivery lock"))
 }
 
-/// Records the broker refused since the last call.
+/// Records the broker refused since the last call; the next transaction starts afresh.
 pub fn take_refused(producer: &JobProducer) -> Vec<Refused> {
+    producer.context().failed.store(false, Ordering::Relaxed);
     std::mem::take(&mut *producer.context().refused.lock().expect("delivery lock"))
+}
+
+/// Whether a record of the open transaction was not delivered: it can only
+/// be aborted then, and waiting for the rest of its records would only
+/// wait for them to time out.
+pub fn transaction_failed(producer: &JobProducer) -> bool {
+    producer.context().failed.load(Ordering::Relaxed)
 }
 
 /// A record to `topic` produced on behalf of the input record at `source`.

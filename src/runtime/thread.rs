@@ -202,6 +202,7 @@ impl<'a> StreamThread<'a> {
         self.since_housekeeping += 1;
         if idle || self.since_housekeeping >= HOUSEKEEPING_EVERY {
             self.since_housekeeping = 0;
+            engine.check_delivery()?;
             engine.finish_restores(&self.consumer)?;
             engine.resync_if_redis_lost_data();
             crate::kafka::serve_ready(&engine.producer);
@@ -216,7 +217,8 @@ impl<'a> StreamThread<'a> {
 
     /// Recovers from a failure, or returns the error that ends the job.
     fn recover(&mut self, mut error: RuntimeError) -> Result<(), RuntimeError> {
-        if !matches!(error, RuntimeError::Client(_)) || !self.shared.topology.exactly_once {
+        let recoverable = matches!(error, RuntimeError::Client(_) | RuntimeError::TransactionFailed);
+        if !recoverable || !self.shared.topology.exactly_once {
             return Err(error);
         }
         self.pause_between_recoveries();

@@ -118,16 +118,20 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_re
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
-    wait_for(Duration::from_secs(180), "the fat room's close in redis", || {
+    let closed_at = wait_for(Duration::from_secs(180), "the fat room's close in redis", || {
         let (mut conn, keys) = (conn.clone(), keys.clone());
         async move {
             let changes = omni::view::changes_after(&mut conn, &keys, fat, 0).await.ok()?;
-            (changes.last()?.module == "room").then_some(())
+            let last = changes.last()?;
+            (last.module == "room").then_some(last.version)
         }
     })
     .await;
-    let dead = dead_letters(&topology.dead_letter_topic, 100);
-    assert!(dead.len() >= 10, "the fat room's largest records were refused: {} dead letters", dead.len());
+    // The close is the fat room's version after its accepted tags.
+    let refused_count = 100 - (closed_at as usize - 1);
+    assert!(refused_count >= 10, "the fat room's largest records were refused: {refused_count}");
+    let dead = dead_letters(&topology.dead_letter_topic, refused_count);
+    assert_eq!(dead.len(), refused_count, "every refused event is dead-lettered");
     let refused: BTreeSet<String> = dead.iter().map(|(_, _, _, id)| id.clone()).collect();
     assert_eq!(refused.len(), dead.len(), "each refused event is dead-lettered once");
     for (room, kind, reason, _) in &dead {
@@ -141,6 +145,8 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_re
     let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
     assert_broadcast_exact(&changes, &expected);
     assert_redis_exact(&topology, &folder, &expected).await;
+    let extra = read_committed(&topology.dead_letter_topic, refused_count + 1, Duration::from_secs(3));
+    assert_eq!(extra.len(), refused_count, "no event is dead-lettered twice");
     let _ = &mut conn;
     job.stop().await;
 }

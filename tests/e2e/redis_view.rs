@@ -186,3 +186,55 @@ async fn the_change_stream_is_capped() {
     assert_eq!(last[0].state, serde_json::json!({"v": "1000"}));
     assert_eq!(last[0].occurred_at, "2026-11-27T10:00:00Z");
 }
+
+/// The value of the one writer marker under `keys`, once there is one.
+async fn marker_value(conn: &mut redis::aio::MultiplexedConnection, keys: &KeyLayout) -> Option<u64> {
+    let found: Vec<String> = redis::cmd("KEYS").arg(keys.writer_marker("*")).query_async(conn).await.ok()?;
+    let value: Option<String> = redis::AsyncCommands::get(conn, found.first()?).await.ok()?;
+    value?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_tells_a_redis_that_lost_data_from_one_that_kept_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = ScratchRedis::start_volatile(&dir.path().join("redis"));
+    let url = redis.url("");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = KeyLayout::new(&unique("marker"));
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 100), None);
+    writer.send(vec![write(1, false, r#"{"a":"1"}"#, [1])]);
+    // Idle, the writer checks its marker every second; Redis kept everything.
+    wait_for(Duration::from_secs(15), "four marker checks", || {
+        let (mut conn, keys) = (conn.clone(), keys.clone());
+        async move { marker_value(&mut conn, &keys).await.filter(|&v| v >= 4) }
+    })
+    .await;
+    assert_eq!(writer.losses(), 0, "a Redis that kept its data is no loss");
+
+    redis_command(&url, &["FLUSHALL"]).await;
+    wait_for(Duration::from_secs(10), "the FLUSHALL noticed", || {
+        let losses = writer.losses();
+        async move { (losses == 1).then_some(()) }
+    })
+    .await;
+
+    // Redis back from an older snapshot: the marker holds an older value.
+    let marker: Vec<String> = redis::cmd("KEYS").arg(keys.writer_marker("*")).query_async(&mut conn).await.unwrap();
+    let _: () = redis::AsyncCommands::set(&mut conn, &marker[0], "1").await.unwrap();
+    wait_for(Duration::from_secs(10), "the older snapshot noticed", || {
+        let losses = writer.losses();
+        async move { (losses == 2).then_some(()) }
+    })
+    .await;
+    let steady = writer.losses();
+    let checks = marker_value(&mut conn, &keys).await.unwrap();
+    wait_for(Duration::from_secs(15), "three more marker checks", || {
+        let (mut conn, keys) = (conn.clone(), keys.clone());
+        async move { marker_value(&mut conn, &keys).await.filter(|&v| v >= checks + 3) }
+    })
+    .await;
+    assert_eq!(writer.losses(), steady, "no loss is reported twice");
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+}

@@ -453,10 +453,8 @@ impl Writer {
         let mut missing_script = false;
         match replies.next() {
             Some(Ok(reply)) => self.marker_answered(value, matches!(reply, redis::Value::Int(1))),
-            Some(Err(e)) if is_no_script(&e) => {
-                missing_script = true;
-                self.marker.unanswered(value);
-            }
+            // Not run at all: Redis holds what it held before.
+            Some(Err(e)) if is_no_script(&e) => missing_script = true,
             _ => self.marker.unanswered(value),
         }
         let now = Instant::now();

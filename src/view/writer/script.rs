@@ -80,11 +80,14 @@ return 1
 /// without persistence) holds none, and one restored from an older snapshot
 /// holds an older one.
 ///
-/// KEYS: the marker. ARGV: the value expected, the next value, its time to live in seconds.
+/// KEYS: the marker. ARGV: the next value, its time to live in seconds,
+/// then every value Redis may hold if it kept its data.
 pub(super) const MARKER: &str = r#"
 local seen = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-if seen == ARGV[1] then return 1 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+for i = 3, #ARGV do
+  if seen == ARGV[i] then return 1 end
+end
 return 0
 "#;
 
