@@ -32,12 +32,12 @@ use super::progress::{Stage, ThreadProgress};
 use super::reconcile::Resync;
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
+use crate::kafka::abort_transaction;
 use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
 use crate::proto::now;
 use crate::proto::omni::StateChange;
 use crate::store::{PartitionWrite, StateStore, StoreError};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
-use crate::kafka::abort_transaction;
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -249,8 +249,7 @@ impl Engine {
         if !task.dirty.contains_key(path) {
             let room = match task.recent.remove(path) {
                 Some(room) => {
-                    *room_cache_bytes =
-                        room_cache_bytes.saturating_sub(cache_weight(path, room.state().encoded_len()));
+                    *room_cache_bytes = room_cache_bytes.saturating_sub(cache_weight(path, room.state().encoded_len()));
                     room
                 }
                 None => match store.get(partition, path) {
@@ -261,7 +260,8 @@ impl Engine {
                     Err(e) => return Err(e.into()),
                 },
             };
-            let dirty = DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new(), last_source: source };
+            let dirty =
+                DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new(), last_source: source };
             task.dirty.insert(path.to_owned(), dirty);
         }
         let room = task.dirty.get_mut(path).expect("inserted above");

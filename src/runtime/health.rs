@@ -82,4 +82,3 @@ impl Health {
         self.restore_done.fetch_add(records, Ordering::Relaxed);
     }
 }
-

@@ -305,4 +305,3 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usiz
     }
     Ok(smallest)
 }
-

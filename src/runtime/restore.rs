@@ -19,11 +19,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::reconcile::rewrite_partition;
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
 use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
-use super::reconcile::rewrite_partition;
 use crate::view::RedisWriter;
 
 const BATCH: usize = 10_000;

@@ -461,9 +461,17 @@ impl ScratchRedis {
     /// Starts redis-server in `dir` on `port`, keeping its data in an append-only
     /// file there, so a restart on the same dir and port finds it again.
     pub fn start_on(dir: &FsPath, port: u16) -> ScratchRedis {
+        ScratchRedis::start_with(dir, port, &["--save", "", "--appendonly", "yes"])
+    }
+
+    /// Starts redis-server in `dir` on `port` with these persistence options,
+    /// and waits until it accepts connections.
+    pub fn start_with(dir: &FsPath, port: u16, persistence: &[&str]) -> ScratchRedis {
         std::fs::create_dir_all(dir).unwrap();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(persistence)
+            .arg("--dir")
             .arg(dir)
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -571,21 +579,7 @@ impl ScratchRedis {
     /// Starts redis-server in `dir` on a free port with no persistence at
     /// all, so a FLUSHALL leaves nothing behind to reload.
     pub fn start_volatile(dir: &FsPath) -> ScratchRedis {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = pick_free_port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let redis = ScratchRedis { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        redis
+        ScratchRedis::start_with(dir, pick_free_port(), &["--save", "", "--appendonly", "no"])
     }
 }
 
@@ -608,4 +602,144 @@ pub async fn pause_redis_writes(url: &str, pause: Duration) {
 /// Ends a [`pause_redis_writes`] early.
 pub async fn unpause_redis(url: &str) {
     redis_command(url, &["CLIENT", "UNPAUSE"]).await;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the broker-outage tests (`broker_outage.rs`). They stop and
+// start a Kafka broker, so they run against a Kafka and a Redis of their own
+// (`OMNI_SERVICES_DIR=<folder> integration/services.sh up`), never against
+// the shared ones other tests run on meanwhile.
+
+/// The broker-outage tests' own services.
+pub struct OutageServices {
+    pub brokers: String,
+    pub redis_url: String,
+    /// Their `services.sh` state folder: `stop kafka` / `start kafka` act on it.
+    pub dir: PathBuf,
+}
+
+/// The outage services from `OMNI_OUTAGE_BROKERS`, `OMNI_OUTAGE_REDIS_URL`
+/// and `OMNI_OUTAGE_SERVICES_DIR`. A test without them fails: they are not
+/// skipped, since a skipped test would pass unseen.
+pub fn outage_services() -> &'static OutageServices {
+    static OUTAGE: OnceLock<OutageServices> = OnceLock::new();
+    OUTAGE.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                panic!(
+                    "{name} is not set. The broker-outage tests stop and start a Kafka broker, so they need one of \
+                     their own: they run in the broker-outage stage of integration/test.sh. By hand: \
+                     `export OMNI_SERVICES_DIR=$PWD/integration/.state/outage; bash integration/services.sh up`, \
+                     then set OMNI_OUTAGE_BROKERS and OMNI_OUTAGE_REDIS_URL to what `services.sh env` prints and \
+                     OMNI_OUTAGE_SERVICES_DIR to that folder"
+                )
+            })
+        };
+        let outage = OutageServices {
+            brokers: var("OMNI_OUTAGE_BROKERS"),
+            redis_url: var("OMNI_OUTAGE_REDIS_URL"),
+            dir: PathBuf::from(var("OMNI_OUTAGE_SERVICES_DIR")),
+        };
+        if let Ok(shared) = std::env::var("OMNI_BROKERS") {
+            assert_ne!(shared, outage.brokers, "the broker-outage tests must not stop the shared broker");
+        }
+        // Stopping the folder's broker must stop the broker the tests use, and no other.
+        let env = std::process::Command::new("bash")
+            .arg(repo_root().join("integration/services.sh"))
+            .arg("env")
+            .env("OMNI_SERVICES_DIR", &outage.dir)
+            .output()
+            .expect("services.sh env");
+        let text = String::from_utf8_lossy(&env.stdout).into_owned();
+        assert!(
+            env.status.success() && text.lines().any(|l| l == format!("OMNI_BROKERS={}", outage.brokers)),
+            "OMNI_OUTAGE_SERVICES_DIR={} holds another broker than OMNI_OUTAGE_BROKERS={}: services.sh env says\n{text}{}",
+            outage.dir.display(),
+            outage.brokers,
+            String::from_utf8_lossy(&env.stderr)
+        );
+        outage
+    })
+}
+
+/// Stops or starts (`"stop"`, `"start"`) the outage services' broker, with
+/// the same port and data; `start` returns once it serves metadata.
+pub fn outage_broker(action: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(repo_root().join("integration/services.sh"))
+        .args([action, "kafka"])
+        .env("OMNI_SERVICES_DIR", &outage_services().dir)
+        .status()
+        .expect("running services.sh");
+    assert!(status.success(), "services.sh {action} kafka failed");
+}
+
+/// As [`fresh_topology`], on the outage services.
+pub fn outage_topology(name: &str, partitions: i32, state_dir: &FsPath) -> Topology {
+    let mut t = fresh_topology(name, partitions, state_dir);
+    t.kafka = KafkaSettings::with_brokers(outage_services().brokers.clone());
+    t.redis.url = outage_services().redis_url.clone();
+    t
+}
+
+/// As [`read_committed`], from the cluster at `brokers`.
+pub fn read_committed_at(brokers: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(Read {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+                headers: HashMap::new(),
+            });
+        }
+    }
+    out
+}
+
+/// As [`read_broadcast`], from the cluster at `brokers`.
+pub fn read_broadcast_at(brokers: &str, topic: &str, want: usize) -> Vec<StateChange> {
+    let records = read_committed_at(brokers, topic, want, Duration::from_secs(90));
+    assert_eq!(
+        records.len(),
+        want,
+        "broadcast topic {topic} holds {} committed changes, expected {want}",
+        records.len()
+    );
+    // Then anything beyond them: nothing, for an exact run.
+    let extra = read_committed_at(brokers, topic, want + 1, Duration::from_secs(3)).into_iter().skip(want);
+    records
+        .into_iter()
+        .chain(extra)
+        .map(|r| StateChange::decode(r.value.as_deref().unwrap_or_default()).expect("broadcast value decodes"))
+        .collect()
+}
+
+impl JobProcess {
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails the test if the process has exited, showing the end of its log.
+    pub fn assert_running(&mut self, when: &str) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+            panic!("omni run ({}) exited with {status} {when}; the end of its log:\n{tail}", self.log.display());
+        }
+    }
 }

@@ -34,12 +34,9 @@ fn random_text(rng: &mut impl Rng, len: usize) -> String {
 /// defaults (a 1 MiB `max.message.bytes`), as a new user's cluster would.
 async fn create_with_broker_defaults(topology: &Topology, extra: Vec<(&'static str, String)>) {
     let spec = |name: &str, configs| TopicSpec { name: name.to_owned(), partitions: topology.partitions, configs };
-    ensure_topics(
-        &topology.kafka,
-        &[spec(topology.input_topic(), vec![]), spec(&topology.broadcast_topic, extra)],
-    )
-    .await
-    .expect("creating topics with the broker's defaults");
+    ensure_topics(&topology.kafka, &[spec(topology.input_topic(), vec![]), spec(&topology.broadcast_topic, extra)])
+        .await
+        .expect("creating topics with the broker's defaults");
 }
 
 /// The dead letters of a topic, as (room, kind, reason, event id).
@@ -97,7 +94,8 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_re
     // The broadcast topic shrinks under the running job, as an operator's
     // mistake would make it: its records past 300 kB are refused from now on.
     let admin: AdminClient<DefaultClientContext> = topology.kafka.client_config().create().unwrap();
-    let alter = AlterConfig::new(ResourceSpecifier::Topic(&topology.broadcast_topic)).set("max.message.bytes", "300000");
+    let alter =
+        AlterConfig::new(ResourceSpecifier::Topic(&topology.broadcast_topic)).set("max.message.bytes", "300000");
     for result in admin.alter_configs(&[alter], &AdminOptions::new()).await.unwrap() {
         result.expect("altering the broadcast topic");
     }

@@ -13,3 +13,4 @@ mod ops;
 mod processor;
 mod pubsub;
 mod redis_view;
+mod view_faults;

@@ -140,7 +140,6 @@ impl RoomWrite {
     }
 }
 
-
 /// Tuning of the writer.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
@@ -346,7 +345,9 @@ impl Writer {
 
     /// Nothing to write now: no room waits, or every one backs off after a failure.
     fn idle(&self) -> bool {
-        self.pending.is_empty() || self.pending.only_failing()
+        let backing_off =
+            || self.pending.only_failing() && self.pending.next_retry().is_some_and(|at| at > Instant::now());
+        self.pending.is_empty() || backing_off()
     }
 
     /// Waits for new writes, a failing room's retry, or the next marker check.
