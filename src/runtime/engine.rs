@@ -9,7 +9,6 @@
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -24,9 +23,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
+use super::dead_letters::{dead_letter, Refusals};
 use super::output::{
-    dead_letter_headers, finish, record, send, take_changelog_ends, take_refused, transaction_failed, JobProducer,
-    Refused, Source, KAFKA_TIMEOUT,
+    finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source, KAFKA_TIMEOUT,
 };
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::Resync;
@@ -63,16 +62,6 @@ struct DirtyRoom {
     /// The input record behind the room's latest change, to blame if the
     /// broker refuses its changelog record.
     last_source: Source,
-}
-
-/// An input record whose output the broker refused: it is dead-lettered
-/// when the rewound input reaches it again, instead of being folded.
-#[derive(Debug, Clone)]
-struct Poison {
-    reason: String,
-    /// How many times records on its behalf were refused: a refused dead
-    /// letter is sent again without its value, and dropped after that.
-    refusals: u32,
 }
 
 /// What memory a cached room is charged: its encoded state about twice
@@ -115,12 +104,10 @@ pub struct Engine {
     /// Memory the cached rooms of every task may take, and what they take.
     room_cache_budget: usize,
     room_cache_bytes: usize,
-    poisoned: HashMap<Source, Poison>,
+    pub(super) refusals: Refusals,
     progress: Arc<ThreadProgress>,
     /// Transactions committed, so the thread can tell a recovery that worked.
     pub(super) commits: u64,
-    /// Refused records traced to their input, which is progress too.
-    pub(super) refusals: u64,
     /// Redis data losses the writer had reported when last looked at.
     losses_seen: u64,
     resync: Option<Resync>,
@@ -158,10 +145,9 @@ impl Engine {
         Engine {
             room_cache_budget,
             room_cache_bytes: 0,
-            poisoned: HashMap::new(),
+            refusals: Refusals::default(),
             progress,
             commits: 0,
-            refusals: 0,
             losses_seen: 0,
             resync: None,
             counters: ModuleCounters::for_modules(&folder),
@@ -224,10 +210,11 @@ impl Engine {
         self.begin()?;
         self.consumed.add(1);
         let source = Source { partition, offset: message.offset() };
-        if let Some(poison) = self.poisoned.get(&source).cloned() {
-            self.dead_letter_refused(message, source, &poison)?;
-        } else if let Err(rejection) = self.fold(source, message)? {
-            self.dead_letter(message, source, &rejection, true)?;
+        let topic = &self.topics.dead_letter;
+        if !self.refusals.dead_letter_if_refused(&self.producer, topic, message, source)? {
+            if let Err(rejection) = self.fold(source, message)? {
+                dead_letter(&self.producer, &self.topics.dead_letter, message, source, &rejection, true)?;
+            }
         }
         if let Some(task) = self.tasks.get_mut(&partition) {
             task.next_offset = Some(message.offset() + 1);
@@ -311,96 +298,6 @@ impl Engine {
         Ok(Ok(()))
     }
 
-    /// Sends a refused record to the dead-letter topic, with its value unless
-    /// `with_value` is false.
-    fn dead_letter(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        source: Source,
-        rejection: &Rejection,
-        with_value: bool,
-    ) -> Result<(), RuntimeError> {
-        tracing::warn!(
-            kind = rejection.kind.as_str(),
-            reason = %rejection.message,
-            topic = message.topic(),
-            partition = message.partition(),
-            offset = message.offset(),
-            "record dead-lettered"
-        );
-        metrics::counter!("omni_dead_letters_total", "kind" => rejection.kind.as_str()).increment(1);
-        let headers = dead_letter_headers(rejection, message.topic(), message.partition(), message.offset());
-        let mut dead = record(&self.topics.dead_letter, source).headers(headers);
-        if let Some(key) = message.key() {
-            dead = dead.key(key);
-        }
-        if let Some(value) = message.payload().filter(|_| with_value) {
-            dead = dead.payload(value);
-        }
-        send(&self.producer, dead)
-    }
-
-    /// Dead-letters an input record whose output the broker refused. Its
-    /// dead letter can be refused too (a dead-letter topic that takes less
-    /// than the input): it is then sent without its value, and after that
-    /// dropped, so no record can hold its partition up.
-    fn dead_letter_refused(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        source: Source,
-        poison: &Poison,
-    ) -> Result<(), RuntimeError> {
-        let rejection = Rejection::new(RejectKind::ProductionRefused, poison.reason.clone());
-        match poison.refusals {
-            1 => self.dead_letter(message, source, &rejection, true),
-            2 => self.dead_letter(message, source, &rejection, false),
-            _ => {
-                tracing::error!(
-                    partition = source.partition,
-                    offset = source.offset,
-                    reason = %poison.reason,
-                    "even the dead letter of a refused record was refused; dropping the record"
-                );
-                metrics::counter!("omni_dead_letters_dropped_total").increment(1);
-                Ok(())
-            }
-        }
-    }
-
-    /// Remembers the input records behind the records the broker refused,
-    /// so they are dead-lettered when the rewound input reaches them again.
-    fn poison_refused(&mut self) {
-        // A refused batch reports every record in it. Batches are smaller
-        // than any output topic takes, so the culprit is the largest record
-        // of its topic partition: the rest are sent again.
-        let mut culprits: HashMap<(String, i32), Refused> = HashMap::new();
-        for refused in take_refused(&self.producer) {
-            match culprits.entry((refused.topic.clone(), refused.partition)) {
-                Entry::Occupied(mut largest) if largest.get().bytes < refused.bytes => {
-                    largest.insert(refused);
-                }
-                Entry::Occupied(_) => {}
-                Entry::Vacant(slot) => {
-                    slot.insert(refused);
-                }
-            }
-        }
-        for refused in culprits.into_values() {
-            self.refusals += 1;
-            let reason = format!("{} refused a {}-byte record: {}", refused.topic, refused.bytes, refused.reason);
-            tracing::warn!(
-                partition = refused.source.partition,
-                offset = refused.source.offset,
-                %reason,
-                "the input record behind a refused record will be dead-lettered"
-            );
-            self.poisoned
-                .entry(refused.source)
-                .and_modify(|poison| poison.refusals += 1)
-                .or_insert(Poison { reason, refusals: 1 });
-        }
-    }
-
     /// Publishes the counts gathered since the last commit.
     fn publish_counts(&mut self) {
         for counter in &mut self.counters {
@@ -477,12 +374,12 @@ impl Engine {
     /// safe once the transaction committed.
     fn after_commit(&mut self) -> Result<(), RuntimeError> {
         let ends = take_changelog_ends(&self.producer);
-        let tasks = &self.tasks;
         // Refused records below the committed offsets are dealt with.
-        self.poisoned.retain(|source, _| {
-            let committed = tasks.get(&source.partition).and_then(|task| task.next_offset);
-            committed.map_or(true, |next| source.offset >= next)
-        });
+        for (&partition, task) in &self.tasks {
+            if let Some(next) = task.next_offset {
+                self.refusals.forget(partition, Some(next));
+            }
+        }
         let mut writes = Vec::new();
         let mut store_writes = Vec::new();
         let mut cache_bytes = self.room_cache_bytes;
@@ -613,7 +510,7 @@ impl Engine {
             metrics::counter!("omni_transaction_aborts_total").increment(1);
         }
         take_changelog_ends(&self.producer);
-        self.poison_refused();
+        self.refusals.trace(&self.producer);
         for task in self.tasks.values_mut() {
             task.dirty.clear();
             task.next_offset = None;
@@ -636,8 +533,8 @@ impl Engine {
 
     /// Gives up partitions: their work is already in the committed transaction.
     pub(super) fn revoke(&mut self, partitions: &[i32]) {
-        self.poisoned.retain(|source, _| !partitions.contains(&source.partition));
         for partition in partitions {
+            self.refusals.forget(*partition, None);
             self.restores.cancel(*partition);
             if let Some(task) = self.tasks.remove(partition) {
                 let weights = task.recent.iter().map(|(path, room)| cache_weight(path, room.state().encoded_len()));

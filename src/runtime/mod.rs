@@ -8,6 +8,7 @@
 mod clock;
 mod context;
 mod counters;
+mod dead_letters;
 mod engine;
 mod fencing;
 mod health;

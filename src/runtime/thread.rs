@@ -267,7 +267,7 @@ impl<'a> StreamThread<'a> {
     fn pause_between_recoveries(&mut self) {
         let progress = {
             let engine = self.engine();
-            (engine.commits, engine.refusals)
+            (engine.commits, engine.refusals.traced)
         };
         if progress != self.progress_at_recovery {
             self.progress_at_recovery = progress;
