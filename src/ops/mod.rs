@@ -38,12 +38,32 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
     describe_metrics();
     let app = Router::new()
         .route("/metrics", get(|State(e): State<Endpoint>| async move { e.metrics.render() }))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(|State(e): State<Endpoint>| async move {
+                match e.health.stall() {
+                    None => (StatusCode::OK, "ok\n".to_owned()),
+                    Some(stall) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "stalled: processing thread {} has been {} for {} s\n",
+                            stall.thread, stall.stage, stall.for_secs
+                        ),
+                    ),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(e): State<Endpoint>| async move {
                 if e.health.ready() {
                     (StatusCode::OK, format!("ready: {} partitions\n", e.health.assigned()))
+                } else if let Some(stall) = e.health.stall() {
+                    let why = format!(
+                        "not ready: processing thread {} has been {} for {} s\n",
+                        stall.thread, stall.stage, stall.for_secs
+                    );
+                    (StatusCode::SERVICE_UNAVAILABLE, why)
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready: joining the group or restoring\n".to_owned())
                 }
@@ -93,38 +113,50 @@ pub async fn restore_progress_bar(health: Arc<Health>) {
     }
 }
 
-/// Registers help texts, and zeroes the counters so they show before their first event.
+/// Registers help texts, and zeroes the unlabeled series so they show
+/// before their first event (a labeled one shows with its first label: a
+/// zero series without labels beside it would be a false one).
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     let counters = [
-        ("omni_events_consumed_total", "Input records consumed."),
-        ("omni_events_processed_total", "Events folded, per module."),
-        ("omni_noops_total", "Events that changed nothing, per module."),
-        ("omni_changes_emitted_total", "Effective changes broadcast, per module."),
-        ("omni_dead_letters_total", "Records sent to the dead-letter topic, by error kind."),
-        ("omni_transaction_aborts_total", "Aborted transactions."),
-        ("omni_producer_rebuilds_total", "Producers rebuilt in place after a fencing."),
-        ("omni_rebalances_total", "Partition assignments and revocations."),
-        ("omni_redis_rooms_written_total", "Room writes applied to Redis."),
-        ("omni_redis_write_errors_total", "Failed Redis pipelines (retried)."),
-        ("omni_restored_records_total", "Changelog records restored into the store."),
-        ("omni_produce_errors_total", "Records Kafka did not accept."),
+        ("omni_events_consumed_total", "Input records consumed.", false),
+        ("omni_events_processed_total", "Events folded, per module.", true),
+        ("omni_noops_total", "Events that changed nothing, per module.", true),
+        ("omni_changes_emitted_total", "Effective changes broadcast, per module.", true),
+        ("omni_dead_letters_total", "Records sent to the dead-letter topic, by error kind.", true),
+        ("omni_dead_letters_dropped_total", "Refused records whose dead letter was refused too, dropped.", false),
+        ("omni_transaction_aborts_total", "Aborted transactions.", false),
+        ("omni_producer_rebuilds_total", "Producers rebuilt in place after a fencing.", false),
+        ("omni_rebalances_total", "Partition assignments and revocations.", true),
+        ("omni_redis_rooms_written_total", "Room writes applied to Redis.", false),
+        ("omni_redis_write_errors_total", "Failed Redis pipelines and connection attempts (retried).", false),
+        ("omni_redis_room_failures_total", "Room writes Redis refused (each room retried alone).", false),
+        ("omni_redis_resyncs_total", "Times Redis was found to have lost data and was rewritten.", false),
+        ("omni_redis_stream_entries_dropped_total", "Change-stream entries dropped past a write budget.", false),
+        ("omni_restored_records_total", "Changelog records restored into the store.", false),
+        ("omni_restore_retries_total", "Restore attempts that failed and were retried.", false),
+        ("omni_produce_errors_total", "Records Kafka did not accept, by kind (refused, transient).", true),
     ];
-    for (name, help) in counters {
+    for (name, help, labeled) in counters {
         describe_counter!(name, help);
-        metrics::counter!(name).increment(0);
+        if !labeled {
+            metrics::counter!(name).increment(0);
+        }
     }
     let gauges = [
-        ("omni_consumer_lag", "Records behind the end of each input partition."),
-        ("omni_restore_remaining_records", "Changelog records left to restore, per partition."),
-        ("omni_redis_backlog_rooms", "Rooms waiting to be written to Redis."),
-        ("omni_rocksdb_memory_bytes", "RocksDB block cache and memtable memory."),
-        ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk."),
-        ("omni_assigned_partitions", "Input partitions assigned to this instance."),
+        ("omni_consumer_lag", "Records behind the end of each input partition.", true),
+        ("omni_restore_remaining_records", "Changelog records left to restore, per partition.", true),
+        ("omni_redis_backlog_rooms", "Rooms waiting to be written to Redis.", false),
+        ("omni_redis_backlog_bytes", "Bytes of writes waiting for Redis.", false),
+        ("omni_rocksdb_memory_bytes", "RocksDB block cache and memtable memory.", false),
+        ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk.", false),
+        ("omni_assigned_partitions", "Input partitions assigned to this instance.", false),
     ];
-    for (name, help) in gauges {
+    for (name, help, labeled) in gauges {
         describe_gauge!(name, help);
-        metrics::gauge!(name).set(0.0);
+        if !labeled {
+            metrics::gauge!(name).set(0.0);
+        }
     }
     describe_histogram!("omni_commit_seconds", "Time to commit one transaction.");
     describe_histogram!("omni_transaction_seconds", "Time from a transaction's first record to its commit.");
