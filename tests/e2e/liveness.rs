@@ -231,3 +231,37 @@ async fn a_module_under_a_taken_name_stops_the_job_before_it_starts() {
     let error = omni::runtime::run(topology, registry, health, std::future::pending()).await.unwrap_err();
     assert!(error.to_string().contains("\"tags\" is registered twice"), "{error}");
 }
+
+/// Rooms of `tags` tags of `value_bytes` each, their events spread over the rooms in turn.
+fn large_rooms(rooms: usize, tags: usize, value_bytes: usize, seed: u64) -> Vec<(String, RoomEvent)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut events = Vec::with_capacity(rooms * tags);
+    for t in 0..tags {
+        for r in 0..rooms {
+            let value = random_text(&mut rng, value_bytes);
+            events.push(tag_set(events.len(), &format!("app/big/room/r{r}"), &format!("t{t:02}"), value));
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_states_through_a_small_write_buffer_never_stall_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("write-buffer", 8, &dir.path().join("state"));
+    // Memtables fill many times over: every flush must free room for the next writes.
+    topology.store.memory.write_buffer_mib = 1;
+    topology.store.memory.block_cache_mib = 4;
+    create_input(&topology).await;
+    let events = large_rooms(2000, 30, 200, 44);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    produce(&producer(), topology.input_topic(), &events);
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    assert!(job.health.stall().is_none(), "no processing thread stalled");
+    job.stop().await;
+    assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
+}

@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// Skip the restore phase.
     #[arg(long)]
     pub skip_restore: bool,
+    /// Skip the resync phase (Redis loses every key of the run; omni rewrites them from its store).
+    #[arg(long)]
+    pub skip_resync: bool,
     /// Random seed of the workload.
     #[arg(long, default_value = "42")]
     pub seed: u64,
@@ -116,6 +119,15 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
     let throughput_rss = omni.peak_rss_bytes()?;
     eprintln!("bench {id}: omni {omni_rate:.0} events/s");
 
+    let resync = if args.skip_resync {
+        None
+    } else {
+        eprintln!("bench {id}: Redis loses every key of the run; omni rewrites them from its store");
+        let secs = time_resync(&redis_url, &id, &topology, &expected).await?;
+        eprintln!("bench {id}: every room back in Redis after {secs:.2} s");
+        Some(json!({ "rooms": expected.rooms.len(), "seconds": secs }))
+    };
+
     let latency = if args.latency_secs > 0 {
         eprintln!("bench {id}: latency at {} events/s for {} s", args.rate, args.latency_secs);
         let run = latency::LatencyRun {
@@ -171,6 +183,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
         "peak_rss_mib": peak_rss as f64 / 1048576.0,
         "latency": latency,
         "restore": restore,
+        "resync": resync,
     });
     clean_up(&kafka, &redis_url, &id, &topology).await;
     print_table(&report);
@@ -197,27 +210,42 @@ async fn clean_up(kafka: &KafkaSettings, redis_url: &str, id: &str, topology: &T
     }
     let Ok(client) = redis::Client::open(redis_url) else { return };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    if let Err(e) = delete_keys(&mut conn, id).await {
+        eprintln!("bench {id}: could not delete its Redis keys: {e}");
+    }
+}
+
+/// Deletes every Redis key of the run, as a FLUSHALL would, without touching anyone else's.
+async fn delete_keys(conn: &mut redis::aio::MultiplexedConnection, id: &str) -> redis::RedisResult<()> {
     let mut cursor = 0u64;
     loop {
-        let Ok((next, keys)) = redis::cmd("SCAN")
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(format!("{id}:*"))
             .arg("COUNT")
             .arg(1000)
-            .query_async::<(u64, Vec<String>)>(&mut conn)
-            .await
-        else {
-            return;
-        };
+            .query_async(conn)
+            .await?;
         if !keys.is_empty() {
-            let _ = redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await;
+            redis::cmd("UNLINK").arg(&keys).query_async::<()>(conn).await?;
         }
         if next == 0 {
-            return;
+            return Ok(());
         }
         cursor = next;
     }
+}
+
+/// Deletes every key of the run from Redis while omni runs idle, and times
+/// how long omni takes to notice and rewrite every room from its store.
+async fn time_resync(redis_url: &str, id: &str, topology: &Topology, expected: &Expected) -> anyhow::Result<f64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    delete_keys(&mut conn, id).await?;
+    let started = Instant::now();
+    wait_for_redis_versions(&mut conn, topology, expected, Instant::now() + Duration::from_secs(1800)).await?;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Waits until the job committed every input offset and Redis holds every
@@ -239,20 +267,39 @@ async fn wait_until_final(
     let committed = started.elapsed().as_secs_f64();
     let client = redis::Client::open(redis_url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
+    wait_for_redis_versions(&mut conn, topology, expected, deadline).await?;
+    Ok(committed)
+}
+
+/// Waits until Redis holds every open room at its final version.
+async fn wait_for_redis_versions(
+    conn: &mut redis::aio::MultiplexedConnection,
+    topology: &Topology,
+    expected: &Expected,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
     let open: Vec<(&String, u64)> =
         expected.rooms.iter().filter(|(_, s)| !s.closed && s.version > 0).map(|(r, s)| (r, s.version)).collect();
+    // Rooms already seen at their final version are not asked again.
+    let mut waiting: &[(&String, u64)] = &open;
     loop {
+        // Chunks small enough to answer within the connection's response timeout.
+        let chunk = &waiting[..waiting.len().min(2000)];
         let mut pipe = redis::pipe();
-        for (room, _) in &open {
+        for (room, _) in chunk {
             pipe.hget(keys.room(room), "version");
         }
-        let versions: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
-        if open.iter().zip(&versions).all(|((_, want), got)| *got == Some(*want)) {
-            return Ok(committed);
+        let versions: Vec<Option<u64>> = pipe.query_async(conn).await?;
+        let reached = chunk.iter().zip(&versions).take_while(|((_, want), got)| **got == Some(*want)).count();
+        waiting = &waiting[reached..];
+        if waiting.is_empty() {
+            return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "Redis did not reach the final versions");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if reached < chunk.len() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -271,6 +318,7 @@ fn print_table(report: &serde_json::Value) {
         ("commit mean ms (latency phase)", num(&report["latency"]["commit_mean_ms"])),
         ("Redis pipeline mean ms (latency phase)", num(&report["latency"]["redis_pipeline_mean_ms"])),
         ("restore records/s", num(&report["restore"]["records_per_s"])),
+        ("Redis rewritten after losing every key, s", num(&report["resync"]["seconds"])),
     ];
     for (name, value) in rows {
         println!("{name:<44} {value}");
