@@ -1,10 +1,8 @@
-//! The consumer's librdkafka callbacks: rebalances drive the engine, and
-//! statistics become lag metrics.
+//! The consumer's librdkafka callbacks: rebalances drive the engine.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::engine::Engine;
@@ -34,18 +32,8 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl ClientContext for JobContext {
-    fn stats(&self, statistics: Statistics) {
-        if let Some(topic) = statistics.topics.get(&self.input) {
-            for (partition, stats) in &topic.partitions {
-                if *partition >= 0 && stats.consumer_lag >= 0 {
-                    metrics::gauge!("omni_consumer_lag", "partition" => partition.to_string())
-                        .set(stats.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
+/// Rebalances only: lag comes from [`super::lag`], which a blocked thread cannot freeze.
+impl ClientContext for JobContext {}
 
 impl ConsumerContext for JobContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

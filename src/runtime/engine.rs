@@ -520,6 +520,7 @@ impl Engine {
     /// Takes newly assigned partitions: each restores its store before it is consumed.
     pub(super) fn assign<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
         let mut paused = TopicPartitionList::new();
+        self.health.positions.assigned(partitions);
         for &partition in partitions {
             paused.add_partition(&self.topics.input, partition);
             self.tasks.insert(partition, Task { restoring: true, ..Task::default() });
@@ -533,6 +534,7 @@ impl Engine {
 
     /// Gives up partitions: their work is already in the committed transaction.
     pub(super) fn revoke(&mut self, partitions: &[i32]) {
+        self.health.positions.revoked(partitions);
         for partition in partitions {
             self.refusals.forget(*partition, None);
             self.restores.cancel(*partition);

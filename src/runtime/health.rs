@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::lag::Positions;
 use super::progress::{Stall, ThreadProgress, STALL_AFTER};
 
 /// Liveness and readiness, read by the operations endpoint, summed over the
@@ -18,6 +19,8 @@ pub struct Health {
     restoring: AtomicUsize,
     restore_total: AtomicU64,
     restore_done: AtomicU64,
+    /// Where each assigned partition's processing has got to, for the lag watcher.
+    pub(super) positions: Positions,
 }
 
 /// One processing thread's share of [`Health`].

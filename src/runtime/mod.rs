@@ -12,6 +12,7 @@ mod dead_letters;
 mod engine;
 mod fencing;
 mod health;
+mod lag;
 mod output;
 mod progress;
 mod reconcile;
@@ -142,6 +143,14 @@ pub async fn run(
     drop((redis_writer, done_tx));
 
     let watchdog = tokio::spawn(watch_for_stalls(Arc::clone(&health)));
+    let lag_watcher = {
+        let (settings, group, input) = (topology.kafka.clone(), topology.application_id.clone(), topics.input.clone());
+        let (health, stop) = (Arc::clone(&health), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("omni-lag".into())
+            .spawn(move || lag::watch(&settings, &group, &input, &health.positions, &stop))
+            .map_err(|e| RuntimeError::Invalid(format!("spawning the lag watcher: {e}")))?
+    };
     // The first thread to stop, on an error or not, stops the others.
     tokio::pin!(shutdown);
     let first = match spawned {
@@ -163,6 +172,7 @@ pub async fn run(
     }
 
     watchdog.abort();
+    let _ = tokio::task::spawn_blocking(move || lag_watcher.join()).await;
     if let Some(task) = redis_task {
         // The writer drains what it holds once the threads dropped their handles.
         if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {

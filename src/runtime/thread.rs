@@ -207,6 +207,9 @@ impl<'a> StreamThread<'a> {
             engine.resync_if_redis_lost_data();
             crate::kafka::serve_ready(&engine.producer);
             engine.report_store_usage();
+            if let Ok(positions) = self.consumer.position() {
+                self.shared.health.positions.advanced(&positions);
+            }
         }
         let now = Instant::now();
         if engine.commit_due(now) {
@@ -356,10 +359,7 @@ fn new_producer(shared: &Shared, member: &Member) -> Result<JobProducer, Runtime
 
 fn consumer_config(topology: &Topology, member: &Member) -> rdkafka::ClientConfig {
     let mut config = topology.kafka.client_config();
-    config
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
+    config.set("session.timeout.ms", "10000").set("heartbeat.interval.ms", "1000");
     // Memory stays flat however far behind the job is; the instance's
     // threads share one budget.
     crate::kafka::bound_prefetch(&mut config, (super::PREFETCH_KIB / topology.instance.threads).max(512));

@@ -219,3 +219,42 @@ async fn omni_run_serves_metrics_readiness_after_restore_and_json_logs() {
     );
     assert!(lines.iter().any(|l| l["fields"]["message"] == "partition restored"), "restores are logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_counts_the_backlog_and_returns_to_zero_once_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("lag", 4, &dir.path().join("state"));
+    create_input(&topology).await;
+    let events = generate(33, 20_000, 200);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    // The backlog is there before the job starts.
+    produce(&producer(), topology.input_topic(), &events);
+    let file = dir.path().join("topology.toml");
+    write_topology(&topology, &file);
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    let log = dir.path().join("omni.log");
+    let child = omni_cli()
+        .args(["run", "--topology", file.to_str().unwrap(), "--http-listen", &addr])
+        .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawning omni run");
+    let job = JobProcess { child, log };
+    read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    let lag = wait_for(Duration::from_secs(30), "every partition's lag measured and 0", || {
+        let addr = addr.clone();
+        async move {
+            let metrics = http_get(&addr, "/metrics").await?.1;
+            let partitions = metrics.lines().filter(|l| l.starts_with("omni_consumer_lag{")).count();
+            let sum = metric_sum(&metrics, "omni_consumer_lag")?;
+            (partitions == 4 && sum == 0.0).then_some(metrics)
+        }
+    })
+    .await;
+    assert!(
+        !lag.lines().any(|l| l.starts_with("omni_consumer_lag ")),
+        "no unlabeled lag series beside the partitions' ones"
+    );
+    job.terminate();
+}

@@ -1,0 +1,128 @@
+//! Consumer lag that stays true whatever the processing threads do.
+//!
+//! librdkafka's own lag statistics are delivered through the consumer's
+//! poll, so they freeze when a thread blocks, and they count from the
+//! offsets the consumer committed itself, which under exactly-once it never
+//! does (offsets commit with the transaction). Instead each thread
+//! publishes where it has got to in every assigned partition, and a watcher
+//! of its own compares that with the partition's last stable offset every
+//! few seconds: a blocked thread's lag grows as input arrives, and a thread
+//! that has caught up shows 0.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::KafkaSettings;
+
+/// How often the watcher measures.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where each assigned partition's processing has got to.
+#[derive(Debug, Default)]
+pub struct Positions {
+    /// Partition → next offset to process, or `None` before its first record
+    /// (the committed offset stands in then).
+    positions: Mutex<BTreeMap<i32, Option<i64>>>,
+}
+
+impl Positions {
+    pub(super) fn assigned(&self, partitions: &[i32]) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        for &partition in partitions {
+            positions.insert(partition, None);
+        }
+    }
+
+    pub(super) fn revoked(&self, partitions: &[i32]) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        for partition in partitions {
+            positions.remove(partition);
+        }
+    }
+
+    /// Records where a thread's consumer stands, from its `position()`.
+    pub(super) fn advanced(&self, list: &TopicPartitionList) {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        for element in list.elements() {
+            if let (Offset::Offset(offset), Some(slot)) = (element.offset(), positions.get_mut(&element.partition())) {
+                *slot = Some(offset);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> BTreeMap<i32, Option<i64>> {
+        self.positions.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Measures the lag of the assigned partitions every [`LAG_INTERVAL`] until
+/// `stop` is set; meant for a thread of its own, as every call blocks.
+pub(super) fn watch(
+    settings: &KafkaSettings,
+    group: &str,
+    input: &str,
+    positions: &Positions,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut config = settings.client_config();
+    config.set("group.id", group).set("isolation.level", "read_committed").set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = match config.create() {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::warn!(%error, "no lag watcher: could not create its client");
+            return;
+        }
+    };
+    let mut reported = BTreeSet::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = positions.snapshot();
+        for partition in reported.difference(&now.keys().copied().collect()) {
+            metrics::gauge!("omni_consumer_lag", "partition" => partition.to_string()).set(0.0);
+        }
+        reported = now.keys().copied().collect();
+        for (partition, position) in lags(&consumer, input, now) {
+            metrics::gauge!("omni_consumer_lag", "partition" => partition.to_string()).set(position as f64);
+        }
+        let deadline = std::time::Instant::now() + LAG_INTERVAL;
+        while std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Each partition's records between its position and its last stable offset.
+fn lags(consumer: &BaseConsumer, input: &str, positions: BTreeMap<i32, Option<i64>>) -> Vec<(i32, i64)> {
+    let timeout = Duration::from_secs(5);
+    let mut unknown = TopicPartitionList::new();
+    for (&partition, position) in &positions {
+        if position.is_none() {
+            unknown.add_partition(input, partition);
+        }
+    }
+    let committed: BTreeMap<i32, i64> = if unknown.count() == 0 {
+        BTreeMap::new()
+    } else {
+        match consumer.committed_offsets(unknown, timeout) {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
+    };
+    let mut out = Vec::new();
+    for (partition, position) in positions {
+        let Ok((low, stable)) = consumer.fetch_watermarks(input, partition, timeout) else { continue };
+        let from = position.or_else(|| committed.get(&partition).copied()).unwrap_or(low);
+        out.push((partition, (stable - from).max(0)));
+    }
+    out
+}
