@@ -54,6 +54,10 @@ impl Positions {
         }
     }
 
+    fn assigned_partitions(&self) -> BTreeSet<i32> {
+        self.positions.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
     fn snapshot(&self) -> BTreeMap<i32, Option<i64>> {
         self.positions.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -87,9 +91,13 @@ pub(super) fn watch(
         for (partition, position) in lags(&consumer, input, now) {
             metrics::gauge!("omni_consumer_lag", "partition" => partition.to_string()).set(position as f64);
         }
+        // A new assignment is measured at once, the rest every interval.
         let deadline = std::time::Instant::now() + LAG_INTERVAL;
         while std::time::Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
+            if positions.assigned_partitions() != reported {
+                break;
+            }
         }
     }
 }

@@ -219,6 +219,7 @@ impl<'a> StreamThread<'a> {
     }
 
     /// Recovers from a failure, or returns the error that ends the job.
+    /// A broker that stays away keeps it here, retrying with back-off.
     fn recover(&mut self, mut error: RuntimeError) -> Result<(), RuntimeError> {
         let recoverable = matches!(error, RuntimeError::Client(_) | RuntimeError::TransactionFailed);
         if !recoverable || !self.shared.topology.exactly_once {
@@ -226,41 +227,74 @@ impl<'a> StreamThread<'a> {
         }
         self.pause_between_recoveries();
         let mut failed_aborts = 0;
+        let mut replace = false;
         loop {
             self.progress.enter(Stage::Recovering);
             if self.stop.load(Ordering::Relaxed) {
-                // Stopping: what is open can only be dropped, and the
-                // partitions' next owners read it again from the committed offsets.
-                let mut engine = self.engine();
-                engine.closing = true;
-                if let Err(e) = engine.abort_open() {
-                    tracing::warn!(error = %e, "could not abort the open transaction; it times out instead");
-                }
+                self.drop_open_transaction();
                 return Ok(());
             }
-            let fatal = self.engine().producer.client().fatal_error();
-            let fencing = self.engine().producer_fencing();
-            if let Some(fencing) = fencing {
-                return self.rebuild_fenced(error, fencing);
+            if !replace {
+                replace = self.producer_needs_replacing(&error, failed_aborts)?;
             }
-            if let Some((code, reason)) = fatal {
-                tracing::error!(?code, %reason, "the producer failed fatally");
-                return Err(error);
-            }
-            if failed_aborts >= ABORTS_BEFORE_REBUILD {
-                tracing::warn!(%error, "aborts keep failing; replacing the producer");
-                return self.rebuild_producer();
-            }
-            tracing::warn!(%error, "transaction failed; aborting it and rewinding to the committed offsets");
-            let attempt = self.engine().abort(&self.consumer, &[]);
+            let attempt = if replace {
+                self.rebuild_producer()
+            } else {
+                tracing::warn!(%error, "transaction failed; aborting it and rewinding to the committed offsets");
+                let consumer = &self.consumer;
+                context::lock(&self.engine).abort(consumer, &[])
+            };
             match attempt {
                 Ok(()) => return Ok(()),
-                Err(next) => {
-                    failed_aborts += 1;
+                Err(next) if transient(&next) => {
+                    tracing::warn!(error = %next, replace, "recovery failed; retrying");
+                    failed_aborts += u32::from(!replace);
                     error = next;
                     self.pause_between_recoveries();
                 }
+                Err(next) => return Err(next),
             }
+        }
+    }
+
+    /// Whether only a new producer can go on: a fenced one (within the
+    /// fencing budget), or one whose aborts keep failing. A fatal producer
+    /// error that is not a fencing ends the job.
+    fn producer_needs_replacing(&mut self, error: &RuntimeError, failed_aborts: u32) -> Result<bool, RuntimeError> {
+        let (fencing, fatal) = {
+            let engine = self.engine();
+            (engine.producer_fencing(), engine.producer.client().fatal_error())
+        };
+        if let Some(fencing) = fencing {
+            let fencings = self.fencings.record(Instant::now());
+            if fencings > FencingBudget::MOST {
+                return Err(RuntimeError::Fenced {
+                    transactional_id: self.member.id.clone(),
+                    fencings,
+                    reason: fencing,
+                });
+            }
+            tracing::warn!(%error, %fencing, transactional_id = %self.member.id, "producer fenced; rebuilding it and restoring the partitions");
+            return Ok(true);
+        }
+        if let Some((code, reason)) = fatal {
+            tracing::error!(?code, %reason, "the producer failed fatally");
+            return Err(RuntimeError::Invalid(format!("the producer failed fatally ({code:?}): {reason}")));
+        }
+        if failed_aborts >= ABORTS_BEFORE_REBUILD {
+            tracing::warn!(%error, "aborts keep failing; replacing the producer");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Stopping mid-recovery: what is open can only be dropped, and the
+    /// partitions' next owners read it again from the committed offsets.
+    fn drop_open_transaction(&mut self) {
+        let mut engine = self.engine();
+        engine.closing = true;
+        if let Err(e) = engine.abort_open() {
+            tracing::warn!(error = %e, "could not abort the open transaction; it times out instead");
         }
     }
 
@@ -287,17 +321,6 @@ impl<'a> StreamThread<'a> {
             }
         }
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), MOST_BACKOFF);
-    }
-
-    /// A fenced producer is rebuilt in place, as Kafka Streams does, unless
-    /// fencings come so often that another instance must hold the same id.
-    fn rebuild_fenced(&mut self, error: RuntimeError, fencing: String) -> Result<(), RuntimeError> {
-        let fencings = self.fencings.record(Instant::now());
-        if fencings > FencingBudget::MOST {
-            return Err(RuntimeError::Fenced { transactional_id: self.member.id.clone(), fencings, reason: fencing });
-        }
-        tracing::warn!(%error, %fencing, transactional_id = %self.member.id, "producer fenced; rebuilding it and restoring the partitions");
-        self.rebuild_producer()
     }
 
     /// Replaces the producer with a new one under the same transactional id
@@ -343,6 +366,23 @@ impl<'a> StreamThread<'a> {
         drop(self.consumer);
         result
     }
+}
+
+/// Whether a failed recovery step is worth another try: anything a Kafka
+/// client reports (a broker away, a timeout) but a refused authorisation,
+/// which a retry would meet again.
+fn transient(error: &RuntimeError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    let RuntimeError::Client(e) = error else { return false };
+    !matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+        )
+    )
 }
 
 fn new_producer(shared: &Shared, member: &Member) -> Result<JobProducer, RuntimeError> {
