@@ -562,31 +562,34 @@ fn is_no_script(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
+/// A write of room `app/a/room/r` at `version` carrying `changes`, for the writer's tests.
+#[cfg(test)]
+pub(super) fn test_write(version: u64, changes: &[u64]) -> RoomWrite {
+    RoomWrite {
+        path: "app/a/room/r".into(),
+        version,
+        closed: false,
+        modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
+        updated_at: None,
+        changes: changes
+            .iter()
+            .map(|&v| ChangeEntry {
+                version: v,
+                module: "tags",
+                state_json: "{}".into(),
+                cause_event_id: String::new(),
+                occurred_at: None,
+                processed_at: None,
+            })
+            .collect(),
+        truncated: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_write as write;
     use super::*;
-
-    fn write(version: u64, changes: &[u64]) -> RoomWrite {
-        RoomWrite {
-            path: "app/a/room/r".into(),
-            version,
-            closed: false,
-            modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
-            updated_at: None,
-            changes: changes
-                .iter()
-                .map(|&v| ChangeEntry {
-                    version: v,
-                    module: "tags",
-                    state_json: "{}".into(),
-                    cause_event_id: String::new(),
-                    occurred_at: None,
-                    processed_at: None,
-                })
-                .collect(),
-            truncated: false,
-        }
-    }
 
     fn versions(w: &RoomWrite) -> Vec<u64> {
         w.changes.iter().map(|c| c.version).collect()

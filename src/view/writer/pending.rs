@@ -265,32 +265,11 @@ fn cap_changes(write: &mut RoomWrite, bounds: Bounds) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_write as write;
     use super::*;
 
     const BOUNDS: Bounds =
         Bounds { changes_per_room: 100, change_bytes_per_room: 1 << 20, backlog_bytes: 1 << 30, reloadable: true };
-
-    fn write(version: u64, changes: &[u64]) -> RoomWrite {
-        RoomWrite {
-            path: "app/a/room/r".into(),
-            version,
-            closed: false,
-            modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
-            updated_at: None,
-            changes: changes
-                .iter()
-                .map(|&v| ChangeEntry {
-                    version: v,
-                    module: "tags",
-                    state_json: "{}".into(),
-                    cause_event_id: String::new(),
-                    occurred_at: None,
-                    processed_at: None,
-                })
-                .collect(),
-            truncated: false,
-        }
-    }
 
     fn versions(w: &Waiting) -> Vec<u64> {
         match w {
