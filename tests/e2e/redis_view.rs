@@ -238,3 +238,39 @@ async fn the_writer_tells_a_redis_that_lost_data_from_one_that_kept_it() {
     drop(writer);
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_catch_up_recipe_returns_every_version_after_v() {
+    let client = redis::Client::open(services().redis_url.as_str()).unwrap();
+    let keys = KeyLayout::new(&unique("recipe"));
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Versions 1-3 in one entry (id 3), 4-6 in another (id 6), 7 alone.
+    for (version, changes) in [(3, vec![1, 2, 3]), (6, vec![4, 5, 6]), (7, vec![7])] {
+        writer.send(vec![write(version, false, "{}", changes)]);
+        wait_for(Duration::from_secs(10), "the write in redis", || {
+            let (mut conn, key) = (conn.clone(), keys.room("app/a/room/r"));
+            async move {
+                let at: Option<u64> = redis::AsyncCommands::hget(&mut conn, key, "version").await.ok()?;
+                (at == Some(version)).then_some(())
+            }
+        })
+        .await;
+    }
+    drop(writer);
+    task.await.unwrap();
+    let ids: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, keys.changes("app/a/room/r")).await.unwrap();
+    let ids: Vec<&str> = ids.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["3-0", "6-0", "7-0"], "one entry per write");
+    // As typed in the README for v = 5: `XRANGE <key> 6 +`.
+    let reply: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(keys.changes("app/a/room/r")).arg("6").arg("+").query_async(&mut conn).await.unwrap();
+    let mut versions = Vec::new();
+    for entry in reply.ids {
+        let text: String = entry.get("changes").unwrap();
+        let changes: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        versions.extend(changes.iter().map(|c| c["version"].as_u64().unwrap()).filter(|&v| v > 5));
+    }
+    assert_eq!(versions, vec![6, 7], "every version after 5, once");
+}
