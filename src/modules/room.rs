@@ -164,12 +164,14 @@ impl RoomFolder {
             return Ok(());
         }
         let held = |name: &str| state.modules.get(name).map_or(0, |json| name.len() + json.len());
-        let mut size: usize = state.modules.iter().map(|(name, json)| name.len() + json.len()).sum();
+        let current: usize = state.modules.iter().map(|(name, json)| name.len() + json.len()).sum();
+        let mut size = current;
         for (index, (_, json)) in next {
             let name = self.modules[*index].name();
             size = size - held(name) + name.len() + json.len();
         }
-        if size > self.limits.max_room_state_bytes {
+        // A room already past a lowered limit may still shrink.
+        if size > self.limits.max_room_state_bytes && size > current {
             return Err(Rejection::new(
                 RejectKind::OverLimit,
                 format!(

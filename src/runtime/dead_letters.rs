@@ -4,7 +4,6 @@
 //! the broker's reason when the rewound input reaches it again, instead of
 //! being folded, so no record is retried forever.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use rdkafka::message::{BorrowedMessage, Message};
@@ -17,9 +16,10 @@ use crate::modules::{RejectKind, Rejection};
 #[derive(Debug, Clone)]
 struct Poison {
     reason: String,
-    /// How many times records on its behalf were refused: a refused dead
-    /// letter is sent again without its value, and dropped after that.
-    refusals: u32,
+    /// Its dead letter was refused too (a dead-letter topic that takes less
+    /// than the input): it goes without its value, and is dropped after that.
+    dead_letter_refused: bool,
+    dropped: bool,
 }
 
 /// The input records to dead-letter instead of folding, until committed.
@@ -33,64 +33,79 @@ pub(super) struct Refusals {
 
 impl Refusals {
     /// Remembers the input records behind the records the broker refused
-    /// since the last call. A refused batch reports every record in it;
-    /// batches are smaller than any output topic takes, so the culprit is
-    /// the largest record of its topic partition, and the rest are sent again.
-    pub(super) fn trace(&mut self, producer: &JobProducer) {
-        let mut culprits: HashMap<(String, i32), Refused> = HashMap::new();
+    /// since the last call. A refused batch reports every record in it; the
+    /// producer's batches are smaller than any output topic took at
+    /// start-up, and a record larger than a batch travels alone, so only
+    /// such a record can be the culprit. Refused records that all fit a
+    /// batch mean a topic now takes less than a batch: a configuration
+    /// change that needs a restart (which sizes batches anew), reported as
+    /// an error rather than blamed on an innocent record.
+    pub(super) fn trace(
+        &mut self,
+        producer: &JobProducer,
+        batch_bytes: usize,
+        dead_letter_topic: &str,
+    ) -> Result<(), RuntimeError> {
+        let mut culprits: HashMap<Source, Refused> = HashMap::new();
+        let mut unexplained = None;
         for refused in take_refused(producer) {
-            match culprits.entry((refused.topic.clone(), refused.partition)) {
-                Entry::Occupied(mut largest) if largest.get().bytes < refused.bytes => {
-                    largest.insert(refused);
-                }
-                Entry::Occupied(_) => {}
-                Entry::Vacant(slot) => {
-                    slot.insert(refused);
+            if refused.bytes <= batch_bytes {
+                unexplained.get_or_insert(refused);
+                continue;
+            }
+            culprits.entry(refused.source).or_insert(refused);
+        }
+        if culprits.is_empty() {
+            if let Some(refused) = unexplained {
+                return Err(RuntimeError::Invalid(format!(
+                    "{} refused a batch of records of at most {batch_bytes} bytes ({}): its max.message.bytes must \
+                     have been lowered since omni started; restart omni so its batches fit again",
+                    refused.topic, refused.reason
+                )));
+            }
+        }
+        for (source, refused) in culprits {
+            self.traced += 1;
+            let reason = format!("{} refused a {}-byte record: {}", refused.topic, refused.bytes, refused.reason);
+            tracing::warn!(partition = source.partition, offset = source.offset, %reason, "the input record behind a refused record will be dead-lettered");
+            let own_dead_letter = refused.topic == dead_letter_topic;
+            match self.poisoned.get_mut(&source) {
+                Some(poison) if own_dead_letter && poison.dead_letter_refused => poison.dropped = true,
+                Some(poison) if own_dead_letter => poison.dead_letter_refused = true,
+                Some(_) => {}
+                None => {
+                    let poison = Poison { reason, dead_letter_refused: own_dead_letter, dropped: false };
+                    self.poisoned.insert(source, poison);
                 }
             }
         }
-        for refused in culprits.into_values() {
-            self.traced += 1;
-            let reason = format!("{} refused a {}-byte record: {}", refused.topic, refused.bytes, refused.reason);
-            tracing::warn!(
-                partition = refused.source.partition,
-                offset = refused.source.offset,
-                %reason,
-                "the input record behind a refused record will be dead-lettered"
-            );
-            self.poisoned
-                .entry(refused.source)
-                .and_modify(|poison| poison.refusals += 1)
-                .or_insert(Poison { reason, refusals: 1 });
-        }
+        Ok(())
     }
 
     /// Dead-letters `message` if a record on its behalf was refused; false
-    /// if it is to be folded as usual. The dead letter can be refused too (a
-    /// dead-letter topic that takes less than the input): it is then sent
-    /// without its value, and after that dropped.
+    /// if it is to be folded as usual.
     pub(super) fn dead_letter_if_refused(
         &self,
         producer: &JobProducer,
         topic: &str,
         message: &BorrowedMessage<'_>,
         source: Source,
+        value_bytes: usize,
     ) -> Result<bool, RuntimeError> {
         let Some(poison) = self.poisoned.get(&source) else { return Ok(false) };
-        let rejection = Rejection::new(RejectKind::ProductionRefused, poison.reason.clone());
-        match poison.refusals {
-            1 => dead_letter(producer, topic, message, source, &rejection, true)?,
-            2 => dead_letter(producer, topic, message, source, &rejection, false)?,
-            _ => {
-                tracing::error!(
-                    partition = source.partition,
-                    offset = source.offset,
-                    reason = %poison.reason,
-                    "even the dead letter of a refused record was refused; dropping the record"
-                );
-                metrics::counter!("omni_dead_letters_dropped_total").increment(1);
-            }
+        if poison.dropped {
+            tracing::error!(
+                partition = source.partition,
+                offset = source.offset,
+                reason = %poison.reason,
+                "even the dead letter of a refused record was refused; dropping the record"
+            );
+            metrics::counter!("omni_dead_letters_dropped_total").increment(1);
+            return Ok(true);
         }
+        let rejection = Rejection::new(RejectKind::ProductionRefused, poison.reason.clone());
+        let value_bytes = if poison.dead_letter_refused { 0 } else { value_bytes };
+        dead_letter(producer, topic, message, source, &rejection, value_bytes)?;
         Ok(true)
     }
 
@@ -98,17 +113,24 @@ impl Refusals {
     pub(super) fn forget(&mut self, partition: i32, below: Option<i64>) {
         self.poisoned.retain(|source, _| source.partition != partition || below.is_some_and(|b| source.offset >= b));
     }
+
+    /// Forgets the records of partitions no longer assigned.
+    pub(super) fn keep_only(&mut self, assigned: impl Fn(i32) -> bool) {
+        self.poisoned.retain(|source, _| assigned(source.partition));
+    }
 }
 
-/// Sends a refused input record to the dead-letter topic, with its value
-/// unless `with_value` is false.
+/// Sends a refused input record to the dead-letter topic, with its key and
+/// its value when the key and value fit `record_bytes` (what the topic is
+/// known to take), and without its value otherwise: a dead letter the
+/// broker would refuse must not hold the partition up.
 pub(super) fn dead_letter(
     producer: &JobProducer,
     topic: &str,
     message: &BorrowedMessage<'_>,
     source: Source,
     rejection: &Rejection,
-    with_value: bool,
+    record_bytes: usize,
 ) -> Result<(), RuntimeError> {
     tracing::warn!(
         kind = rejection.kind.as_str(),
@@ -124,7 +146,8 @@ pub(super) fn dead_letter(
     if let Some(key) = message.key() {
         dead = dead.key(key);
     }
-    if let Some(value) = message.payload().filter(|_| with_value) {
+    let size = message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
+    if let Some(value) = message.payload().filter(|_| size <= record_bytes) {
         dead = dead.payload(value);
     }
     send(producer, dead)

@@ -28,7 +28,7 @@ use super::output::{
     finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source, KAFKA_TIMEOUT,
 };
 use super::progress::{Stage, ThreadProgress};
-use super::reconcile::Resync;
+use super::reconcile::{Resync, Rewriter};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::kafka::abort_transaction;
@@ -45,10 +45,10 @@ pub struct Topics {
     pub changelog: String,
     pub broadcast: String,
     pub dead_letter: String,
-    /// The input's partition count, which every other topic shares.
-    pub partitions: i32,
     /// The producer's batch size, which every output topic takes.
     pub batch_bytes: usize,
+    /// The largest input record (key and value) a dead letter carries whole.
+    pub dead_letter_record_bytes: usize,
 }
 
 /// A room touched in the open transaction, with the changes that Redis has not seen yet.
@@ -111,6 +111,7 @@ pub struct Engine {
     /// Redis data losses the writer had reported when last looked at.
     losses_seen: u64,
     resync: Option<Resync>,
+    rewriter: Option<Rewriter>,
     counters: Vec<ModuleCounters>,
     /// Room closes, counted as changes of the `room` module.
     closes: LocalCounter,
@@ -141,6 +142,7 @@ impl Engine {
         restore_results: mpsc::Receiver<RestoreDone>,
         room_cache_budget: usize,
         progress: Arc<ThreadProgress>,
+        rewriter: Option<Rewriter>,
     ) -> Engine {
         Engine {
             room_cache_budget,
@@ -150,6 +152,7 @@ impl Engine {
             commits: 0,
             losses_seen: 0,
             resync: None,
+            rewriter,
             counters: ModuleCounters::for_modules(&folder),
             closes: LocalCounter::new(metrics::counter!("omni_changes_emitted_total", "module" => ROOM_MODULE)),
             consumed: LocalCounter::new(metrics::counter!("omni_events_consumed_total")),
@@ -210,10 +213,10 @@ impl Engine {
         self.begin()?;
         self.consumed.add(1);
         let source = Source { partition, offset: message.offset() };
-        let topic = &self.topics.dead_letter;
-        if !self.refusals.dead_letter_if_refused(&self.producer, topic, message, source)? {
+        let (topic, record_bytes) = (&self.topics.dead_letter, self.topics.dead_letter_record_bytes);
+        if !self.refusals.dead_letter_if_refused(&self.producer, topic, message, source, record_bytes)? {
             if let Err(rejection) = self.fold(source, message)? {
-                dead_letter(&self.producer, &self.topics.dead_letter, message, source, &rejection, true)?;
+                dead_letter(&self.producer, &self.topics.dead_letter, message, source, &rejection, record_bytes)?;
             }
         }
         if let Some(task) = self.tasks.get_mut(&partition) {
@@ -394,7 +397,7 @@ impl Engine {
                 let encoded_len = if changed { encoded.len() } else { room.state().encoded_len() };
                 if changed {
                     if self.redis.is_some() {
-                        writes.push(RoomWrite::from_state(&self.folder, &path, room.state(), changes));
+                        writes.push(RoomWrite::from_state(&self.folder, &path, partition, room.state(), changes));
                     }
                     rooms.push((path.as_bytes().to_vec(), encoded));
                 }
@@ -501,16 +504,19 @@ impl Engine {
             abort_transaction(&self.producer, KAFKA_TIMEOUT)?;
         }
         self.discard_open();
-        Ok(())
+        // Partitions revoked while the transaction was open were forgotten
+        // already; their refusals are their next owner's to find.
+        let tasks = &self.tasks;
+        self.refusals.keep_only(|partition| tasks.contains_key(&partition));
+        self.refusals.trace(&self.producer, self.topics.batch_bytes, &self.topics.dead_letter)
     }
 
     /// Forgets the open transaction, if any: what it touched is seen nowhere.
-    fn discard_open(&mut self) {
+    pub(super) fn discard_open(&mut self) {
         if self.open_since.take().is_some() {
             metrics::counter!("omni_transaction_aborts_total").increment(1);
         }
         take_changelog_ends(&self.producer);
-        self.refusals.trace(&self.producer);
         for task in self.tasks.values_mut() {
             task.dirty.clear();
             task.next_offset = None;
@@ -560,13 +566,16 @@ impl Engine {
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
             let records = done.result?;
             tracing::info!(partition = done.partition, records, "partition restored");
-            task.restoring = false;
-            if let Some(offset) = task.rewind_to.take() {
+            if let Some(offset) = task.rewind_to {
                 consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
             }
             let mut resume = TopicPartitionList::new();
             resume.add_partition(&self.topics.input, done.partition);
             consumer.resume(&resume)?;
+            // Only once consuming again: a failed seek or resume must not
+            // leave a partition paused and counted as ready.
+            task.rewind_to = None;
+            task.restoring = false;
             self.update_health();
         }
         Ok(())
@@ -597,7 +606,7 @@ impl Engine {
     /// writer found that Redis lost data. Partitions still restoring rewrite
     /// theirs once restored anyway.
     pub(super) fn resync_if_redis_lost_data(&mut self) {
-        let Some(redis) = &self.redis else { return };
+        let (Some(redis), Some(rewriter)) = (&self.redis, &self.rewriter) else { return };
         let losses = redis.losses();
         if losses == self.losses_seen {
             return;
@@ -608,7 +617,7 @@ impl Engine {
         }
         let active: Vec<i32> = self.tasks.iter().filter(|(_, task)| !task.restoring).map(|(&p, _)| p).collect();
         tracing::info!(partitions = ?active, "rewriting every room of this thread's partitions to redis");
-        self.resync = Resync::start(Arc::clone(&self.store), self.folder.clone(), redis.clone(), active);
+        self.resync = Resync::start(rewriter.clone(), active);
     }
 
     /// Stops every restore and resync, for shutdown.

@@ -111,25 +111,29 @@ fn lags(consumer: &BaseConsumer, input: &str, positions: BTreeMap<i32, Option<i6
             unknown.add_partition(input, partition);
         }
     }
-    let committed: BTreeMap<i32, i64> = if unknown.count() == 0 {
-        BTreeMap::new()
+    // `None` when the committed offsets could not be read: such partitions are not measured this time.
+    let committed: Option<BTreeMap<i32, i64>> = if unknown.count() == 0 {
+        Some(BTreeMap::new())
     } else {
-        match consumer.committed_offsets(unknown, timeout) {
-            Ok(list) => list
-                .elements()
+        consumer.committed_offsets(unknown, timeout).ok().map(|list| {
+            list.elements()
                 .iter()
                 .filter_map(|e| match e.offset() {
                     Offset::Offset(o) => Some((e.partition(), o)),
                     _ => None,
                 })
-                .collect(),
-            Err(_) => BTreeMap::new(),
-        }
+                .collect()
+        })
     };
     let mut out = Vec::new();
     for (partition, position) in positions {
         let Ok((low, stable)) = consumer.fetch_watermarks(input, partition, timeout) else { continue };
-        let from = position.or_else(|| committed.get(&partition).copied()).unwrap_or(low);
+        // Before its first record a partition stands at its committed offset, or at the start without one.
+        let from = match (position, &committed) {
+            (Some(position), _) => position,
+            (None, Some(committed)) => committed.get(&partition).copied().unwrap_or(low),
+            (None, None) => continue,
+        };
         out.push((partition, (stable - from).max(0)));
     }
     out

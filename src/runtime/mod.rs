@@ -39,7 +39,7 @@ pub use progress::{Stall, STALL_AFTER};
 
 use engine::Topics;
 use health::ThreadHealth;
-use reconcile::StoreRooms;
+use reconcile::{Rewriter, StoreRooms};
 use thread::{Member, Shared, StreamThread};
 
 /// Why the job stopped with an error.
@@ -97,12 +97,19 @@ pub async fn run(
                 write_bytes: limits.redis_write_bytes,
                 closed_stream_retention: Duration::from_secs(limits.closed_stream_retention_secs),
             };
-            let stored = StoreRooms { store: store.clone(), folder: folder.clone(), partitions: topics.partitions };
+            let closed_retention = options.closed_stream_retention;
+            let stored = StoreRooms { store: store.clone(), folder: folder.clone(), closed_retention };
             let (writer, task) = spawn_writer(client, options, Some(Arc::new(stored)));
             (Some(writer), Some(task))
         }
         None => (None, None),
     };
+    let rewriter = redis_writer.as_ref().map(|writer| Rewriter {
+        store: store.clone(),
+        folder: folder.clone(),
+        writer: writer.clone(),
+        closed_retention: Duration::from_secs(topology.limits.closed_stream_retention_secs),
+    });
 
     let instance_id = match topology.instance.id.as_str() {
         "" => uuid::Uuid::new_v4().to_string(),
@@ -120,6 +127,7 @@ pub async fn run(
             topics: topics.clone(),
             store: Arc::clone(&store),
             redis: redis_writer.clone(),
+            rewriter: rewriter.clone(),
             health: Arc::clone(&health),
         };
         let (stop, done) = (Arc::clone(&stop), done_tx.clone());
@@ -140,7 +148,7 @@ pub async fn run(
         }
     }
     // Only the threads hold writer handles now: the writer stops once they all did.
-    drop((redis_writer, done_tx));
+    drop((redis_writer, rewriter, done_tx));
 
     let watchdog = tokio::spawn(watch_for_stalls(Arc::clone(&health)));
     let lag_watcher = {
@@ -260,8 +268,8 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
         changelog: topology.changelog_topic(),
         broadcast: topology.broadcast_topic.clone(),
         dead_letter: topology.dead_letter_topic.clone(),
-        partitions,
         batch_bytes: output::batch_bytes(usize::MAX),
+        dead_letter_record_bytes: topology.limits.max_record_bytes,
     };
     // A room at every tag limit, its JSON escaped, can pass the broker's 1 MiB default.
     let large_records = vec![("max.message.bytes", "8388608".to_owned())];
@@ -310,7 +318,7 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usiz
     for ((topic, needed, limits), (_, takes)) in wanted.iter().zip(sizes) {
         if takes < *needed {
             return Err(RuntimeError::Invalid(format!(
-                "topic {topic} takes records of at most {takes} bytes (max.message.bytes), but {limits} allow                  records of {needed} bytes: raise the topic's max.message.bytes or lower the limits"
+                "topic {topic} takes records of at most {takes} bytes (max.message.bytes), but {limits} allow records of {needed} bytes: raise the topic's max.message.bytes or lower the limits"
             )));
         }
     }

@@ -42,7 +42,6 @@ pub struct Source {
 pub struct Refused {
     pub source: Source,
     pub topic: String,
-    pub partition: i32,
     pub bytes: usize,
     pub reason: String,
 }
@@ -90,7 +89,6 @@ impl ProducerContext for DeliveryTracker {
                     refused.push(Refused {
                         source: *source,
                         topic: message.topic().to_owned(),
-                        partition: message.partition(),
                         bytes: message.payload_len(),
                         reason: error.to_string(),
                     });

@@ -8,10 +8,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::RuntimeError;
-use crate::kafka::partition_for;
 use crate::modules::RoomFolder;
+use crate::proto::omni::RoomState;
 use crate::store::StateStore;
 use crate::view::{RedisWriter, RoomWrite, StoredRooms};
 
@@ -21,22 +22,42 @@ const BATCH_ROOMS: usize = 256;
 /// Bytes of room state per batch, about: a batch of large rooms is cut short.
 const BATCH_BYTES: usize = 2 << 20;
 
+/// Where rooms are rewritten from, and what to leave out.
+#[derive(Clone)]
+pub(super) struct Rewriter {
+    pub store: Arc<dyn StateStore>,
+    pub folder: RoomFolder,
+    pub writer: RedisWriter,
+    /// How long a closed room's stream stays in Redis: a room closed longer
+    /// ago is not brought back.
+    pub closed_retention: Duration,
+}
+
+/// Whether a stored room belongs in Redis: a room closed longer ago than
+/// its stream's retention left Redis for good, and is not brought back.
+fn belongs_in_redis(state: &RoomState, closed_retention: Duration) -> bool {
+    if !state.closed {
+        return true;
+    }
+    let closed_at = state.updated_at.as_ref().map_or(0, |t| t.seconds);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    now.saturating_sub(closed_at) < closed_retention.as_secs() as i64
+}
+
 /// Rewrites every room of `partition` from the store to Redis; returns how
 /// many, or stops early (and quietly) once `cancel` is set.
-pub(super) fn rewrite_partition(
-    store: &dyn StateStore,
-    folder: &RoomFolder,
-    writer: &RedisWriter,
-    partition: i32,
-    cancel: &AtomicBool,
-) -> Result<u64, RuntimeError> {
+pub(super) fn rewrite_partition(rewriter: &Rewriter, partition: i32, cancel: &AtomicBool) -> Result<u64, RuntimeError> {
+    let Rewriter { store, folder, writer, .. } = rewriter;
     let mut batch = Vec::with_capacity(BATCH_ROOMS);
     let mut bytes = 0;
     let mut rooms = 0u64;
     let mut open = true;
     store.visit_rooms(partition, &mut |path, state| {
+        if !belongs_in_redis(&state, rewriter.closed_retention) {
+            return !cancel.load(Ordering::Relaxed);
+        }
         bytes += state.modules.values().map(String::len).sum::<usize>() + path.len();
-        batch.push(RoomWrite::rewrite(folder, &path, &state));
+        batch.push(RoomWrite::rewrite(folder, &path, partition, &state));
         rooms += 1;
         if batch.len() >= BATCH_ROOMS || bytes >= BATCH_BYTES {
             bytes = 0;
@@ -44,7 +65,7 @@ pub(super) fn rewrite_partition(
         }
         open && !cancel.load(Ordering::Relaxed)
     })?;
-    if open && !batch.is_empty() {
+    if open && !batch.is_empty() && !cancel.load(Ordering::Relaxed) {
         writer.rewrite(batch, cancel);
     }
     Ok(rooms)
@@ -59,19 +80,14 @@ pub(super) struct Resync {
 
 impl Resync {
     /// Starts rewriting `partitions`; `None` if the thread could not start.
-    pub(super) fn start(
-        store: Arc<dyn StateStore>,
-        folder: RoomFolder,
-        writer: RedisWriter,
-        partitions: Vec<i32>,
-    ) -> Option<Resync> {
+    pub(super) fn start(rewriter: Rewriter, partitions: Vec<i32>) -> Option<Resync> {
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&cancel);
         let spawned = std::thread::Builder::new().name("omni-resync".into()).spawn(move || {
             let started = std::time::Instant::now();
             let mut total = 0;
             for partition in &partitions {
-                match rewrite_partition(store.as_ref(), &folder, &writer, *partition, &stop) {
+                match rewrite_partition(&rewriter, *partition, &stop) {
                     Ok(rooms) => total += rooms,
                     Err(error) => tracing::error!(partition, %error, "resync could not read the store"),
                 }
@@ -103,19 +119,20 @@ impl Resync {
 }
 
 /// The store's rooms for the writer: a write that waited past the backlog
-/// budget is read back from the partition its path hashes to.
+/// budget is read back from its partition.
 pub(super) struct StoreRooms {
     pub store: Arc<dyn StateStore>,
     pub folder: RoomFolder,
-    pub partitions: i32,
+    pub closed_retention: Duration,
 }
 
 impl StoredRooms for StoreRooms {
-    fn room(&self, path: &str) -> Option<RoomWrite> {
-        let partition = partition_for(path.as_bytes(), self.partitions);
+    fn room(&self, path: &str, partition: i32) -> Option<RoomWrite> {
         match self.store.get(partition, path) {
-            Ok(Some(state)) => Some(RoomWrite::rewrite(&self.folder, path, &state)),
-            Ok(None) => None,
+            Ok(Some(state)) if belongs_in_redis(&state, self.closed_retention) => {
+                Some(RoomWrite::rewrite(&self.folder, path, partition, &state))
+            }
+            Ok(_) => None,
             Err(error) => {
                 tracing::warn!(%path, %error, "could not read a room back from the store for redis");
                 None

@@ -19,12 +19,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::reconcile::rewrite_partition;
+use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
-use crate::modules::RoomFolder;
 use crate::store::{PartitionWrite, StateStore};
-use crate::view::RedisWriter;
 
 const BATCH: usize = 10_000;
 
@@ -102,7 +100,7 @@ pub struct Restores {
     store: Arc<dyn StateStore>,
     health: Arc<Health>,
     /// Where a restored partition's rooms are written again, when Redis is on.
-    reconcile: Option<(RoomFolder, RedisWriter)>,
+    reconcile: Option<Rewriter>,
     done: mpsc::Sender<RestoreDone>,
     running: HashMap<i32, Running>,
     generations: u64,
@@ -116,7 +114,7 @@ impl Restores {
         changelog: String,
         store: Arc<dyn StateStore>,
         health: Arc<Health>,
-        reconcile: Option<(RoomFolder, RedisWriter)>,
+        reconcile: Option<Rewriter>,
         done: mpsc::Sender<RestoreDone>,
     ) -> Result<Restores, RuntimeError> {
         let watermarks = Arc::new(settings.client_config().create()?);
@@ -205,7 +203,7 @@ struct Job {
     changelog: String,
     store: Arc<dyn StateStore>,
     health: Arc<Health>,
-    reconcile: Option<(RoomFolder, RedisWriter)>,
+    reconcile: Option<Rewriter>,
     partition: i32,
     cancel: Arc<AtomicBool>,
 }
@@ -261,8 +259,11 @@ impl Job {
     /// compare-and-set makes the repeat harmless. Done here, off the
     /// processing thread, since a partition can hold many rooms.
     fn reconcile(&self) -> Result<(), RuntimeError> {
-        let Some((folder, redis)) = &self.reconcile else { return Ok(()) };
-        rewrite_partition(self.store.as_ref(), folder, redis, self.partition, &self.cancel)?;
+        let Some(rewriter) = &self.reconcile else { return Ok(()) };
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        rewrite_partition(rewriter, self.partition, &self.cancel)?;
         Ok(())
     }
 

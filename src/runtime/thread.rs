@@ -24,6 +24,7 @@ use super::fencing::FencingBudget;
 use super::health::Health;
 use super::output::{self, JobProducer};
 use super::progress::{Stage, ThreadProgress};
+use super::reconcile::Rewriter;
 use super::restore::Restores;
 use super::RuntimeError;
 use crate::modules::RoomFolder;
@@ -60,6 +61,8 @@ pub(super) struct Shared {
     pub topics: Topics,
     pub store: Arc<RocksStore>,
     pub redis: Option<RedisWriter>,
+    /// Rewrites rooms from the store to Redis, when Redis is on.
+    pub rewriter: Option<Rewriter>,
     pub health: Arc<Health>,
 }
 
@@ -95,7 +98,7 @@ impl<'a> StreamThread<'a> {
             shared.topics.changelog.clone(),
             Arc::clone(&store),
             Arc::clone(&shared.health),
-            shared.redis.clone().map(|writer| (shared.folder.clone(), writer)),
+            shared.rewriter.clone(),
             restore_tx,
         )?;
         let engine = Engine::new(
@@ -111,6 +114,7 @@ impl<'a> StreamThread<'a> {
             restore_rx,
             topology.limits.room_cache_bytes / topology.instance.threads,
             Arc::clone(&progress),
+            shared.rewriter.clone(),
         );
         let engine = Arc::new(Mutex::new(engine));
         let context = JobContext {
@@ -194,7 +198,14 @@ impl<'a> StreamThread<'a> {
                 self.progress.enter(Stage::Processing);
                 engine.process(&message)?;
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            Some(Err(e)) => {
+                // A fatal consumer error (another member took this one's
+                // static id, say) leaves a consumer that never gets records.
+                if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                    return Err(RuntimeError::Invalid(format!("the consumer failed fatally ({code:?}): {reason}")));
+                }
+                tracing::warn!(error = %e, "consumer error");
+            }
             None => {}
         }
         // Housekeeping every few records, not every one: on the hot path
@@ -295,6 +306,8 @@ impl<'a> StreamThread<'a> {
         engine.closing = true;
         if let Err(e) = engine.abort_open() {
             tracing::warn!(error = %e, "could not abort the open transaction; it times out instead");
+            // Forgotten all the same, or the last commit would try it again.
+            engine.discard_open();
         }
     }
 

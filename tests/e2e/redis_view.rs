@@ -11,6 +11,7 @@ use crate::common::*;
 fn write(version: u64, closed: bool, tags: &str, changes: impl IntoIterator<Item = u64>) -> RoomWrite {
     RoomWrite {
         path: "app/a/room/r".into(),
+        partition: 0,
         version,
         closed,
         modules: vec![("tags".into(), tags.into())],
@@ -46,11 +47,7 @@ fn options(keys: &KeyLayout, stream_max_len: usize) -> WriterOptions {
 async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     let keys = KeyLayout::new(&unique("view"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
-    let (writer, task) = spawn_writer(
-        client.clone(),
-        options(&keys, 3),
-        None,
-    );
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 3), None);
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let version = |conn: redis::aio::MultiplexedConnection, keys: KeyLayout| async move {
         let mut conn = conn;
@@ -128,20 +125,12 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
 async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
     let keys = KeyLayout::new(&unique("retry"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
-    let (writer, task) = spawn_writer(
-        client.clone(),
-        options(&keys, 1000),
-        None,
-    );
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
     writer.send(vec![write(5, false, "{}", 1..=5)]);
     drop(writer);
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
     // A write that reached Redis but whose reply was lost comes back merged with newer changes.
-    let (writer, task) = spawn_writer(
-        client.clone(),
-        options(&keys, 1000),
-        None,
-    );
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
     writer.send(vec![write(8, false, "{}", 3..=8)]);
     drop(writer);
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
@@ -166,11 +155,7 @@ async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
 async fn the_change_stream_is_capped() {
     let keys = KeyLayout::new(&unique("cap"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
-    let (writer, task) = spawn_writer(
-        client.clone(),
-        options(&keys, 100),
-        None,
-    );
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 100), None);
     for v in 1..=1000u64 {
         writer.send(vec![write(v, false, "{}", v..=v)]);
     }
@@ -273,4 +258,36 @@ async fn the_readmes_catch_up_recipe_returns_every_version_after_v() {
         versions.extend(changes.iter().map(|c| c["version"].as_u64().unwrap()).filter(|&v| v > 5));
     }
     assert_eq!(versions, vec![6, 7], "every version after 5, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_do_not_follow_on_from_what_redis_holds_leave_a_resync_marker() {
+    let client = redis::Client::open(services().redis_url.as_str()).unwrap();
+    let keys = KeyLayout::new(&unique("hole"));
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
+    writer.send(vec![write(3, false, "{}", [1, 2, 3])]);
+    let room = keys.room("app/a/room/r");
+    let stream = keys.changes("app/a/room/r");
+    let reader = conn.clone();
+    let at_version = |version: u64| {
+        let (conn, room) = (reader.clone(), room.clone());
+        move || {
+            let (mut conn, room) = (conn.clone(), room.clone());
+            async move {
+                let at: Option<u64> = redis::AsyncCommands::hget(&mut conn, room, "version").await.ok()?;
+                (at == Some(version)).then_some(())
+            }
+        }
+    };
+    wait_for(Duration::from_secs(10), "version 3", at_version(3)).await;
+    // Redis loses the room; the next live write carries only its own change.
+    let _: () = redis::AsyncCommands::del(&mut conn, &[&room, &stream]).await.unwrap();
+    writer.send(vec![write(6, false, "{}", [6])]);
+    wait_for(Duration::from_secs(10), "version 6", at_version(6)).await;
+    drop(writer);
+    task.await.unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::AsyncCommands::xrange_all(&mut conn, &stream).await.unwrap();
+    let shape: Vec<(String, bool)> = entries.ids.iter().map(|e| (e.id.clone(), e.map.contains_key("resync"))).collect();
+    assert_eq!(shape, [("5-0".to_owned(), true), ("6-0".to_owned(), false)], "versions 1-5 are marked missing");
 }

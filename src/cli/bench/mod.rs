@@ -6,11 +6,14 @@
 //! as a child process (throughput, CPU, peak RSS), then a fixed-rate load
 //! (latency to the broadcast topic and to Redis), then a restore from the
 //! changelog with the state directory deleted. It prints a table and, last,
-//! one JSON object with every figure.
+//! one JSON object with every figure. `--memory` runs only the memory
+//! phases instead ([`memory`]).
 
 mod latency;
+mod memory;
 mod passthrough;
 mod process;
+mod shapes;
 mod workload;
 
 use std::time::{Duration, Instant};
@@ -57,9 +60,31 @@ pub struct BenchArgs {
     /// Random seed of the workload.
     #[arg(long, default_value = "42")]
     pub seed: u64,
+    /// Run only the memory phases: omni's peak RSS with its default limits
+    /// under 1M distinct rooms, a hot room, wide rooms, and rooms closed.
+    #[arg(long)]
+    pub memory: bool,
+    /// Memory phases to run, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "rooms,hot,wide,closed")]
+    pub memory_phases: Vec<memory::Phase>,
+    /// Scales every memory phase's room and event counts (0.01 for a quick check).
+    #[arg(long, default_value = "1.0")]
+    pub memory_scale: f64,
+    /// `closed_stream_retention_secs` of the closed-rooms memory phase.
+    #[arg(long, default_value = "5")]
+    pub memory_retention_secs: u64,
+    /// Changes omni's topology in the memory phases, to find where memory
+    /// goes: a dotted key and a TOML value, e.g. `limits.redis_backlog_bytes=8388608`
+    /// or `redis.url=""` (no Redis). Repeatable. The report then no longer
+    /// measures the default configuration, and says so.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub memory_set: Vec<String>,
 }
 
 pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> anyhow::Result<()> {
+    if args.memory {
+        return memory::run(&args, &kafka, &redis_url).await;
+    }
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let input = format!("{id}.events");
     let commit_interval = Duration::from_millis(args.commit_interval_ms);
@@ -96,18 +121,7 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
     eprintln!("bench {id}: passthrough {passthrough_rate:.0} events/s");
 
     let state = tempfile::tempdir()?;
-    let mut topology = Topology::with_defaults(&format!("{id}-omni"), &["recording", "tags"]);
-    topology.inputs = vec![input.clone()];
-    topology.broadcast_topic = format!("{id}.state");
-    topology.dead_letter_topic = format!("{id}.dlq");
-    topology.partitions = args.partitions;
-    topology.commit_interval_ms = args.commit_interval_ms;
-    topology.kafka = kafka.clone();
-    topology.redis.url = redis_url.clone();
-    topology.redis.key_prefix = id.clone();
-    topology.store.dir = state.path().join("state");
-    topology.instance.id = "bench".into();
-    topology.instance.threads = args.threads;
+    let topology = bench_topology(&id, &args, &kafka, &redis_url, state.path());
 
     eprintln!("bench {id}: omni from a cold start");
     let omni = OmniProcess::spawn(&topology, state.path())?;
@@ -189,6 +203,31 @@ pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> an
     print_table(&report);
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The topology omni runs under: the defaults, with the run's own topics,
+/// group, Redis key prefix and state directory (under `dir`), and the
+/// partitions, commit interval and threads of the command line.
+fn bench_topology(
+    id: &str,
+    args: &BenchArgs,
+    kafka: &KafkaSettings,
+    redis_url: &str,
+    dir: &std::path::Path,
+) -> Topology {
+    let mut topology = Topology::with_defaults(&format!("{id}-omni"), &["recording", "tags"]);
+    topology.inputs = vec![format!("{id}.events")];
+    topology.broadcast_topic = format!("{id}.state");
+    topology.dead_letter_topic = format!("{id}.dlq");
+    topology.partitions = args.partitions;
+    topology.commit_interval_ms = args.commit_interval_ms;
+    topology.kafka = kafka.clone();
+    topology.redis.url = redis_url.to_owned();
+    topology.redis.key_prefix = id.to_owned();
+    topology.store.dir = dir.join("state");
+    topology.instance.id = "bench".into();
+    topology.instance.threads = args.threads;
+    topology
 }
 
 /// Deletes the run's topics and Redis keys, so repeated runs do not weigh on the services.
@@ -283,7 +322,8 @@ async fn wait_for_redis_versions(
         expected.rooms.iter().filter(|(_, s)| !s.closed && s.version > 0).map(|(r, s)| (r, s.version)).collect();
     // Rooms already seen at their final version are not asked again.
     let mut waiting: &[(&String, u64)] = &open;
-    loop {
+    // No open room (every one closed) leaves nothing to ask.
+    while !waiting.is_empty() {
         // Chunks small enough to answer within the connection's response timeout.
         let chunk = &waiting[..waiting.len().min(2000)];
         let mut pipe = redis::pipe();
@@ -294,13 +334,14 @@ async fn wait_for_redis_versions(
         let reached = chunk.iter().zip(&versions).take_while(|((_, want), got)| **got == Some(*want)).count();
         waiting = &waiting[reached..];
         if waiting.is_empty() {
-            return Ok(());
+            break;
         }
         anyhow::ensure!(Instant::now() < deadline, "Redis did not reach the final versions");
         if reached < chunk.len() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    Ok(())
 }
 
 fn print_table(report: &serde_json::Value) {

@@ -38,7 +38,13 @@ impl OmniProcess {
             .args(["run", "--topology"])
             .arg(&file)
             .args(["--http-listen", &http])
+            // The topology file says everything: no setting of the bench's environment overrides it.
             .env_remove("OMNI_STATE_DIR")
+            .env_remove("OMNI_BROKERS")
+            .env_remove("OMNI_REDIS_URL")
+            .env_remove("OMNI_COMMIT_INTERVAL_MS")
+            .env_remove("OMNI_INSTANCE_ID")
+            .env_remove("OMNI_THREADS")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -63,10 +69,20 @@ impl OmniProcess {
 
     /// The process's peak resident set size.
     pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmHWM:")
+    }
+
+    /// The process's resident set size now.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// A size in kB from /proc/<pid>/status, in bytes.
+    fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
         let status = self.proc_file("status")?;
         let kib = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .unwrap_or(0);
         Ok(kib * 1024)
@@ -85,6 +101,13 @@ impl OmniProcess {
     async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics").await?;
         body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// Unlabelled metrics read from one scrape, in the order of `names`.
+    pub async fn metrics(&self, names: &[&str]) -> Vec<Option<f64>> {
+        let body = self.get("/metrics").await.map(|(_, body)| body).unwrap_or_default();
+        let value = |name: &str| body.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()));
+        names.iter().map(|name| value(name)).collect()
     }
 
     /// A histogram's running sum and count.
@@ -130,6 +153,15 @@ impl OmniProcess {
             anyhow::bail!("omni run exited with {status}; the end of its log:\n{}", tail.join("\n"));
         }
         Ok(())
+    }
+}
+
+/// A bench that stops on an error leaves no omni behind.
+impl Drop for OmniProcess {
+    fn drop(&mut self) {
+        // After `terminate` the child is reaped, and both calls do nothing.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

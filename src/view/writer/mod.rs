@@ -52,6 +52,8 @@ pub struct ChangeEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomWrite {
     pub path: String,
+    /// The input partition the room belongs to, where the store keeps it.
+    pub partition: i32,
     pub version: u64,
     /// A closed room's hash is deleted; its stream stays.
     pub closed: bool,
@@ -70,9 +72,16 @@ pub struct RoomWrite {
 impl RoomWrite {
     /// The Redis view of a committed room state, with the changes since the
     /// room's previous write.
-    pub fn from_state(folder: &RoomFolder, path: &str, state: &RoomState, changes: Vec<ChangeEntry>) -> RoomWrite {
+    pub fn from_state(
+        folder: &RoomFolder,
+        path: &str,
+        partition: i32,
+        state: &RoomState,
+        changes: Vec<ChangeEntry>,
+    ) -> RoomWrite {
         RoomWrite {
             path: path.to_owned(),
+            partition,
             version: state.version,
             closed: state.closed,
             modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
@@ -83,8 +92,8 @@ impl RoomWrite {
     }
 
     /// A room rewritten from the store: its state, without the changes that led to it.
-    pub fn rewrite(folder: &RoomFolder, path: &str, state: &RoomState) -> RoomWrite {
-        RoomWrite { truncated: true, ..RoomWrite::from_state(folder, path, state, Vec::new()) }
+    pub fn rewrite(folder: &RoomFolder, path: &str, partition: i32, state: &RoomState) -> RoomWrite {
+        RoomWrite { truncated: true, ..RoomWrite::from_state(folder, path, partition, state, Vec::new()) }
     }
 
     /// The newest version the stream may lack before `stream_changes`, or 0.
@@ -160,8 +169,8 @@ pub struct WriterOptions {
 /// Rooms as the store holds them, for writes that waited past the backlog
 /// budget with only their path.
 pub trait StoredRooms: Send + Sync {
-    /// The room's committed state, rewritten whole; `None` if this instance does not hold it.
-    fn room(&self, path: &str) -> Option<RoomWrite>;
+    /// The room's committed state in `partition`, rewritten whole; `None` if the store does not hold it.
+    fn room(&self, path: &str, partition: i32) -> Option<RoomWrite>;
 }
 
 /// How long Redis may take to answer one pipeline.
@@ -338,6 +347,9 @@ impl Writer {
             }
             let batch = self.pending.take(self.options.batch_rooms, Instant::now());
             let batch = self.reload(batch);
+            if batch.is_empty() && self.marker.checked.elapsed() < MARKER_CHECK {
+                continue;
+            }
             self.flush(batch).await;
             self.report_backlog();
         }
@@ -398,18 +410,24 @@ impl Writer {
 
     /// Reads back the state of rooms that waited with only their path. A
     /// room the store has not caught up with yet (the store takes a commit
-    /// just after Redis does) waits again.
+    /// just after Redis does) waits again, a moment, a bounded number of times.
     fn reload(&mut self, batch: Vec<Waiting>) -> Vec<RoomWrite> {
         let mut writes = Vec::with_capacity(batch.len());
+        let now = Instant::now();
         for waiting in batch {
             match waiting {
                 Waiting::Write(write) => writes.push(write),
-                Waiting::Reload { path, version } => match self.stored.as_ref().and_then(|s| s.room(&path)) {
-                    Some(write) if write.version >= version => writes.push(write),
-                    Some(_) => self.pending.absorb(Waiting::Reload { path, version }, Place::Back),
-                    // The room is no longer this instance's: its new owner writes it.
-                    None => {}
-                },
+                Waiting::Reload { path, version, partition } => {
+                    let Some(write) = self.stored.as_ref().and_then(|s| s.room(&path, partition)) else {
+                        self.pending.succeeded(&path);
+                        continue;
+                    };
+                    let behind = write.version < version;
+                    // Given up on after a while: what the store holds is the newest there is.
+                    if !(behind && self.pending.defer(Waiting::Reload { path, version, partition }, now)) {
+                        writes.push(write);
+                    }
+                }
             }
         }
         writes
@@ -424,11 +442,13 @@ impl Writer {
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let (marker, value) = self.marker.command(&self.marker_script);
-        pipe.add_command(marker);
         for write in &batch {
             pipe.add_command(script::room_command(&self.script, &self.options, write));
         }
+        // Last: Redis and its persistence keep a prefix of what they ran, so
+        // a marker that survived vouches for every write before it.
+        let (marker, value) = self.marker.command(&self.marker_script);
+        pipe.add_command(marker);
         let started = Instant::now();
         let conn = self.connection.as_mut().expect("connected above");
         let replies: Result<Vec<redis::RedisResult<redis::Value>>, _> = pipe.query_async(conn).await;
@@ -448,11 +468,16 @@ impl Writer {
         }
     }
 
-    /// Sorts out a pipeline's replies: the marker's, then each room's.
-    async fn settle(&mut self, batch: Vec<RoomWrite>, value: String, replies: Vec<redis::RedisResult<redis::Value>>) {
-        let mut replies = replies.into_iter();
+    /// Sorts out a pipeline's replies: each room's, then the marker's.
+    async fn settle(
+        &mut self,
+        batch: Vec<RoomWrite>,
+        value: String,
+        mut replies: Vec<redis::RedisResult<redis::Value>>,
+    ) {
         let mut missing_script = false;
-        match replies.next() {
+        let mut refused_all = None;
+        match replies.pop() {
             Some(Ok(reply)) => self.marker_answered(value, matches!(reply, redis::Value::Int(1))),
             // Not run at all: Redis holds what it held before.
             Some(Err(e)) if is_no_script(&e) => missing_script = true,
@@ -460,22 +485,36 @@ impl Writer {
         }
         let now = Instant::now();
         let mut written = 0;
-        let mut unscripted = Vec::new();
+        let mut again = Vec::new();
         for (write, reply) in batch.into_iter().zip(replies) {
             match reply {
                 Ok(_) => {
                     written += 1;
                     self.pending.succeeded(&write.path);
                 }
-                Err(e) if is_no_script(&e) => unscripted.push(write),
+                Err(e) if is_no_script(&e) => {
+                    missing_script = true;
+                    again.push(write);
+                }
+                // Out of memory, read-only, loading…: no room's fault, so
+                // none is held back alone; the whole writer backs off.
+                Err(e) if refuses_every_write(&e) => {
+                    refused_all = Some(e);
+                    again.push(write);
+                }
                 Err(e) => self.room_failed(write, &e, now),
             }
         }
         metrics::counter!("omni_redis_rooms_written_total").increment(written);
-        if missing_script || !unscripted.is_empty() {
+        if missing_script {
             // Redis restarted, or its scripts were flushed: load them, try again.
             self.load_scripts().await;
-            self.requeue(unscripted);
+        }
+        self.requeue(again);
+        if let Some(error) = refused_all {
+            tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
+            metrics::counter!("omni_redis_write_errors_total").increment(1);
+            self.back_off().await;
         }
     }
 
@@ -558,6 +597,17 @@ async fn recv_bounded(rx: &mut Option<mpsc::Receiver<Vec<RoomWrite>>>) -> Option
     rx.as_mut()?.recv().await
 }
 
+/// Errors Redis gives every write while it lasts, whatever the room.
+fn refuses_every_write(error: &redis::RedisError) -> bool {
+    matches!(
+        error.code(),
+        Some(
+            "OOM" | "READONLY" | "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOPERM" | "MISCONF"
+        )
+    ) || error.is_io_error()
+        || error.is_timeout()
+}
+
 fn is_no_script(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
@@ -567,6 +617,7 @@ fn is_no_script(error: &redis::RedisError) -> bool {
 pub(super) fn test_write(version: u64, changes: &[u64]) -> RoomWrite {
     RoomWrite {
         path: "app/a/room/r".into(),
+        partition: 0,
         version,
         closed: false,
         modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],

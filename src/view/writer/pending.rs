@@ -29,8 +29,8 @@ pub(super) enum Waiting {
     /// The write itself.
     Write(RoomWrite),
     /// Only the path and the version it must reach: the state is read from
-    /// the store when its turn comes.
-    Reload { path: String, version: u64 },
+    /// the store (its partition's) when its turn comes.
+    Reload { path: String, version: u64, partition: i32 },
 }
 
 impl Waiting {
@@ -84,7 +84,12 @@ pub(super) struct Bounds {
 struct Failing {
     failures: u32,
     retry_at: Instant,
+    /// Its path stands in `order` already, put there when it fell due.
+    queued: bool,
 }
+
+/// Times a room the store has not caught up with waits for it.
+const MOST_DEFERRALS: u32 = 50;
 
 /// The longest a failing room waits between two attempts.
 const MOST_ROOM_BACKOFF: Duration = Duration::from_secs(30);
@@ -152,7 +157,8 @@ impl Pending {
         if self.bounds.reloadable && self.bytes + waiting.bytes() > self.bounds.backlog_bytes {
             if let Waiting::Write(write) = &waiting {
                 metrics::counter!("omni_redis_stream_entries_dropped_total").increment(write.changes.len() as u64);
-                waiting = Waiting::Reload { path: write.path.clone(), version: write.version };
+                waiting =
+                    Waiting::Reload { path: write.path.clone(), version: write.version, partition: write.partition };
             }
         }
         self.bytes += waiting.bytes();
@@ -162,26 +168,27 @@ impl Pending {
     /// The rooms that have waited longest, taken out, longest first: at most
     /// `n` of them. Failing rooms whose back-off is over go first.
     pub(super) fn take(&mut self, n: usize, now: Instant) -> Vec<Waiting> {
-        let due: Vec<String> =
-            self.failing.iter().filter(|(_, f)| f.retry_at <= now).map(|(path, _)| path.clone()).collect();
-        for path in due {
-            self.order.push_front(path);
+        for (path, failing) in &mut self.failing {
+            if failing.retry_at <= now && !failing.queued && self.rooms.contains_key(path) {
+                failing.queued = true;
+                self.order.push_front(path.clone());
+            }
         }
         let mut batch = Vec::with_capacity(n.min(self.rooms.len()));
-        let mut held = Vec::new();
         while batch.len() < n {
             let Some(path) = self.order.pop_front() else { break };
-            if self.failing.get(&path).is_some_and(|f| f.retry_at > now) {
-                held.push(path);
-                continue;
+            if let Some(failing) = self.failing.get_mut(&path) {
+                failing.queued = false;
+                // Still backing off: it keeps no place in the queue, `failing` holds it.
+                if failing.retry_at > now {
+                    continue;
+                }
             }
             if let Some(waiting) = self.rooms.remove(&path) {
                 self.bytes -= waiting.bytes();
                 batch.push(waiting);
             }
         }
-        // Rooms still backing off keep no place in the queue; `failing` holds them.
-        drop(held);
         batch
     }
 
@@ -213,13 +220,28 @@ impl Pending {
     /// returns how many times in a row it failed.
     pub(super) fn fail(&mut self, failed: Waiting, now: Instant) -> u32 {
         let path = failed.path().to_owned();
-        let failing = self.failing.entry(path).or_insert(Failing { failures: 0, retry_at: now });
+        let failing = self.failing.entry(path).or_insert(Failing { failures: 0, retry_at: now, queued: false });
         failing.failures += 1;
         let backoff = Duration::from_millis(100).saturating_mul(1 << failing.failures.min(10)).min(MOST_ROOM_BACKOFF);
         failing.retry_at = now + backoff;
         let failures = failing.failures;
         self.absorb(failed, Place::Back);
         failures
+    }
+
+    /// Holds back a room the store has not caught up with for a moment;
+    /// false once it has waited long enough, and it is to go as it is.
+    pub(super) fn defer(&mut self, waiting: Waiting, now: Instant) -> bool {
+        let path = waiting.path().to_owned();
+        let failing = self.failing.entry(path.clone()).or_insert(Failing { failures: 0, retry_at: now, queued: false });
+        if failing.failures >= MOST_DEFERRALS {
+            self.failing.remove(&path);
+            return false;
+        }
+        failing.failures += 1;
+        failing.retry_at = now + Duration::from_millis(20);
+        self.absorb(waiting, Place::Back);
+        true
     }
 
     /// Forgets a room's failures once its write went through.
@@ -233,14 +255,20 @@ impl Pending {
 fn merge(a: Waiting, b: Waiting) -> Waiting {
     match (a, b) {
         (Waiting::Write(a), Waiting::Write(b)) => {
-            let (mut older, newer) = if a.version <= b.version { (a, b) } else { (b, a) };
+            // At one version, the write with its changes beats a rewrite without them.
+            let a_first = a.version < b.version || (a.version == b.version && b.truncated <= a.truncated);
+            let (mut older, newer) = if a_first { (a, b) } else { (b, a) };
             older.absorb(newer);
             Waiting::Write(older)
         }
         // Either side reduced to its path: the store holds the newest state.
         (a, b) => {
             let version = a.version().max(b.version());
-            Waiting::Reload { path: a.path().to_owned(), version }
+            let partition = match (&a, &b) {
+                (Waiting::Reload { partition, .. }, _) | (_, Waiting::Reload { partition, .. }) => *partition,
+                (Waiting::Write(write), _) => write.partition,
+            };
+            Waiting::Reload { path: a.path().to_owned(), version, partition }
         }
     }
 }
@@ -354,6 +382,36 @@ mod tests {
     }
 
     #[test]
+    fn a_due_failing_room_stands_in_the_queue_once() {
+        let mut pending = Pending::new(BOUNDS);
+        pending.absorb_all(vec![room("bad", &[1])]);
+        let now = Instant::now();
+        let failed = pending.take(10, now).pop().unwrap();
+        pending.fail(failed, now);
+        let due = pending.next_retry().unwrap();
+        for _ in 0..100 {
+            assert!(pending.take(0, due).is_empty());
+        }
+        assert!(pending.order.len() <= 2, "the queue holds the room once, not {} times", pending.order.len());
+        assert_eq!(paths(pending.take(10, due)), ["bad"]);
+    }
+
+    #[test]
+    fn a_room_the_store_has_not_caught_up_with_waits_a_bounded_while() {
+        let mut pending = Pending::new(BOUNDS);
+        let reload = || Waiting::Reload { path: "app/a/room/r".into(), version: 9, partition: 0 };
+        let mut now = Instant::now();
+        let mut deferrals = 0;
+        while pending.defer(reload(), now) {
+            deferrals += 1;
+            assert!(pending.take(10, now).is_empty(), "it waits out its moment");
+            now = pending.next_retry().unwrap();
+            assert_eq!(pending.take(10, now), vec![reload()]);
+        }
+        assert_eq!(deferrals, MOST_DEFERRALS);
+    }
+
+    #[test]
     fn a_room_keeps_no_more_change_entries_than_its_bounds_and_marks_the_hole() {
         let mut pending = Pending::new(Bounds { changes_per_room: 3, ..BOUNDS });
         pending.absorb(Waiting::Write(write(5, &[1, 2, 3, 4, 5])), Place::Back);
@@ -376,10 +434,16 @@ mod tests {
         pending.absorb(Waiting::Write(write(1, &[1])), Place::Back);
         pending.absorb(Waiting::Write(RoomWrite { path: "app/a/room/q".into(), ..write(2, &[2]) }), Place::Back);
         assert!(matches!(&pending.rooms["app/a/room/r"], Waiting::Write(_)));
-        assert_eq!(pending.rooms["app/a/room/q"], Waiting::Reload { path: "app/a/room/q".into(), version: 2 });
+        assert_eq!(
+            pending.rooms["app/a/room/q"],
+            Waiting::Reload { path: "app/a/room/q".into(), version: 2, partition: 0 }
+        );
         // A newer write to a reduced room stays reduced: the store has it.
         pending.absorb(Waiting::Write(RoomWrite { path: "app/a/room/q".into(), ..write(3, &[3]) }), Place::Back);
-        assert_eq!(pending.rooms["app/a/room/q"], Waiting::Reload { path: "app/a/room/q".into(), version: 3 });
+        assert_eq!(
+            pending.rooms["app/a/room/q"],
+            Waiting::Reload { path: "app/a/room/q".into(), version: 3, partition: 0 }
+        );
         assert!(pending.bytes() <= small + 10 + 200);
         let mut unbounded = Pending::new(Bounds { backlog_bytes: 0, reloadable: false, ..BOUNDS });
         unbounded.absorb(Waiting::Write(write(1, &[1])), Place::Back);

@@ -45,11 +45,13 @@ if current == 0 then
 end
 if version <= current then return 0 end
 local hole = tonumber(ARGV[5])
+local nfields = tonumber(ARGV[7])
+local at = 8 + 2 * nfields
+-- Changes that do not follow on from what Redis holds (it lost data) leave a hole too.
+if ARGV[at] and tonumber(ARGV[at + 1]) - 1 > math.max(current, hole) then hole = tonumber(ARGV[at + 1]) - 1 end
 if hole > current then
   redis.pcall('XADD', KEYS[2], 'MINID', ARGV[4], hole .. '-0', 'changes', '[]', 'resync', '1')
 end
-local nfields = tonumber(ARGV[7])
-local at = 8 + 2 * nfields
 if ARGV[at] and tonumber(ARGV[at + 2]) > current then
   local entry = ARGV[at]
   if tonumber(ARGV[at + 1]) <= current then
