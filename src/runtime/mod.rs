@@ -97,8 +97,7 @@ pub async fn run(
                 write_bytes: limits.redis_write_bytes,
                 closed_stream_retention: Duration::from_secs(limits.closed_stream_retention_secs),
             };
-            let closed_retention = options.closed_stream_retention;
-            let stored = StoreRooms { store: store.clone(), folder: folder.clone(), closed_retention };
+            let stored = StoreRooms { store: store.clone(), folder: folder.clone() };
             let (writer, task) = spawn_writer(client, options, Some(Arc::new(stored)));
             (Some(writer), Some(task))
         }
@@ -108,7 +107,6 @@ pub async fn run(
         store: store.clone(),
         folder: folder.clone(),
         writer: writer.clone(),
-        closed_retention: Duration::from_secs(topology.limits.closed_stream_retention_secs),
     });
 
     let instance_id = match topology.instance.id.as_str() {

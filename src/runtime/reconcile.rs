@@ -8,11 +8,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use super::RuntimeError;
 use crate::modules::RoomFolder;
-use crate::proto::omni::RoomState;
 use crate::store::StateStore;
 use crate::view::{RedisWriter, RoomWrite, StoredRooms};
 
@@ -22,26 +20,12 @@ const BATCH_ROOMS: usize = 256;
 /// Bytes of room state per batch, about: a batch of large rooms is cut short.
 const BATCH_BYTES: usize = 2 << 20;
 
-/// Where rooms are rewritten from, and what to leave out.
+/// Where rooms are rewritten from, and where to.
 #[derive(Clone)]
 pub(super) struct Rewriter {
     pub store: Arc<dyn StateStore>,
     pub folder: RoomFolder,
     pub writer: RedisWriter,
-    /// How long a closed room's stream stays in Redis: a room closed longer
-    /// ago is not brought back.
-    pub closed_retention: Duration,
-}
-
-/// Whether a stored room belongs in Redis: a room closed longer ago than
-/// its stream's retention left Redis for good, and is not brought back.
-fn belongs_in_redis(state: &RoomState, closed_retention: Duration) -> bool {
-    if !state.closed {
-        return true;
-    }
-    let closed_at = state.updated_at.as_ref().map_or(0, |t| t.seconds);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    now.saturating_sub(closed_at) < closed_retention.as_secs() as i64
 }
 
 /// Rewrites every room of `partition` from the store to Redis; returns how
@@ -53,9 +37,6 @@ pub(super) fn rewrite_partition(rewriter: &Rewriter, partition: i32, cancel: &At
     let mut rooms = 0u64;
     let mut open = true;
     store.visit_rooms(partition, &mut |path, state| {
-        if !belongs_in_redis(&state, rewriter.closed_retention) {
-            return !cancel.load(Ordering::Relaxed);
-        }
         bytes += state.modules.values().map(String::len).sum::<usize>() + path.len();
         batch.push(RoomWrite::rewrite(folder, &path, partition, &state));
         rooms += 1;
@@ -123,15 +104,12 @@ impl Resync {
 pub(super) struct StoreRooms {
     pub store: Arc<dyn StateStore>,
     pub folder: RoomFolder,
-    pub closed_retention: Duration,
 }
 
 impl StoredRooms for StoreRooms {
     fn room(&self, path: &str, partition: i32) -> Option<RoomWrite> {
         match self.store.get(partition, path) {
-            Ok(Some(state)) if belongs_in_redis(&state, self.closed_retention) => {
-                Some(RoomWrite::rewrite(&self.folder, path, partition, &state))
-            }
+            Ok(Some(state)) => Some(RoomWrite::rewrite(&self.folder, path, partition, &state)),
             Ok(_) => None,
             Err(error) => {
                 tracing::warn!(%path, %error, "could not read a room back from the store for redis");
