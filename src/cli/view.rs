@@ -1,6 +1,7 @@
 //! `omni snapshot` and `omni watch`: reading room state the way a late joiner does.
 
 use std::io::IsTerminal;
+use std::io::Write as _;
 use std::time::Duration;
 
 use omni::kafka::KafkaSettings;
@@ -87,7 +88,13 @@ pub async fn watch_command(args: WatchArgs, kafka: KafkaSettings, redis_url: &st
         match next {
             Ok(event) => {
                 failing = false;
-                println!("{}", serde_json::to_string(&event)?);
+                let mut out = std::io::stdout().lock();
+                let written = writeln!(out, "{}", serde_json::to_string(&event)?).and_then(|()| out.flush());
+                match written {
+                    // The reader went away (`omni watch … | head`): done, as Unix tools are.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    other => other?,
+                }
             }
             Err(error @ PubSubError::RedisBehind { .. }) => tracing::warn!(%error, "a room is behind"),
             Err(error) if !failing => {

@@ -243,6 +243,35 @@ async fn publish_from_flags_and_a_file_then_snapshot_and_watch_show_the_folded_s
     watch.kill().unwrap();
     watch.wait().unwrap();
 
+    // `omni watch … | head -1`: once its reader is gone, watch ends quietly.
+    let mut watch = omni_cli()
+        .args(["watch", "app/cli/room/*", "--topology", file.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning omni watch");
+    {
+        use std::io::BufRead as _;
+        let mut reader = std::io::BufReader::new(watch.stdout.take().unwrap());
+        let mut first = String::new();
+        reader.read_line(&mut first).unwrap();
+        assert!(first.contains("\"snapshot\""), "{first}");
+    }
+    publish(&file, &topology, "app/cli/room/r2", &["tag-set", "level", "master"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = watch.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "omni watch kept running after its reader left");
+        publish(&file, &topology, "app/cli/room/r2", &["tag-set", "n", "1"]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let mut errors = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().unwrap(), &mut errors).unwrap();
+    assert!(status.success(), "omni watch exited with {status}: {errors}");
+    assert!(!errors.contains("panicked"), "{errors}");
+
     job.stop().await;
 }
 
