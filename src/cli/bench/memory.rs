@@ -489,3 +489,38 @@ fn print_table(report: &Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_change_the_topology_by_dotted_key() {
+        let mut topology = Topology::with_defaults("t", &["tags"]);
+        let settings = ["limits.room_cache_bytes=1024", "redis.url=\"\"", "store.block_cache_mib = 16"];
+        apply_settings(&mut topology, &settings.map(String::from)).unwrap();
+        assert_eq!(topology.limits.room_cache_bytes, 1024);
+        assert_eq!(topology.redis.url, "");
+        assert_eq!(topology.store.memory.block_cache_mib, 16);
+        assert_eq!(topology.limits.redis_backlog_bytes, 64 << 20, "the rest stays as it was");
+    }
+
+    #[test]
+    fn a_setting_the_topology_does_not_know_is_refused() {
+        let mut topology = Topology::with_defaults("t", &["tags"]);
+        assert!(apply_settings(&mut topology, &["limits.room_cache_mib=1".into()]).is_err());
+        assert!(apply_settings(&mut topology, &["limits".into()]).is_err());
+    }
+
+    #[test]
+    fn peaks_keep_every_figure_at_the_highest_rss() {
+        let mut peaks = Peaks::default();
+        let sample = |rss_mib, redis_backlog_mib| Sample { rss_mib, redis_backlog_mib, ..Sample::default() };
+        peaks.add(sample(100.0, 50.0));
+        peaks.add(sample(300.0, 10.0));
+        peaks.add(sample(200.0, 60.0));
+        assert_eq!((peaks.highest.rss_mib, peaks.highest.redis_backlog_mib), (300.0, 60.0));
+        assert_eq!((peaks.at_highest_rss.rss_mib, peaks.at_highest_rss.redis_backlog_mib), (300.0, 10.0));
+        assert_eq!(peaks.samples, 3);
+    }
+}
