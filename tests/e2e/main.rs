@@ -2,6 +2,7 @@
 //! (see `integration/services.sh`). Each test owns its topics, group, Redis
 //! key prefix and state directory, so they run in parallel.
 
+mod broker_outage;
 mod cli;
 mod common;
 mod extension;
