@@ -295,15 +295,19 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
             )));
         }
     }
-    let smallest = check_record_sizes(topology, &topics).await?;
-    Ok(Topics { batch_bytes: output::batch_bytes(smallest), ..topics })
+    let (smallest, dead_letter_takes) = check_record_sizes(topology, &topics).await?;
+    Ok(Topics {
+        batch_bytes: output::batch_bytes(smallest),
+        dead_letter_record_bytes: output::dead_letter_record_bytes(dead_letter_takes),
+        ..topics
+    })
 }
 
 /// Refuses to start when an output topic cannot take the largest record
 /// the limits allow: every such record would be refused by the broker and
 /// dead-lettered, which a configuration mistake should not cause. Returns
-/// the smallest `max.message.bytes` among them.
-async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usize, RuntimeError> {
+/// the smallest `max.message.bytes` among them, and the dead-letter topic's.
+async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<(usize, usize), RuntimeError> {
     let largest = output::largest_records(&topology.limits);
     let wanted = [
         (topics.changelog.as_str(), largest.changelog, "limits.max_room_state_bytes"),
@@ -313,6 +317,7 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usiz
     let names: Vec<&str> = wanted.iter().map(|(topic, ..)| *topic).collect();
     let sizes = max_message_bytes(&topology.kafka, &names).await?;
     let smallest = sizes.iter().map(|(_, takes)| *takes).min().unwrap_or(usize::MAX);
+    let dead_letter_takes = sizes.last().map_or(usize::MAX, |(_, takes)| *takes);
     for ((topic, needed, limits), (_, takes)) in wanted.iter().zip(sizes) {
         if takes < *needed {
             return Err(RuntimeError::Invalid(format!(
@@ -320,5 +325,5 @@ async fn check_record_sizes(topology: &Topology, topics: &Topics) -> Result<usiz
             )));
         }
     }
-    Ok(smallest)
+    Ok((smallest, dead_letter_takes))
 }

@@ -121,6 +121,12 @@ const RECORD_OVERHEAD: usize = 2048;
 /// Dead-letter reasons are cut to this many bytes.
 const MOST_REASON_BYTES: usize = 1024;
 
+/// The largest input record a dead letter can carry whole on a dead-letter
+/// topic that takes records of `takes` bytes.
+pub fn dead_letter_record_bytes(takes: usize) -> usize {
+    takes.saturating_sub(MOST_REASON_BYTES + RECORD_OVERHEAD)
+}
+
 pub fn largest_records(limits: &Limits) -> LargestRecords {
     LargestRecords {
         changelog: limits.max_room_state_bytes + RECORD_OVERHEAD,
