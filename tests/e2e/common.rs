@@ -312,8 +312,13 @@ pub struct Read {
 
 /// Reads a topic read_committed from the beginning until `want` records arrived or `timeout` passed.
 pub fn read_committed(topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
+    read_committed_at(&services().brokers, topic, want, timeout)
+}
+
+/// As [`read_committed`], from the cluster at `brokers`.
+pub fn read_committed_at(brokers: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &services().brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -680,33 +685,6 @@ pub fn outage_topology(name: &str, partitions: i32, state_dir: &FsPath) -> Topol
     t.kafka = KafkaSettings::with_brokers(outage_services().brokers.clone());
     t.redis.url = outage_services().redis_url.clone();
     t
-}
-
-/// As [`read_committed`], from the cluster at `brokers`.
-pub fn read_committed_at(brokers: &str, topic: &str, want: usize, timeout: Duration) -> Vec<Read> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("reader");
-    consumer.subscribe(&[topic]).unwrap();
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    while out.len() < want && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            out.push(Read {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().map(<[u8]>::to_vec),
-                headers: HashMap::new(),
-            });
-        }
-    }
-    out
 }
 
 /// As [`read_broadcast`], from the cluster at `brokers`.
