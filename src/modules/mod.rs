@@ -44,9 +44,13 @@ pub struct Limits {
     /// Memory for committed room states kept decoded between events, per
     /// instance, in bytes; past it the cache starts over.
     pub room_cache_bytes: usize,
-    /// Memory for writes waiting for Redis, in bytes. Past it, waiting
-    /// writes keep only their room's path and are re-read from the store
-    /// when their turn comes, and their change-stream entries are dropped.
+    /// Memory for writes waiting for Redis, in bytes. Reached while Redis
+    /// takes writes, consumption pauses until the backlog drained to three
+    /// quarters of it. Past it, waiting writes keep only their room's path
+    /// (re-read from the store when their turn comes, their change-stream
+    /// entries dropped); past it by a quarter while Redis fails, the
+    /// backlog is dropped and every room rewritten from the store once
+    /// Redis is back.
     pub redis_backlog_bytes: usize,
     /// Most bytes of change-stream entries one room's Redis write carries;
     /// older entries past it are dropped, and the stream gets a marker that

@@ -21,6 +21,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::backpressure::Backpressure;
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::dead_letters::{dead_letter, Refusals};
@@ -115,6 +116,7 @@ pub struct Engine {
     losses_seen: u64,
     resync: Option<Resync>,
     rewriter: Option<Rewriter>,
+    backpressure: Backpressure,
     counters: Vec<ModuleCounters>,
     /// Room closes, counted as changes of the `room` module.
     closes: LocalCounter,
@@ -154,6 +156,7 @@ impl Engine {
             progress,
             commits: 0,
             losses_seen: 0,
+            backpressure: Backpressure::default(),
             resync: None,
             rewriter,
             counters: ModuleCounters::for_modules(&folder),
@@ -572,14 +575,40 @@ impl Engine {
             if let Some(offset) = task.rewind_to {
                 consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
             }
-            let mut resume = TopicPartitionList::new();
-            resume.add_partition(&self.topics.input, done.partition);
-            consumer.resume(&resume)?;
+            // Held back for Redis, it resumes with the others.
+            if !self.backpressure.held_back() {
+                let mut resume = TopicPartitionList::new();
+                resume.add_partition(&self.topics.input, done.partition);
+                consumer.resume(&resume)?;
+            }
             // Only once consuming again: a failed seek or resume must not
             // leave a partition paused and counted as ready.
             task.rewind_to = None;
             task.restoring = false;
             self.update_health();
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes the active partitions as the Redis writer's
+    /// backlog asks (see [`Backpressure`]). Restoring partitions stay paused
+    /// either way; they resume when restored.
+    pub(super) fn apply_backpressure<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let Some(redis) = &self.redis else { return Ok(()) };
+        let Some(hold) = self.backpressure.change(redis) else { return Ok(()) };
+        let mut active = TopicPartitionList::new();
+        for (&partition, task) in &self.tasks {
+            if !task.restoring {
+                active.add_partition(&self.topics.input, partition);
+            }
+        }
+        if hold {
+            consumer.pause(&active)?;
+        } else {
+            consumer.resume(&active)?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! the last writes to Redis, and closes the store. All I/O lives here; the
 //! folds in [`crate::modules`] stay pure.
 
+mod backpressure;
 mod clock;
 mod context;
 mod counters;

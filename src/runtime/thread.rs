@@ -216,6 +216,7 @@ impl<'a> StreamThread<'a> {
             engine.check_delivery()?;
             engine.finish_restores(&self.consumer)?;
             engine.resync_if_redis_lost_data();
+            engine.apply_backpressure(&self.consumer)?;
             crate::kafka::serve_ready(&engine.producer);
             engine.report_store_usage();
             if let Ok(positions) = self.consumer.position() {

@@ -13,5 +13,6 @@ mod liveness;
 mod ops;
 mod processor;
 mod pubsub;
+mod redis_backlog;
 mod redis_view;
 mod view_faults;

@@ -19,12 +19,21 @@
 //!   counts a loss, and the runtime rewrites every room of its partitions
 //!   from the store through [`RedisWriter::rewrite`], a lane that yields to
 //!   live writes.
+//! - Redis slower than the job: past its backlog budget the writer asks the
+//!   runtime to pause consumption ([`RedisWriter::should_hold_back`]), as a
+//!   full producer buffer blocks Kafka Streams' `send`, until it drained to
+//!   three quarters of the budget.
+//! - Redis failing for long: the job is not held back by a Redis outage.
+//!   Once the backlog passes its budget by a quarter, the writer sheds it
+//!   and, when Redis takes writes again, counts a loss: the runtime then
+//!   rewrites every room from the store, as after a FLUSHALL. Memory stays
+//!   bounded however long Redis is away.
 
 mod pending;
 mod script;
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,12 +201,29 @@ pub struct RedisWriter {
     live: mpsc::UnboundedSender<Vec<RoomWrite>>,
     rewrites: mpsc::Sender<Vec<RoomWrite>>,
     losses: Arc<AtomicU64>,
+    pressure: Arc<Pressure>,
+}
+
+/// What the writer tells the runtime about its backlog.
+struct Pressure {
+    /// Bytes of writes waiting, as [`Pending`] charges them.
+    bytes: AtomicUsize,
+    /// Bytes of writes sent but not yet taken in: a writer waiting on a
+    /// slow Redis takes in nothing meanwhile.
+    queued: AtomicUsize,
+    /// Whether Redis refuses or cannot be reached now.
+    failing: AtomicBool,
+    budget: usize,
 }
 
 impl RedisWriter {
     /// Queues committed room writes; never blocks.
     pub fn send(&self, writes: Vec<RoomWrite>) {
-        if !writes.is_empty() && self.live.send(writes).is_err() {
+        if writes.is_empty() {
+            return;
+        }
+        self.pressure.queued.fetch_add(writes.iter().map(pending::write_bytes).sum(), Ordering::Relaxed);
+        if self.live.send(writes).is_err() {
             tracing::warn!("redis writer has stopped; dropping a write that the next reconcile will repair");
         }
     }
@@ -221,9 +247,30 @@ impl RedisWriter {
         }
     }
 
-    /// How many times the writer found that Redis had lost data.
+    /// How many times the writer found that Redis had lost data, or shed
+    /// its backlog: either way, every room must be rewritten from the store.
     pub fn losses(&self) -> u64 {
         self.losses.load(Ordering::Relaxed)
+    }
+
+    /// Whether consumption should pause: Redis takes writes, but fewer than
+    /// the job makes, and the backlog reached its budget.
+    pub fn should_hold_back(&self) -> bool {
+        let p = &self.pressure;
+        !p.failing.load(Ordering::Relaxed) && p.total() >= p.budget
+    }
+
+    /// Whether paused consumption may resume: the backlog drained to three
+    /// quarters of its budget, or Redis fails (and the writer sheds instead).
+    pub fn may_resume(&self) -> bool {
+        let p = &self.pressure;
+        p.failing.load(Ordering::Relaxed) || p.total() <= p.budget / 4 * 3
+    }
+}
+
+impl Pressure {
+    fn total(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -237,6 +284,13 @@ pub fn spawn_writer(
     let (live, live_rx) = mpsc::unbounded_channel();
     let (rewrites, rewrites_rx) = mpsc::channel(REWRITE_QUEUE);
     let losses = Arc::new(AtomicU64::new(0));
+    let pressure =
+        Arc::new(Pressure {
+        bytes: AtomicUsize::new(0),
+        queued: AtomicUsize::new(0),
+        failing: AtomicBool::new(false),
+        budget: options.backlog_bytes,
+    });
     let bounds = Bounds {
         changes_per_room: options.stream_max_len,
         change_bytes_per_room: options.write_bytes,
@@ -255,11 +309,13 @@ pub fn spawn_writer(
         backoff: Duration::from_millis(50),
         marker,
         losses: Arc::clone(&losses),
+        pressure: Arc::clone(&pressure),
+        rewrite_owed: false,
         live: Some(live_rx),
         rewrites: Some(rewrites_rx),
     };
     let task = tokio::spawn(writer.run());
-    (RedisWriter { live, rewrites, losses }, task)
+    (RedisWriter { live, rewrites, losses, pressure }, task)
 }
 
 /// The writer's marker: a key only it writes, advanced on every flush.
@@ -316,6 +372,10 @@ struct Writer {
     backoff: Duration,
     marker: Marker,
     losses: Arc<AtomicU64>,
+    pressure: Arc<Pressure>,
+    /// The backlog was shed while Redis failed: once it takes writes again,
+    /// every room is rewritten from the store.
+    rewrite_owed: bool,
     /// `None` once every handle is dropped.
     live: Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>,
     rewrites: Option<mpsc::Receiver<Vec<RoomWrite>>>,
@@ -374,7 +434,7 @@ impl Writer {
             () = sleep => Wake::Tick,
         };
         match wake {
-            Wake::Live(Some(writes)) => self.pending.absorb_all(writes),
+            Wake::Live(Some(writes)) => self.absorb_live(writes),
             Wake::Live(None) => self.live = None,
             Wake::Rewrite(Some(writes)) => self.absorb_rewrites(writes),
             Wake::Rewrite(None) => self.rewrites = None,
@@ -385,16 +445,19 @@ impl Writer {
     /// Takes every live write that arrived, and a batch of rewrites when
     /// few live writes wait: live writes go first.
     fn take_in(&mut self) {
-        if let Some(live) = &mut self.live {
-            while let Ok(writes) = live.try_recv() {
-                self.pending.absorb_all(writes);
-            }
+        while let Some(Ok(writes)) = self.live.as_mut().map(|live| live.try_recv()) {
+            self.absorb_live(writes);
         }
         if self.pending.len() < self.options.batch_rooms / 2 {
             if let Some(Ok(writes)) = self.rewrites.as_mut().map(|r| r.try_recv()) {
                 self.absorb_rewrites(writes);
             }
         }
+    }
+
+    fn absorb_live(&mut self, writes: Vec<RoomWrite>) {
+        self.pressure.queued.fetch_sub(writes.iter().map(pending::write_bytes).sum(), Ordering::Relaxed);
+        self.pending.absorb_all(writes);
     }
 
     fn absorb_rewrites(&mut self, writes: Vec<RoomWrite>) {
@@ -404,8 +467,38 @@ impl Writer {
     }
 
     fn report_backlog(&self) {
+        self.pressure.bytes.store(self.pending.bytes(), Ordering::Relaxed);
         metrics::gauge!("omni_redis_backlog_rooms").set(self.pending.len() as f64);
         metrics::gauge!("omni_redis_backlog_bytes").set(self.pending.bytes() as f64);
+    }
+
+    /// Records whether Redis takes writes. Back from a failure during which
+    /// the backlog was shed, it owes a rewrite of every room.
+    fn redis_failing(&mut self, failing: bool) {
+        self.pressure.failing.store(failing, Ordering::Relaxed);
+        if !failing && self.rewrite_owed {
+            self.rewrite_owed = false;
+            self.losses.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("omni_redis_resyncs_total").increment(1);
+            tracing::warn!("redis takes writes again after its backlog was shed; rewriting every room from the store");
+        }
+    }
+
+    /// While Redis fails, drops the backlog once it passes its budget by a
+    /// quarter, for a rewrite from the store when Redis is back: a Redis
+    /// outage neither holds the job back nor grows its memory. Only with a
+    /// store to rewrite from.
+    fn shed_if_over_budget(&mut self) {
+        let budget = self.options.backlog_bytes;
+        if self.stored.is_none() || self.pending.bytes() <= budget + budget / 4 {
+            return;
+        }
+        let rooms = self.pending.len();
+        self.pending = Pending::new(self.pending.bounds());
+        self.rewrite_owed = true;
+        metrics::counter!("omni_redis_backlog_shed_rooms_total").increment(rooms as u64);
+        tracing::warn!(rooms, "redis is failing and its backlog passed the budget; shed it for a rewrite from the store");
+        self.report_backlog();
     }
 
     /// Reads back the state of rooms that waited with only their path. A
@@ -437,6 +530,7 @@ impl Writer {
     async fn flush(&mut self, batch: Vec<RoomWrite>) {
         if self.connect().await.is_none() {
             self.requeue(batch);
+            self.redis_failing(true);
             self.back_off().await;
             return;
         }
@@ -463,6 +557,7 @@ impl Writer {
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
                 self.marker.unanswered(value);
                 self.requeue(batch);
+                self.redis_failing(true);
                 self.back_off().await;
             }
         }
@@ -511,6 +606,7 @@ impl Writer {
             self.load_scripts().await;
         }
         self.requeue(again);
+        self.redis_failing(refused_all.is_some());
         if let Some(error) = refused_all {
             tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
             metrics::counter!("omni_redis_write_errors_total").increment(1);
@@ -574,6 +670,7 @@ impl Writer {
         let deadline = tokio::time::Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
         loop {
+            self.shed_if_over_budget();
             let Some(live) = &mut self.live else {
                 tokio::time::sleep_until(deadline).await;
                 return;
@@ -581,7 +678,7 @@ impl Writer {
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => return,
                 writes = live.recv() => match writes {
-                    Some(writes) => self.pending.absorb_all(writes),
+                    Some(writes) => self.absorb_live(writes),
                     None => self.live = None,
                 },
             }

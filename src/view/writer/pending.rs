@@ -63,7 +63,7 @@ pub(super) fn change_bytes(change: &ChangeEntry) -> usize {
     change.state_json.len() + change.cause_event_id.len() + 160
 }
 
-fn write_bytes(write: &RoomWrite) -> usize {
+pub(super) fn write_bytes(write: &RoomWrite) -> usize {
     let modules: usize = write.modules.iter().map(|(name, json)| name.len() + json.len() + 32).sum();
     write.path.len() + modules + write.changes.iter().map(change_bytes).sum::<usize>() + 128
 }
@@ -128,6 +128,10 @@ impl Pending {
 
     pub(super) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    pub(super) fn bounds(&self) -> Bounds {
+        self.bounds
     }
 
     /// Takes in one commit's writes.

@@ -1,0 +1,124 @@
+//! The Redis writer's backlog stays within `limits.redis_backlog_bytes`
+//! whatever Redis does: a Redis slower than the job holds consumption back
+//! (the job then runs at Redis's pace), and a Redis that is away sheds the
+//! backlog without holding the job back, then gets every room rewritten from
+//! the store once it is back. Each test owns its Redis.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// The backlog budget of these tests: far below what their input makes wait.
+const BUDGET: usize = 64 << 10;
+
+/// Starts `omni run` on `topology` with its operations endpoint; returns it and the endpoint's address.
+fn spawn_job(topology: &omni::topology::Topology, dir: &std::path::Path) -> (JobProcess, String) {
+    let file = dir.join("topology.toml");
+    write_topology(topology, &file);
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    let log = dir.join("omni.log");
+    let child = omni_cli()
+        .args(["run", "--topology", file.to_str().unwrap(), "--http-listen", &addr])
+        .env("OMNI_REDIS_URL", &topology.redis.url)
+        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawning omni run");
+    (JobProcess { child, log }, addr)
+}
+
+async fn wait_ready(addr: &str) {
+    wait_for(Duration::from_secs(60), "the job ready", || async move {
+        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+}
+
+async fn gauge(addr: &str, name: &str) -> Option<f64> {
+    metric_sum(&http_get(addr, "/metrics").await?.1, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slower_than_the_job_holds_consumption_back_within_the_backlog_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = ScratchRedis::start_volatile(&dir.path().join("redis"));
+    let url = redis.url("");
+    let mut topology = fresh_topology("slowredis", 2, &dir.path().join("state"));
+    topology.redis.url = url.clone();
+    topology.limits.redis_backlog_bytes = BUDGET;
+    create_input(&topology).await;
+    let events = generate(71, 6000, 3000);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    let (job, addr) = spawn_job(&topology, dir.path());
+    wait_ready(&addr).await;
+
+    // Redis holds every write for 8 s (under the writer's 10 s response
+    // timeout, so to the writer it is slow, not failing).
+    pause_redis_writes(&url, Duration::from_secs(8)).await;
+    let paused_until = Instant::now() + Duration::from_secs(7);
+    produce(&producer(), topology.input_topic(), &events);
+    let (mut held_back, mut most) = (false, 0.0f64);
+    while Instant::now() < paused_until {
+        held_back |= gauge(&addr, "omni_redis_backpressure_threads").await.unwrap_or(0.0) >= 1.0;
+        most = most.max(gauge(&addr, "omni_redis_backlog_bytes").await.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !held_back {
+        let metrics = http_get(&addr, "/metrics").await.map(|m| m.1).unwrap_or_default();
+        let redis: Vec<&str> = metrics.lines().filter(|l| l.contains("redis") && !l.starts_with('#')).collect();
+        let log = std::fs::read_to_string(&job.log).unwrap_or_default();
+        panic!("the job never held consumption back while Redis held its writes\n{}\n{log}", redis.join("\n"));
+    }
+    // A commit's worth of path-only rooms may join past the budget before the pause takes.
+    assert!(most <= 2.0 * BUDGET as f64, "the backlog reached {most} bytes over a {BUDGET}-byte budget");
+
+    assert_redis_exact(&topology, &folder, &expected).await;
+    assert_broadcast_exact(&read_broadcast(&topology.broadcast_topic, expected.total_changes), &expected);
+    let addr2 = addr.clone();
+    wait_for(Duration::from_secs(30), "consumption resumed", || {
+        let addr = addr2.clone();
+        async move { (gauge(&addr, "omni_redis_backpressure_threads").await? == 0.0).then_some(()) }
+    })
+    .await;
+    job.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_away_past_the_backlog_budget_holds_nothing_back_and_gets_every_room_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = pick_free_port();
+    let redis = ScratchRedis::start_on(&dir.path().join("redis"), port);
+    let url = redis.url("");
+    let mut topology = fresh_topology("awayredis", 2, &dir.path().join("state"));
+    topology.redis.url = url.clone();
+    topology.limits.redis_backlog_bytes = BUDGET;
+    create_input(&topology).await;
+    let events = generate(72, 6000, 3000);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    let (job, addr) = spawn_job(&topology, dir.path());
+    wait_ready(&addr).await;
+
+    drop(redis);
+    produce(&producer(), topology.input_topic(), &events);
+    // Redis being away holds nothing back: every change is broadcast.
+    assert_broadcast_exact(&read_broadcast(&topology.broadcast_topic, expected.total_changes), &expected);
+    let addr2 = addr.clone();
+    let most = wait_for(Duration::from_secs(30), "the backlog shed", || {
+        let addr = addr2.clone();
+        async move {
+            let metrics = http_get(&addr, "/metrics").await?.1;
+            let shed = metric_sum(&metrics, "omni_redis_backlog_shed_rooms_total")?;
+            (shed > 0.0).then(|| metric_sum(&metrics, "omni_redis_backlog_bytes").unwrap_or(0.0))
+        }
+    })
+    .await;
+    assert!(most <= 1.5 * BUDGET as f64, "the backlog holds {most} bytes over a {BUDGET}-byte budget");
+    assert_eq!(gauge(&addr, "omni_redis_backpressure_threads").await.unwrap_or(0.0), 0.0, "held back for a Redis away");
+
+    let _back = ScratchRedis::start_on(&dir.path().join("redis"), port);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    assert!(gauge(&addr, "omni_redis_resyncs_total").await.unwrap_or(0.0) >= 1.0, "no rewrite counted");
+    job.terminate();
+}
