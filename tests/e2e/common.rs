@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 /// Brokers and Redis URL of the real services.
@@ -321,12 +321,29 @@ pub fn read_committed_at(brokers: &str, topic: &str, want: usize, timeout: Durat
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .create()
         .expect("reader");
-    consumer.subscribe(&[topic]).unwrap();
     let deadline = Instant::now() + timeout;
+    // Every partition assigned from its beginning, with no group
+    // subscription: a reader in a group that rebalances starts over from the
+    // beginning (it commits nothing) and would read records twice.
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("topic metadata");
+        let count = metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
+        if count > 0 {
+            break count;
+        }
+        if Instant::now() >= deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
