@@ -77,11 +77,10 @@ async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     stream.read_to_end(&mut raw).await.with_context(|| format!("reading http://{addr}{path}"))?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("http://{addr}{path} did not answer HTTP: {:?}", head.lines().next().unwrap_or("")))?;
+    let status =
+        head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).with_context(|| {
+            format!("http://{addr}{path} did not answer HTTP: {:?}", head.lines().next().unwrap_or(""))
+        })?;
     Ok((status, body.to_owned()))
 }
 

@@ -124,7 +124,13 @@ async fn every_metric_of_the_dashboard_and_the_alert_rules_is_in_a_real_scrape()
         (
             "alerts.yaml",
             &alerts,
-            &["omni_consumer_lag", "omni_dead_letters_total", "omni_redis_backlog_rooms", "omni_producer_rebuilds_total", "omni_ready"][..],
+            &[
+                "omni_consumer_lag",
+                "omni_dead_letters_total",
+                "omni_redis_backlog_rooms",
+                "omni_producer_rebuilds_total",
+                "omni_ready",
+            ][..],
         ),
     ] {
         for name in wanted {
