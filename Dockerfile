@@ -36,7 +36,8 @@ COPY topologies /etc/omni
 USER 10001
 WORKDIR /var/lib/omni
 ENV OMNI_STATE_DIR=/var/lib/omni/state OMNI_HTTP_LISTEN=0.0.0.0:9464
-EXPOSE 9464
+# 9464: omni run's /metrics, /healthz, /readyz; 50051: omni serve (gRPC and HTTP).
+EXPOSE 9464 50051
 # `omni health` reads OMNI_HTTP_LISTEN and asks /healthz on loopback (no curl in a slim image).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["omni", "health", "--timeout-secs", "4"]
 ENTRYPOINT ["omni"]
