@@ -15,6 +15,7 @@ export OMNI_SERVICES_SH="$PWD/integration/services.sh"
 # end-to-end and documentation tests all run, but the broker-outage tests:
 # they stop and start a broker, so they get a stage and a broker of their own.
 cargo build --release --locked --bins
+bash integration/check-deploy.sh   # deploy/: manifests, alert rules, dashboard (no cluster needed)
 cargo test --release --locked -- --test-threads=4 --skip broker_outage "$@"
 
 # Broker outages (tests/e2e/broker_outage.rs): the broker restarted under

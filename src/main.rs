@@ -73,6 +73,8 @@ enum Command {
     },
     /// Measure throughput, latency and restore speed against real Kafka and Redis.
     Bench(cli::bench::BenchArgs),
+    /// Ask a running omni's /healthz (or /readyz): exit 0 when it answers 200 (container health checks).
+    Health(cli::health::HealthArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +146,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", describe(&topology, format));
             Ok(0)
         }
+        Command::Health(args) => cli::health::run(args).await,
         Command::Bench(args) => {
             cli::bench::run(args, kafka_settings(&cli.connect), redis_url(&cli.connect)).await.map(|()| 0)
         }

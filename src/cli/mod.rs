@@ -4,5 +4,6 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod embedded_redis;
+pub mod health;
 pub mod publish;
 pub mod view;

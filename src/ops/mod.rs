@@ -1,5 +1,7 @@
 //! The operations endpoint: Prometheus metrics, liveness and readiness.
 
+mod process;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -37,7 +39,7 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
     let endpoint = Endpoint { metrics: metrics_handle(), health };
     describe_metrics();
     let app = Router::new()
-        .route("/metrics", get(|State(e): State<Endpoint>| async move { e.metrics.render() }))
+        .route("/metrics", get(|State(e): State<Endpoint>| async move { scrape(&e) }))
         .route(
             "/healthz",
             get(|State(e): State<Endpoint>| async move {
@@ -80,6 +82,15 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
         }
     });
     Ok(addr)
+}
+
+/// Renders `/metrics`, refreshing first what is sampled rather than counted:
+/// the process figures and readiness (so an alert can see a not-ready
+/// instance, which Prometheus cannot tell from `/readyz`).
+fn scrape(endpoint: &Endpoint) -> String {
+    process::record();
+    metrics::gauge!("omni_ready").set(if endpoint.health.ready() { 1.0 } else { 0.0 });
+    endpoint.metrics.render()
 }
 
 /// Shows a progress bar on the terminal while partitions restore from their changelogs.
@@ -151,6 +162,7 @@ fn describe_metrics() {
         ("omni_rocksdb_memory_bytes", "RocksDB block cache and memtable memory.", false),
         ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk.", false),
         ("omni_assigned_partitions", "Input partitions assigned to this instance.", false),
+        ("omni_ready", "1 when /readyz answers 200: joined, every partition restored, no thread stalled.", false),
     ];
     for (name, help, labeled) in gauges {
         describe_gauge!(name, help);
@@ -161,4 +173,7 @@ fn describe_metrics() {
     describe_histogram!("omni_commit_seconds", "Time to commit one transaction.");
     describe_histogram!("omni_transaction_seconds", "Time from a transaction's first record to its commit.");
     describe_histogram!("omni_redis_write_seconds", "Time of one Redis pipeline.");
+    describe_gauge!("omni_build_info", "Always 1; the version of omni in its label.");
+    metrics::gauge!("omni_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    process::describe();
 }

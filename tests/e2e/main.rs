@@ -5,6 +5,7 @@
 mod broker_outage;
 mod cli;
 mod common;
+mod deploy_files;
 mod extension;
 mod faults;
 mod follow_faults;
