@@ -407,8 +407,12 @@ impl Engine {
                     }
                     rooms.push((path.as_bytes().to_vec(), encoded));
                 }
-                cache_bytes += cache_weight(&path, encoded_len);
-                task.recent.insert(path, room);
+                // A closed room costs nothing in memory: only its version
+                // stays, in the store, for a reopening to continue from.
+                if !room.state().closed {
+                    cache_bytes += cache_weight(&path, encoded_len);
+                    task.recent.insert(path, room);
+                }
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
                 store_writes

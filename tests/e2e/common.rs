@@ -179,6 +179,16 @@ impl JobProcess {
     }
 }
 
+/// A test that fails leaves no job behind to load the machine for the rest of the run.
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
