@@ -536,7 +536,7 @@ impl Engine {
     /// Takes newly assigned partitions: each restores its store before it is consumed.
     pub(super) fn assign<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
         let mut paused = TopicPartitionList::new();
-        self.health.positions.assigned(partitions);
+        self.health.positions.assigned(self.progress.thread(), partitions);
         for &partition in partitions {
             paused.add_partition(&self.topics.input, partition);
             self.tasks.insert(partition, Task { restoring: true, ..Task::default() });
@@ -550,10 +550,10 @@ impl Engine {
 
     /// Gives up partitions: their work is already in the committed transaction.
     pub(super) fn revoke(&mut self, partitions: &[i32]) {
-        self.health.positions.revoked(partitions);
+        self.health.positions.revoked(self.progress.thread(), partitions);
+        self.restores.cancel_all(partitions);
         for partition in partitions {
             self.refusals.forget(*partition, None);
-            self.restores.cancel(*partition);
             if let Some(task) = self.tasks.remove(partition) {
                 let weights = task.recent.iter().map(|(path, room)| cache_weight(path, room.state().encoded_len()));
                 self.room_cache_bytes = self.room_cache_bytes.saturating_sub(weights.sum());

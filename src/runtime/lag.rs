@@ -24,32 +24,47 @@ pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// Where each assigned partition's processing has got to.
 #[derive(Debug, Default)]
 pub struct Positions {
-    /// Partition → next offset to process, or `None` before its first record
-    /// (the committed offset stands in then).
-    positions: Mutex<BTreeMap<i32, Option<i64>>>,
+    positions: Mutex<BTreeMap<i32, Slot>>,
+}
+
+/// One partition's position, and the processing thread that owns it.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    thread: usize,
+    /// Next offset to process, or `None` before its first record (the
+    /// committed offset stands in then).
+    offset: Option<i64>,
 }
 
 impl Positions {
-    pub(super) fn assigned(&self, partitions: &[i32]) {
+    /// `thread` owns these partitions now, whoever owned them before.
+    pub(super) fn assigned(&self, thread: usize, partitions: &[i32]) {
         let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         for &partition in partitions {
-            positions.insert(partition, None);
+            positions.insert(partition, Slot { thread, offset: None });
         }
     }
 
-    pub(super) fn revoked(&self, partitions: &[i32]) {
+    /// `thread` gave these partitions up. A slot another thread of this
+    /// instance took since stays: a revoke can come after the partition
+    /// moved to a sibling thread.
+    pub(super) fn revoked(&self, thread: usize, partitions: &[i32]) {
         let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         for partition in partitions {
-            positions.remove(partition);
+            if positions.get(partition).is_some_and(|slot| slot.thread == thread) {
+                positions.remove(partition);
+            }
         }
     }
 
-    /// Records where a thread's consumer stands, from its `position()`.
-    pub(super) fn advanced(&self, list: &TopicPartitionList) {
+    /// Records where `thread`'s consumer stands, from its `position()`; only
+    /// in the partitions `thread` owns.
+    pub(super) fn advanced(&self, thread: usize, list: &TopicPartitionList) {
         let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
         for element in list.elements() {
-            if let (Offset::Offset(offset), Some(slot)) = (element.offset(), positions.get_mut(&element.partition())) {
-                *slot = Some(offset);
+            let slot = positions.get_mut(&element.partition()).filter(|slot| slot.thread == thread);
+            if let (Offset::Offset(offset), Some(slot)) = (element.offset(), slot) {
+                slot.offset = Some(offset);
             }
         }
     }
@@ -59,7 +74,8 @@ impl Positions {
     }
 
     fn snapshot(&self) -> BTreeMap<i32, Option<i64>> {
-        self.positions.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions.iter().map(|(&partition, slot)| (partition, slot.offset)).collect()
     }
 }
 
@@ -137,4 +153,31 @@ fn lags(consumer: &BaseConsumer, input: &str, positions: BTreeMap<i32, Option<i6
         out.push((partition, (stable - from).max(0)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(partition: i32, offset: i64) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset("in", partition, Offset::Offset(offset)).unwrap();
+        list
+    }
+
+    #[test]
+    fn a_partition_moved_to_a_sibling_thread_keeps_its_slot_against_the_old_owner() {
+        let positions = Positions::default();
+        positions.assigned(0, &[1]);
+        positions.advanced(0, &at(1, 10));
+        // The partition moves to thread 1 before thread 0 hears of its revoke.
+        positions.assigned(1, &[1]);
+        positions.advanced(0, &at(1, 12));
+        positions.revoked(0, &[1]);
+        assert_eq!(positions.snapshot(), BTreeMap::from([(1, None)]), "the old owner neither moved nor removed it");
+        positions.advanced(1, &at(1, 11));
+        assert_eq!(positions.snapshot(), BTreeMap::from([(1, Some(11))]));
+        positions.revoked(1, &[1]);
+        assert!(positions.snapshot().is_empty());
+    }
 }

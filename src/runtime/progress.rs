@@ -76,6 +76,11 @@ impl ThreadProgress {
         ThreadProgress { thread, stage: AtomicU8::new(0), since_ms: AtomicU64::new(0), epoch: Instant::now() }
     }
 
+    /// The processing thread's number.
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
+
     /// Marks the start of a step, which is also progress.
     pub fn enter(&self, stage: Stage) {
         self.stage.store(stage as u8, Ordering::Relaxed);

@@ -176,8 +176,17 @@ impl Restores {
 
     /// Stops a restore and waits for its thread, so two never write one partition.
     pub fn cancel(&mut self, partition: i32) {
-        if let Some(running) = self.running.remove(&partition) {
+        self.cancel_all(&[partition]);
+    }
+
+    /// Stops these partitions' restores, every one told before any is
+    /// waited for: a revoke then waits for the slowest alone, not their sum.
+    pub fn cancel_all(&mut self, partitions: &[i32]) {
+        let stopping: Vec<Running> = partitions.iter().filter_map(|p| self.running.remove(p)).collect();
+        for running in &stopping {
             running.cancel.store(true, Ordering::Relaxed);
+        }
+        for running in stopping {
             let _ = running.thread.join();
         }
     }
@@ -207,6 +216,9 @@ struct Job {
     partition: i32,
     cancel: Arc<AtomicBool>,
 }
+
+/// How long one ask for a changelog partition's watermarks may take.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Job {
     /// Restores until the end of the changelog, again after a failure
@@ -244,7 +256,9 @@ impl Job {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted::Cancelled);
             }
-            match self.watermarks.fetch_watermarks(&self.changelog, self.partition, Duration::from_secs(30)) {
+            // Short, so a cancel waits for one call at most; a timeout is
+            // retried like any other failure, from where the store got to.
+            match self.watermarks.fetch_watermarks(&self.changelog, self.partition, WATERMARKS_TIMEOUT) {
                 Err(e) if attempts < 50 && not_served_yet(&e) => {
                     attempts += 1;
                     std::thread::sleep(Duration::from_millis(200));

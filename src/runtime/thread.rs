@@ -220,7 +220,7 @@ impl<'a> StreamThread<'a> {
             crate::kafka::serve_ready(&engine.producer);
             engine.report_store_usage();
             if let Ok(positions) = self.consumer.position() {
-                self.shared.health.positions.advanced(&positions);
+                self.shared.health.positions.advanced(self.progress.thread(), &positions);
             }
         }
         let now = Instant::now();
