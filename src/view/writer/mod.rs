@@ -182,6 +182,10 @@ pub trait StoredRooms: Send + Sync {
     fn room(&self, path: &str, partition: i32) -> Option<RoomWrite>;
 }
 
+/// Most bytes of writes one pipeline carries. A flush holds its batch, the
+/// commands and their encoding at once, none of it counted in the backlog.
+const PIPELINE_BYTES: usize = 4 << 20;
+
 /// How long Redis may take to answer one pipeline.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -405,7 +409,7 @@ impl Writer {
                 }
                 continue;
             }
-            let batch = self.pending.take(self.options.batch_rooms, Instant::now());
+            let batch = self.pending.take(self.options.batch_rooms, PIPELINE_BYTES, Instant::now());
             let batch = self.reload(batch);
             if batch.is_empty() && self.marker.checked.elapsed() < MARKER_CHECK {
                 continue;

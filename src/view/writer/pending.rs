@@ -172,8 +172,9 @@ impl Pending {
     }
 
     /// The rooms that have waited longest, taken out, longest first: at most
-    /// `n` of them. Failing rooms whose back-off is over go first.
-    pub(super) fn take(&mut self, n: usize, now: Instant) -> Vec<Waiting> {
+    /// `n` of them, and no more once they weigh `max_bytes` (one at least).
+    /// Failing rooms whose back-off is over go first.
+    pub(super) fn take(&mut self, n: usize, max_bytes: usize, now: Instant) -> Vec<Waiting> {
         for (path, failing) in &mut self.failing {
             if failing.retry_at <= now && !failing.queued && self.rooms.contains_key(path) {
                 failing.queued = true;
@@ -181,7 +182,8 @@ impl Pending {
             }
         }
         let mut batch = Vec::with_capacity(n.min(self.rooms.len()));
-        while batch.len() < n {
+        let mut weight = 0;
+        while batch.len() < n && weight < max_bytes {
             let Some(path) = self.order.pop_front() else { break };
             if let Some(failing) = self.failing.get_mut(&path) {
                 failing.queued = false;
@@ -192,6 +194,7 @@ impl Pending {
             }
             if let Some(waiting) = self.rooms.remove(&path) {
                 self.bytes -= waiting.bytes();
+                weight += waiting.bytes();
                 batch.push(waiting);
             }
         }
@@ -331,7 +334,7 @@ mod tests {
         let w = &pending.rooms["app/a/room/r"];
         assert!(matches!(w, Waiting::Write(w) if w.version == 5));
         assert_eq!(versions(w), vec![3, 4, 5]);
-        assert_eq!(pending.take(10, Instant::now()).len(), 1);
+        assert_eq!(pending.take(10, usize::MAX, Instant::now()).len(), 1);
         assert_eq!(pending.bytes(), 0, "the byte count returns to zero");
     }
 
@@ -347,8 +350,8 @@ mod tests {
         // The next commit: a busy room written again keeps its place.
         pending.absorb_all(vec![room("newest", &[1010]), room("early", &[1000])]);
         let now = Instant::now();
-        assert_eq!(paths(pending.take(3, now)), ["reconcile", "early", "middle"]);
-        assert_eq!(paths(pending.take(3, now)), ["late", "newest"]);
+        assert_eq!(paths(pending.take(3, usize::MAX, now)), ["reconcile", "early", "middle"]);
+        assert_eq!(paths(pending.take(3, usize::MAX, now)), ["late", "newest"]);
         assert!(pending.is_empty());
     }
 
@@ -357,13 +360,13 @@ mod tests {
         let mut pending = Pending::new(BOUNDS);
         pending.absorb_all(vec![room("a", &[1]), room("b", &[2]), room("c", &[3])]);
         let now = Instant::now();
-        let failed = pending.take(2, now);
+        let failed = pending.take(2, usize::MAX, now);
         pending.absorb_all(vec![room("d", &[4]), room("a", &[5])]);
         for write in failed.into_iter().rev() {
             pending.requeue(write);
         }
-        assert_eq!(paths(pending.take(10, now)), ["a", "b", "c", "d"]);
-        assert!(pending.take(10, now).is_empty(), "a path left in twice is skipped once its room is taken");
+        assert_eq!(paths(pending.take(10, usize::MAX, now)), ["a", "b", "c", "d"]);
+        assert!(pending.take(10, usize::MAX, now).is_empty(), "a path left in twice is skipped once its room is taken");
         assert_eq!(pending.bytes(), 0);
     }
 
@@ -372,16 +375,16 @@ mod tests {
         let mut pending = Pending::new(BOUNDS);
         pending.absorb_all(vec![room("bad", &[1]), room("good", &[2])]);
         let now = Instant::now();
-        let mut batch = pending.take(10, now);
+        let mut batch = pending.take(10, usize::MAX, now);
         assert_eq!(paths(batch.clone()), ["bad", "good"]);
         assert_eq!(pending.fail(batch.remove(0), now), 1);
         pending.absorb_all(vec![room("next", &[3])]);
-        assert_eq!(paths(pending.take(10, now)), ["next"], "the failing room waits out its back-off");
+        assert_eq!(paths(pending.take(10, usize::MAX, now)), ["next"], "the failing room waits out its back-off");
         assert!(pending.only_failing());
         let retry = pending.next_retry().expect("the failing room waits");
         assert!(retry > now);
-        assert_eq!(paths(pending.take(10, retry)), ["bad"], "then it is tried again, first");
-        let failed = pending.take(10, retry);
+        assert_eq!(paths(pending.take(10, usize::MAX, retry)), ["bad"], "then it is tried again, first");
+        let failed = pending.take(10, usize::MAX, retry);
         assert!(failed.is_empty());
         pending.succeeded("app/a/room/bad");
         assert!(pending.next_retry().is_none());
@@ -392,14 +395,14 @@ mod tests {
         let mut pending = Pending::new(BOUNDS);
         pending.absorb_all(vec![room("bad", &[1])]);
         let now = Instant::now();
-        let failed = pending.take(10, now).pop().unwrap();
+        let failed = pending.take(10, usize::MAX, now).pop().unwrap();
         pending.fail(failed, now);
         let due = pending.next_retry().unwrap();
         for _ in 0..100 {
-            assert!(pending.take(0, due).is_empty());
+            assert!(pending.take(0, usize::MAX, due).is_empty());
         }
         assert!(pending.order.len() <= 2, "the queue holds the room once, not {} times", pending.order.len());
-        assert_eq!(paths(pending.take(10, due)), ["bad"]);
+        assert_eq!(paths(pending.take(10, usize::MAX, due)), ["bad"]);
     }
 
     #[test]
@@ -410,9 +413,9 @@ mod tests {
         let mut deferrals = 0;
         while pending.defer(reload(), now) {
             deferrals += 1;
-            assert!(pending.take(10, now).is_empty(), "it waits out its moment");
+            assert!(pending.take(10, usize::MAX, now).is_empty(), "it waits out its moment");
             now = pending.next_retry().unwrap();
-            assert_eq!(pending.take(10, now), vec![reload()]);
+            assert_eq!(pending.take(10, usize::MAX, now), vec![reload()]);
         }
         assert_eq!(deferrals, MOST_DEFERRALS);
     }
@@ -454,5 +457,25 @@ mod tests {
         let mut unbounded = Pending::new(Bounds { backlog_bytes: 0, reloadable: false, ..BOUNDS });
         unbounded.absorb(Waiting::Write(write(1, &[1])), Place::Back);
         assert!(matches!(&unbounded.rooms["app/a/room/r"], Waiting::Write(_)), "without a store, states are kept");
+    }
+
+    #[test]
+    fn a_batch_stops_once_it_weighs_its_byte_cap_but_takes_one_room_at_least() {
+        let mut pending = Pending::new(Bounds {
+            changes_per_room: 100,
+            change_bytes_per_room: 1 << 20,
+            backlog_bytes: 1 << 30,
+            reloadable: false,
+        });
+        for version in 1..=4 {
+            let mut write = write(version, &[version]);
+            write.path = format!("app/a/room/r{version}");
+            pending.absorb(Waiting::Write(write), Place::Back);
+        }
+        let one = Waiting::Write(write(1, &[1])).bytes();
+        let now = Instant::now();
+        assert_eq!(pending.take(10, 1, now).len(), 1, "one room even past the cap");
+        assert_eq!(pending.take(10, 2 * one, now).len(), 2);
+        assert_eq!(pending.take(10, usize::MAX, now).len(), 1);
     }
 }
