@@ -502,7 +502,7 @@ mod tests {
         assert_eq!(topology.limits.room_cache_bytes, 1024);
         assert_eq!(topology.redis.url, "");
         assert_eq!(topology.store.memory.block_cache_mib, 16);
-        assert_eq!(topology.limits.redis_backlog_bytes, 64 << 20, "the rest stays as it was");
+        assert_eq!(topology.limits.redis_backlog_bytes, 32 << 20, "the rest stays as it was");
     }
 
     #[test]
