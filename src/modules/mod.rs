@@ -71,7 +71,7 @@ impl Default for Limits {
             // broadcast record at the limit, with its path and event id,
             // fits a topic made with the broker's defaults.
             max_room_state_bytes: 512 * 1024,
-            room_cache_bytes: 32 << 20,
+            room_cache_bytes: 16 << 20,
             redis_backlog_bytes: 32 << 20,
             redis_write_bytes: 4 << 20,
             closed_stream_retention_secs: 24 * 3600,

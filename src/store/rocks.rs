@@ -33,7 +33,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { block_cache_mib: 64, write_buffer_mib: 32 }
+        StoreOptions { block_cache_mib: 48, write_buffer_mib: 32 }
     }
 }
 
