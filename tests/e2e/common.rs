@@ -657,7 +657,7 @@ pub fn outage_services() -> &'static OutageServices {
             .expect("services.sh env");
         let text = String::from_utf8_lossy(&env.stdout).into_owned();
         assert!(
-            env.status.success() && text.lines().any(|l| l == format!("OMNI_BROKERS={}", outage.brokers)),
+            env.status.success() && text.lines().any(|l| l == format!("export OMNI_BROKERS={}", outage.brokers)),
             "OMNI_OUTAGE_SERVICES_DIR={} holds another broker than OMNI_OUTAGE_BROKERS={}: services.sh env says\n{text}{}",
             outage.dir.display(),
             outage.brokers,
