@@ -4,5 +4,24 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod embedded_redis;
+pub mod logs;
 pub mod publish;
+pub mod run;
+pub mod topology;
 pub mod view;
+
+/// The process's exit codes, the same for every command.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Any failure: a configuration that does not load, a service that cannot be reached, …
+    pub const ERROR: u8 = 1;
+    /// A usage error: an unknown flag, a missing argument (clap's code).
+    pub const USAGE: u8 = 2;
+    /// `omni snapshot`: the room is not known to Redis (never written, or closed).
+    pub const UNKNOWN_ROOM: u8 = 3;
+
+    /// The exit codes as `--help` shows them.
+    pub const HELP: &str = "Exit codes: 0 success; 1 error; 2 usage error; 3 `omni snapshot` of a room Redis does not know.";
+
+    const _: () = assert!(USAGE == 2, "clap exits with 2 on usage errors");
+}

@@ -1,7 +1,12 @@
-//! The operations endpoint: Prometheus metrics, liveness and readiness.
+//! The operations side of a running job: the endpoint serving Prometheus
+//! metrics, liveness and readiness, and [`runner`], which runs a job with
+//! that endpoint, so a binary of one's own (with modules of its own) keeps
+//! everything `omni run` offers operators.
+
+pub mod runner;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,7 +14,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use omni::runtime::Health;
+use crate::runtime::Health;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -26,15 +31,33 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What start-up is waiting for, shown by `/readyz` until the job takes over.
+#[derive(Debug, Default)]
+pub struct StartUp {
+    waiting_for: Mutex<Option<String>>,
+}
+
+impl StartUp {
+    /// Says what start-up waits for (`None` once it waits for nothing).
+    pub fn waiting_for(&self, reason: Option<String>) {
+        *self.waiting_for.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.waiting_for.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
 #[derive(Clone)]
 struct Endpoint {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    start_up: Arc<StartUp>,
 }
 
 /// Binds the endpoint and serves it in the background; returns the bound address.
-pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
-    let endpoint = Endpoint { metrics: metrics_handle(), health };
+pub async fn serve(listen: &str, health: Arc<Health>, start_up: Arc<StartUp>) -> std::io::Result<SocketAddr> {
+    let endpoint = Endpoint { metrics: metrics_handle(), health, start_up };
     describe_metrics();
     let app = Router::new()
         .route("/metrics", get(|State(e): State<Endpoint>| async move { e.metrics.render() }))
@@ -58,6 +81,8 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
             get(|State(e): State<Endpoint>| async move {
                 if e.health.ready() {
                     (StatusCode::OK, format!("ready: {} partitions\n", e.health.assigned()))
+                } else if let Some(reason) = e.start_up.reason() {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
                 } else if let Some(stall) = e.health.stall() {
                     let why = format!(
                         "not ready: processing thread {} has been {} for {} s\n",
@@ -72,7 +97,7 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
         .with_state(endpoint);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("binding the HTTP endpoint on {listen}: {e}"))?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding the HTTP endpoint on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
