@@ -44,7 +44,7 @@ enum Command {
     Publish(cli::publish::PublishArgs),
     /// Print matching rooms' snapshots, then every live change, as JSON lines.
     Watch(cli::view::WatchArgs),
-    /// Print a room's state from Redis (exit code 3 for a room Redis does not know).
+    /// Print a room's state from Redis (exit code 2 for a room Redis does not know).
     Snapshot(cli::view::SnapshotArgs),
     /// Check or draw topology files.
     Topology(cli::topology::TopologyArgs),
@@ -53,7 +53,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version come this way too, printed to stdout.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
     cli::logs::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,

@@ -38,6 +38,12 @@ impl Health {
         }
     }
 
+    pub(super) fn mark_left(&self, thread: &mut ThreadHealth) {
+        if std::mem::replace(&mut thread.joined, false) {
+            self.joined.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     pub(super) fn set_partitions(&self, thread: &mut ThreadHealth, assigned: usize, restoring: usize) {
         self.assigned.fetch_add(assigned, Ordering::Relaxed);
         self.assigned.fetch_sub(std::mem::replace(&mut thread.assigned, assigned), Ordering::Relaxed);
@@ -47,7 +53,9 @@ impl Health {
     }
 
     /// Ready once every processing thread joined the group and every
-    /// assigned partition is restored, and while no thread is stalled.
+    /// assigned partition is restored, and while no thread is stalled. A
+    /// thread whose assignment was lost (a session timeout) counts as joined
+    /// again only once it is assigned anew.
     pub fn ready(&self) -> bool {
         let threads = self.threads.load(Ordering::Relaxed);
         threads > 0
@@ -83,5 +91,30 @@ impl Health {
 
     pub(super) fn restore_advanced(&self, records: u64) {
         self.restore_done.fetch_add(records, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_lost_its_assignment_is_not_ready_until_assigned_again() {
+        let health = Health::default();
+        health.threads.store(1, Ordering::Relaxed);
+        let mut thread = ThreadHealth::default();
+        assert!(!health.ready(), "not ready before joining");
+        health.mark_joined(&mut thread);
+        health.set_partitions(&mut thread, 2, 0);
+        assert!(health.ready());
+        // A session timeout: the assignment is lost, every partition revoked.
+        health.mark_left(&mut thread);
+        health.set_partitions(&mut thread, 0, 0);
+        assert!(!health.ready(), "0 partitions after a lost assignment is not ready");
+        health.mark_left(&mut thread);
+        health.mark_joined(&mut thread);
+        assert!(health.ready(), "assigned again (even 0 partitions, in a group with more members than partitions)");
+        health.mark_joined(&mut thread);
+        assert_eq!(health.joined.load(Ordering::Relaxed), 1, "counted once");
     }
 }
