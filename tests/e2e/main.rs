@@ -10,6 +10,7 @@ mod faults;
 mod follow_faults;
 mod golden;
 mod liveness;
+mod newcomer;
 mod ops;
 mod processor;
 mod pubsub;
