@@ -450,3 +450,107 @@ fn the_msrv_is_what_the_locked_dependencies_need_and_the_licence_is_there() {
     let licence = std::fs::read_to_string(repo_root().join("LICENSE")).expect("a LICENSE file");
     assert!(licence.trim_start().starts_with("Apache License") && licence.contains("Version 2.0, January 2004"));
 }
+
+/// Every event of `file`'s `count` lines (`event_id` `e<line>`, rooms `r<line % rooms>`)
+/// is in `topic` once, each room's in the file's order.
+fn assert_published_once_in_order(brokers: &str, topic: &str, count: usize, rooms: usize) {
+    let read = read_committed_at(brokers, topic, count + 1, Duration::from_secs(60));
+    assert_eq!(read.len(), count, "every line published exactly once");
+    let mut per_room: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for record in &read {
+        let value = record.value.as_deref().expect("a value");
+        let event: omni::proto::tecate::RoomEvent = omni::proto::Message::decode(value).unwrap();
+        let index: usize = event.event_id.trim_start_matches('e').parse().unwrap();
+        per_room.entry(text(record.key.as_deref().expect("a key"))).or_default().push(index);
+    }
+    assert_eq!(per_room.len(), rooms);
+    for (room, indexes) in per_room {
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{room} out of order");
+    }
+}
+
+fn events_file(dir: &FsPath, app: &str, count: usize, rooms: usize) -> std::path::PathBuf {
+    let lines: String = (0..count)
+        .map(|i| {
+            format!(
+                "{{\"path\":\"app/{app}/room/r{}\",\"type\":\"tag_set\",\"key\":\"k\",\"value\":\"{i}\",\"event_id\":\"e{i}\"}}\n",
+                i % rooms
+            )
+        })
+        .collect();
+    let file = dir.join(format!("{app}-{count}.jsonl"));
+    std::fs::write(&file, lines).unwrap();
+    file
+}
+
+/// Waits until `topic` holds at least one record: the publish is under way.
+fn wait_for_first_record(brokers: &str, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let landed = (0..2).any(|p| {
+            consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).is_ok_and(|(_, high)| high > 0)
+        });
+        if landed {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing reached {topic} within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `omni publish --file` through a broker restart (on the outage services):
+/// it rides out a restart within its delivery timeout, every event once and
+/// in order; a broker down for longer fails it with a clear error, promptly.
+#[test]
+fn broker_outage_publish_retries_within_its_delivery_timeout_then_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = outage_topology("pubout", 2, &dir.path().join("state"));
+    let file = dir.path().join("topology.toml");
+    write_topology(&topology, &file);
+    let brokers = topology.kafka.brokers.clone();
+    let (count, rooms) = (400_000, 100);
+    let publish = |events: &FsPath, timeout_secs: &str| {
+        bare_omni(dir.path())
+            .args(["publish", "--topology", file.to_str().unwrap(), "--delivery-timeout-secs", timeout_secs])
+            .arg("--file")
+            .arg(events)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning omni publish")
+    };
+
+    // A restart of a few seconds, within the delivery timeout: the publish completes, exactly.
+    let first = events_file(dir.path(), "restart", count, rooms);
+    let mut child = publish(&first, "120");
+    wait_for_first_record(&brokers, topology.input_topic());
+    outage_broker("stop");
+    assert!(child.try_wait().unwrap().is_none(), "the publish ended before the broker stopped: give it more lines");
+    std::thread::sleep(Duration::from_secs(3));
+    outage_broker("start");
+    let status = wait_exit(&mut child, Duration::from_secs(150)).expect("publish ends within its delivery timeout");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "publish through a broker restart: {status}: {err}");
+    assert_published_once_in_order(&brokers, topology.input_topic(), count, rooms);
+
+    // Down for longer than the delivery timeout: a clear error, and an exit soon after the timeout.
+    let mut second = topology.clone();
+    second.inputs = vec![format!("{}.second", topology.application_id)];
+    write_topology(&second, &file);
+    let events = events_file(dir.path(), "down", count, rooms);
+    let mut child = publish(&events, "10");
+    wait_for_first_record(&brokers, second.input_topic());
+    outage_broker("stop");
+    let stopped = Instant::now();
+    let ended = wait_exit(&mut child, Duration::from_secs(60));
+    outage_broker("start");
+    let status = ended.expect("publish to a broker gone for good ends within its delivery timeout and a margin");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(&brokers) && err.contains("not delivered") && err.contains("(10 s)"), "{err}");
+    eprintln!("publish failed {:.1} s after the broker stopped: {}", stopped.elapsed().as_secs_f64(), err.trim());
+}
