@@ -99,7 +99,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     match closed {
         Ok(()) => drop(mock),
         Err(_) => {
-            eprintln!("demo: the generator or the view did not close within {} s; exiting without them", CLOSE_TIMEOUT.as_secs());
+            eprintln!(
+                "demo: the generator or the view did not close within {} s; exiting without them",
+                CLOSE_TIMEOUT.as_secs()
+            );
             std::mem::forget(mock);
         }
     }

@@ -104,10 +104,8 @@ mod tests {
     fn json_logs_keep_lists_as_arrays_and_other_values_typed() {
         let buffer = Arc::new(Mutex::new(Vec::<u8>::new()));
         let sink = Arc::clone(&buffer);
-        let subscriber = tracing_subscriber::fmt()
-            .event_format(JsonLines)
-            .with_writer(move || Sink(Arc::clone(&sink)))
-            .finish();
+        let subscriber =
+            tracing_subscriber::fmt().event_format(JsonLines).with_writer(move || Sink(Arc::clone(&sink))).finish();
         tracing::subscriber::with_default(subscriber, || {
             let partitions = vec![0, 3, 7];
             let none: Vec<i32> = vec![];

@@ -167,7 +167,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let spec = TopicSpec { name: topic.clone(), partitions: topology.partitions, configs: vec![] };
     tokio::time::timeout(timeout, ensure_topics(&kafka, &[spec]))
         .await
-        .map_err(|_| anyhow::anyhow!("the Kafka brokers {brokers} did not create topic {topic} within {} s", timeout.as_secs()))?
+        .map_err(|_| {
+            anyhow::anyhow!("the Kafka brokers {brokers} did not create topic {topic} within {} s", timeout.as_secs())
+        })?
         .with_context(|| format!("creating topic {topic} on {brokers}"))?;
     let producer: FutureProducer = kafka.producer_config().set("enable.idempotence", "true").create()?;
     let count = events.len();
@@ -267,7 +269,9 @@ async fn send_in_order(
     Ok(delivered)
 }
 
-async fn acknowledged((index, event_id, delivery): (usize, String, DeliveryFuture)) -> Result<(String, i32, i64), Failure> {
+async fn acknowledged(
+    (index, event_id, delivery): (usize, String, DeliveryFuture),
+) -> Result<(String, i32, i64), Failure> {
     match delivery.await {
         Ok(Ok(delivery)) => Ok((event_id, delivery.partition, delivery.offset)),
         Ok(Err((error, _))) => Err(Failure { index, error }),

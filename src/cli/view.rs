@@ -52,7 +52,10 @@ pub async fn snapshot_command(args: SnapshotArgs) -> anyhow::Result<u8> {
     let topology = config::load(&args.topology, flags)?;
     let path = Path::parse_room(&args.path)?;
     let url = config::mask_url(&topology.redis.url);
-    anyhow::ensure!(!topology.redis.url.is_empty(), "no Redis configured: set [redis] url, OMNI_REDIS_URL or --redis-url");
+    anyhow::ensure!(
+        !topology.redis.url.is_empty(),
+        "no Redis configured: set [redis] url, OMNI_REDIS_URL or --redis-url"
+    );
     let client = redis::Client::open(topology.redis.url.as_str())?;
     let keys = KeyLayout::new(&topology.redis.key_prefix);
     let read = async {

@@ -77,10 +77,24 @@ pub async fn serve(listen: &str, health: Arc<Health>, start_up: Arc<StartUp>) ->
             }),
         )
         .route(
+            "/readyz/redis",
+            get(|State(e): State<Endpoint>| async move {
+                match e.health.redis_trouble() {
+                    None if e.health.writes_redis() => (StatusCode::OK, "redis: ok\n".to_owned()),
+                    None => (StatusCode::OK, "redis: not configured\n".to_owned()),
+                    Some(trouble) => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", redis_trouble(&trouble))),
+                }
+            }),
+        )
+        .route(
             "/readyz",
             get(|State(e): State<Endpoint>| async move {
                 if e.health.ready() {
-                    (StatusCode::OK, format!("ready: {} partitions\n", e.health.assigned()))
+                    // Redis trouble does not stop processing (writes wait for it), so
+                    // the job stays ready; the body says so, and /readyz/redis fails.
+                    let redis =
+                        e.health.redis_trouble().map(|t| format!("; {}", redis_trouble(&t))).unwrap_or_default();
+                    (StatusCode::OK, format!("ready: {} partitions{redis}\n", e.health.assigned()))
                 } else if let Some(reason) = e.start_up.reason() {
                     (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
                 } else if let Some(stall) = e.health.stall() {
@@ -105,6 +119,13 @@ pub async fn serve(listen: &str, health: Arc<Health>, start_up: Arc<StartUp>) ->
         }
     });
     Ok(addr)
+}
+
+fn redis_trouble(trouble: &crate::view::RedisTrouble) -> String {
+    format!(
+        "redis: writes failing for {} s, {} rooms waiting: {}",
+        trouble.for_secs, trouble.backlog_rooms, trouble.error
+    )
 }
 
 /// Shows a progress bar on the terminal while partitions restore from their changelogs.

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::lag::Positions;
 use super::progress::{Stall, ThreadProgress, STALL_AFTER};
+use crate::view::{RedisTrouble, WriterStatus};
 
 /// Liveness and readiness, read by the operations endpoint, summed over the
 /// instance's processing threads.
@@ -21,6 +22,8 @@ pub struct Health {
     restore_done: AtomicU64,
     /// Where each assigned partition's processing has got to, for the lag watcher.
     pub(super) positions: Positions,
+    /// The Redis writer's status, when the job writes to Redis.
+    redis: Mutex<Option<Arc<WriterStatus>>>,
 }
 
 /// One processing thread's share of [`Health`].
@@ -69,6 +72,21 @@ impl Health {
         let now = Instant::now();
         let threads = self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         threads.iter().find_map(|thread| thread.stalled(now, STALL_AFTER))
+    }
+
+    /// Redis trouble: writes failing as a whole since a while, and why;
+    /// `None` while Redis takes writes or when the job has no Redis.
+    pub fn redis_trouble(&self) -> Option<RedisTrouble> {
+        self.redis.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref()?.trouble()
+    }
+
+    /// Whether the job writes to Redis at all.
+    pub fn writes_redis(&self) -> bool {
+        self.redis.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_some()
+    }
+
+    pub(super) fn watch_redis(&self, status: Arc<WriterStatus>) {
+        *self.redis.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(status);
     }
 
     /// Watches a processing thread's progress.

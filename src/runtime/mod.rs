@@ -99,6 +99,7 @@ pub async fn run(
             };
             let stored = StoreRooms { store: store.clone(), folder: folder.clone() };
             let (writer, task) = spawn_writer(client, options, Some(Arc::new(stored)));
+            health.watch_redis(writer.status());
             (Some(writer), Some(task))
         }
         None => (None, None),

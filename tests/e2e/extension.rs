@@ -88,7 +88,8 @@ async fn an_extension_run_by_the_library_runner_serves_metrics_and_health() {
         let addr = addr.clone();
         async move {
             let (_, text) = http_get(&addr, "/metrics").await?;
-            let line = text.lines().find(|l| l.starts_with("omni_changes_emitted_total{module=\"recording_count\"}"))?;
+            let line =
+                text.lines().find(|l| l.starts_with("omni_changes_emitted_total{module=\"recording_count\"}"))?;
             (line.rsplit(' ').next()?.parse::<f64>().ok()? >= own as f64).then_some(text)
         }
     })

@@ -54,7 +54,12 @@ fn signal(target: &str, name: &str) {
 }
 
 /// The next line satisfying `wanted`, waiting at most `timeout` in all; every line read goes to `seen`.
-fn line_where(lines: &Lines, timeout: Duration, seen: &mut Vec<String>, wanted: impl Fn(&str) -> bool) -> Option<String> {
+fn line_where(
+    lines: &Lines,
+    timeout: Duration,
+    seen: &mut Vec<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<String> {
     let deadline = Instant::now() + timeout;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         let line = lines.next(left)?;
@@ -73,7 +78,8 @@ fn services_env_prints_export_lines_that_eval_exports() {
         "eval \"$(bash {})\" && bash -c 'echo \"$OMNI_BROKERS|$OMNI_REDIS_URL\"'",
         format_args!("{} env", script.display())
     );
-    let out = Command::new("bash").args(["-c", &shell]).env_remove("OMNI_BROKERS").env_remove("OMNI_REDIS_URL").output();
+    let out =
+        Command::new("bash").args(["-c", &shell]).env_remove("OMNI_BROKERS").env_remove("OMNI_REDIS_URL").output();
     let out = out.expect("running services.sh env");
     assert!(out.status.success(), "{}", text(&out.stderr));
     // A child of the shell sees them: they were exported, as the README says.
@@ -91,7 +97,8 @@ async fn every_command_reads_one_topology_file_from_any_directory() {
     let room = format!("app/{}/room/r1", topology.application_id);
 
     // publish: by --topology, then by OMNI_TOPOLOGY; no OMNI_BROKERS anywhere.
-    let published = output(bare_omni(elsewhere.path()).args(["publish", "--topology", file_arg, &room, "tag-set", "k", "1"]));
+    let published =
+        output(bare_omni(elsewhere.path()).args(["publish", "--topology", file_arg, &room, "tag-set", "k", "1"]));
     assert!(published.status.success(), "{}", text(&published.stderr));
     assert!(text(&published.stdout).contains(topology.input_topic()), "{}", text(&published.stdout));
     let published =
@@ -165,8 +172,12 @@ async fn every_command_reads_one_topology_file_from_any_directory() {
     let missing = output(bare_omni(elsewhere.path()).args(["snapshot", &room]));
     assert_eq!(missing.status.code(), Some(1));
     let err = text(&missing.stderr);
-    assert!(err.contains("--topology") && err.contains("OMNI_TOPOLOGY") && err.contains("topologies/room-state.toml"), "{err}");
-    let missing = output(bare_omni(elsewhere.path()).args(["publish", "--topology", "nowhere.toml", &room, "room-close"]));
+    assert!(
+        err.contains("--topology") && err.contains("OMNI_TOPOLOGY") && err.contains("topologies/room-state.toml"),
+        "{err}"
+    );
+    let missing =
+        output(bare_omni(elsewhere.path()).args(["publish", "--topology", "nowhere.toml", &room, "room-close"]));
     assert!(text(&missing.stderr).contains("nowhere.toml"), "{}", text(&missing.stderr));
 }
 
@@ -246,7 +257,8 @@ async fn unreachable_brokers_fail_publish_and_make_run_warn_and_readyz_say_why()
     // Logs to a pipe carry no colour codes.
     assert!(seen.iter().all(|l| !l.contains('\u{1b}')), "ANSI codes in piped logs:\n{}", seen.join("\n"));
     signal(&run.id().to_string(), "TERM");
-    let status = wait_exit(&mut run, Duration::from_secs(10)).expect("omni run stops on SIGTERM while waiting for brokers");
+    let status =
+        wait_exit(&mut run, Duration::from_secs(10)).expect("omni run stops on SIGTERM while waiting for brokers");
     assert!(status.success(), "{status}");
 }
 
@@ -303,7 +315,8 @@ fn exit_codes_are_distinct_and_documented() {
     let topology = fresh_topology("exitcodes", 1, &dir.path().join("state"));
     let file = dir.path().join("topology.toml");
     write_topology(&topology, &file);
-    let unknown = output(bare_omni(dir.path()).args(["snapshot", "--topology", file.to_str().unwrap(), "app/x/room/none"]));
+    let unknown =
+        output(bare_omni(dir.path()).args(["snapshot", "--topology", file.to_str().unwrap(), "app/x/room/none"]));
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown.stderr));
     assert!(text(&unknown.stderr).contains("not known"));
     for usage in [vec!["snapshot"], vec!["publish", "--bogus"], vec!["topology", "describe", "--format", "svg"]] {
@@ -312,7 +325,8 @@ fn exit_codes_are_distinct_and_documented() {
     }
     let help = output(bare_omni(dir.path()).arg("--help"));
     assert_eq!(help.status.code(), Some(0));
-    assert!(text(&help.stdout).contains("Exit codes: 0 success; 1 error; 2 `omni snapshot` of a room Redis does not know; 64 usage error"));
+    assert!(text(&help.stdout)
+        .contains("Exit codes: 0 success; 1 error; 2 `omni snapshot` of a room Redis does not know; 64 usage error"));
 }
 
 #[test]
@@ -344,7 +358,8 @@ fn every_flag_has_help_and_connection_flags_appear_only_where_they_apply() {
         for (i, line) in lines.iter().enumerate() {
             let trimmed = line.trim_start();
             let indent = line.len() - trimmed.len();
-            let is_arg = (2..=6).contains(&indent) && (trimmed.starts_with('-') || trimmed.starts_with('<') || trimmed.starts_with('['));
+            let is_arg = (2..=6).contains(&indent)
+                && (trimmed.starts_with('-') || trimmed.starts_with('<') || trimmed.starts_with('['));
             if is_arg {
                 let next = lines.get(i + 1).copied().unwrap_or_default();
                 assert!(
@@ -393,7 +408,9 @@ fn ctrl_c_stops_the_demo_within_seconds_and_its_redis_with_it() {
         let lines = Lines::new(demo.stdout.take().unwrap());
         let mut seen = Vec::new();
         let redis = line_where(&lines, Duration::from_secs(30), &mut seen, |l| l.starts_with("demo: redis-server on "))
-            .unwrap_or_else(|| panic!("the demo started no redis-server (bootstrap.sh installs it):\n{}", seen.join("\n")));
+            .unwrap_or_else(|| {
+                panic!("the demo started no redis-server (bootstrap.sh installs it):\n{}", seen.join("\n"))
+            });
         let port = redis.rsplit(':').next().unwrap().to_owned();
         let shown = line_where(&lines, Duration::from_secs(60), &mut seen, |l| l.starts_with("room "));
         assert!(shown.is_some(), "the demo showed no room:\n{}", seen.join("\n"));
@@ -419,7 +436,8 @@ fn ctrl_c_stops_the_demo_within_seconds_and_its_redis_with_it() {
 
 #[test]
 fn the_msrv_is_what_the_locked_dependencies_need_and_the_licence_is_there() {
-    let manifest: toml::Value = toml::from_str(&std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap()).unwrap();
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap()).unwrap();
     let declared = manifest["package"]["rust-version"].as_str().expect("rust-version").to_owned();
     let platform = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let metadata = Command::new(option_env!("CARGO").unwrap_or("cargo"))
@@ -489,9 +507,8 @@ fn wait_for_first_record(brokers: &str, topic: &str) {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let landed = (0..2).any(|p| {
-            consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).is_ok_and(|(_, high)| high > 0)
-        });
+        let landed =
+            (0..2).any(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).is_ok_and(|(_, high)| high > 0));
         if landed {
             return;
         }
@@ -553,4 +570,77 @@ fn broker_outage_publish_retries_within_its_delivery_timeout_then_fails_clearly(
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains(&brokers) && err.contains("not delivered") && err.contains("(10 s)"), "{err}");
     eprintln!("publish failed {:.1} s after the broker stopped: {}", stopped.elapsed().as_secs_f64(), err.trim());
+}
+
+/// Redis stopped under a running `omni run`, then started again: the
+/// connection failures are counted, `/readyz/redis` says what is wrong while
+/// `/readyz` stays ready (processing goes on), and once Redis is back every
+/// gauge returns to 0 and Redis holds every room exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_trouble_shows_in_readyz_redis_and_the_backlog_returns_to_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = pick_free_port();
+    let redis = ScratchRedis::start_on(&dir.path().join("redis"), port);
+    let mut topology = fresh_topology("redisdown", 2, &dir.path().join("state"));
+    topology.redis.url = redis.url("");
+    create_input(&topology).await;
+    let file = dir.path().join("topology.toml");
+    write_topology(&topology, &file);
+    let folder = folder(&["recording", "tags"]);
+    let events = generate(14, 2000, 100);
+    let expected = model(&folder, &events);
+    let producer = producer();
+
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    let log = dir.path().join("run.log");
+    let child = bare_omni(dir.path())
+        .args(["run", "--topology", file.to_str().unwrap(), "--http-listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawning omni run");
+    let job = JobProcess { child, log };
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        async move { http_get(&addr, path).await.map(|(status, body)| (status, body.trim().to_owned())) }
+    };
+    wait_for(Duration::from_secs(90), "/readyz 200", || async { get("/readyz").await.filter(|r| r.0 == 200) }).await;
+    assert_eq!(get("/readyz/redis").await, Some((200, "redis: ok".to_owned())));
+    produce(&producer, topology.input_topic(), &events[..1000]);
+    let metric = |name: &'static str| async move { metric_sum(&get("/metrics").await?.1, name) };
+    wait_for(Duration::from_secs(60), "the first half written", || async {
+        (metric("omni_redis_rooms_written_total").await? > 0.0 && metric("omni_redis_backlog_rooms").await? == 0.0)
+            .then_some(())
+    })
+    .await;
+    let errors_before = metric("omni_redis_write_errors_total").await.expect("write errors counted");
+
+    drop(redis);
+    produce(&producer, topology.input_topic(), &events[1000..]);
+    let (_, why) = wait_for(Duration::from_secs(60), "/readyz/redis 503", || async {
+        get("/readyz/redis").await.filter(|r| r.0 == 503)
+    })
+    .await;
+    assert!(why.starts_with("redis: writes failing for ") && why.contains("rooms waiting"), "{why}");
+    let ready = get("/readyz").await.expect("/readyz answers");
+    assert_eq!(ready.0, 200, "processing goes on without Redis: {ready:?}");
+    assert!(ready.1.contains("redis: writes failing"), "{ready:?}");
+    wait_for(Duration::from_secs(60), "a backlog and connection failures counted", || async {
+        (metric("omni_redis_backlog_rooms").await? > 0.0
+            && metric("omni_redis_write_errors_total").await? > errors_before)
+            .then_some(())
+    })
+    .await;
+
+    let _redis = ScratchRedis::start_on(&dir.path().join("redis"), port);
+    wait_for(Duration::from_secs(90), "Redis caught up: gauges at 0, /readyz/redis ok", || async {
+        let caught_up = metric("omni_redis_backlog_rooms").await? == 0.0
+            && metric("omni_redis_backlog_bytes").await? == 0.0
+            && get("/readyz/redis").await? == (200, "redis: ok".to_owned());
+        caught_up.then_some(())
+    })
+    .await;
+    assert_eq!(get("/readyz").await, Some((200, "ready: 2 partitions".to_owned())));
+    assert_redis_exact(&topology, &folder, &expected).await;
+    job.terminate();
 }

@@ -192,6 +192,49 @@ pub struct RedisWriter {
     live: mpsc::UnboundedSender<Vec<RoomWrite>>,
     rewrites: mpsc::Sender<Vec<RoomWrite>>,
     losses: Arc<AtomicU64>,
+    status: Arc<WriterStatus>,
+}
+
+/// How the writer's dealings with Redis go, for the operations endpoint:
+/// since when writes fail as a whole (Redis unreachable, or refusing every
+/// write), why, and how many rooms wait.
+#[derive(Debug, Default)]
+pub struct WriterStatus {
+    failing: std::sync::Mutex<Option<(Instant, String)>>,
+    backlog_rooms: std::sync::atomic::AtomicUsize,
+}
+
+/// Redis trouble as [`WriterStatus::trouble`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTrouble {
+    /// How long writes have been failing.
+    pub for_secs: u64,
+    /// The latest error.
+    pub error: String,
+    /// Rooms waiting to be written.
+    pub backlog_rooms: usize,
+}
+
+impl WriterStatus {
+    fn failed(&self, error: &dyn std::fmt::Display) {
+        let mut failing = self.failing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let since = failing.as_ref().map_or_else(Instant::now, |(since, _)| *since);
+        *failing = Some((since, error.to_string()));
+    }
+
+    fn succeeded(&self) {
+        *self.failing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    /// `None` while Redis takes writes; otherwise since when and why not.
+    pub fn trouble(&self) -> Option<RedisTrouble> {
+        let failing = self.failing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        failing.as_ref().map(|(since, error)| RedisTrouble {
+            for_secs: since.elapsed().as_secs(),
+            error: error.clone(),
+            backlog_rooms: self.backlog_rooms.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl RedisWriter {
@@ -225,6 +268,11 @@ impl RedisWriter {
     pub fn losses(&self) -> u64 {
         self.losses.load(Ordering::Relaxed)
     }
+
+    /// How the writer's dealings with Redis go.
+    pub fn status(&self) -> Arc<WriterStatus> {
+        Arc::clone(&self.status)
+    }
 }
 
 /// Starts the writer task on the current tokio runtime. With `stored`, a
@@ -237,6 +285,7 @@ pub fn spawn_writer(
     let (live, live_rx) = mpsc::unbounded_channel();
     let (rewrites, rewrites_rx) = mpsc::channel(REWRITE_QUEUE);
     let losses = Arc::new(AtomicU64::new(0));
+    let status = Arc::new(WriterStatus::default());
     let bounds = Bounds {
         changes_per_room: options.stream_max_len,
         change_bytes_per_room: options.write_bytes,
@@ -255,11 +304,12 @@ pub fn spawn_writer(
         backoff: Duration::from_millis(50),
         marker,
         losses: Arc::clone(&losses),
+        status: Arc::clone(&status),
         live: Some(live_rx),
         rewrites: Some(rewrites_rx),
     };
     let task = tokio::spawn(writer.run());
-    (RedisWriter { live, rewrites, losses }, task)
+    (RedisWriter { live, rewrites, losses, status }, task)
 }
 
 /// The writer's marker: a key only it writes, advanced on every flush.
@@ -316,6 +366,7 @@ struct Writer {
     backoff: Duration,
     marker: Marker,
     losses: Arc<AtomicU64>,
+    status: Arc<WriterStatus>,
     /// `None` once every handle is dropped.
     live: Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>,
     rewrites: Option<mpsc::Receiver<Vec<RoomWrite>>>,
@@ -404,6 +455,7 @@ impl Writer {
     }
 
     fn report_backlog(&self) {
+        self.status.backlog_rooms.store(self.pending.len(), Ordering::Relaxed);
         metrics::gauge!("omni_redis_backlog_rooms").set(self.pending.len() as f64);
         metrics::gauge!("omni_redis_backlog_bytes").set(self.pending.bytes() as f64);
     }
@@ -461,6 +513,7 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.status.failed(&e);
                 self.marker.unanswered(value);
                 self.requeue(batch);
                 self.back_off().await;
@@ -511,10 +564,14 @@ impl Writer {
             self.load_scripts().await;
         }
         self.requeue(again);
-        if let Some(error) = refused_all {
-            tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
-            metrics::counter!("omni_redis_write_errors_total").increment(1);
-            self.back_off().await;
+        match refused_all {
+            Some(error) => {
+                tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
+                metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.status.failed(&error);
+                self.back_off().await;
+            }
+            None => self.status.succeeded(),
         }
     }
 
@@ -561,6 +618,7 @@ impl Writer {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
+                    self.status.failed(&e);
                     tracing::warn!(error = %e, backlog = self.pending.len(), "redis unreachable; holding writes");
                     return None;
                 }
