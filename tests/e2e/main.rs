@@ -11,6 +11,7 @@ mod follow_faults;
 mod golden;
 mod liveness;
 mod newcomer;
+mod operator;
 mod ops;
 mod processor;
 mod pubsub;
