@@ -9,7 +9,7 @@
 # Usage: integration/services.sh up|down|env|status|clean|start SVC|stop SVC|logs SVC
 #   up            start Kafka and Redis (no-op for those already running), wait until they answer
 #   down          stop both (SIGTERM, then SIGKILL after a timeout); data and ports are kept
-#   env           print OMNI_BROKERS=... and OMNI_REDIS_URL=... lines for eval
+#   env           print 'export OMNI_BROKERS=...' and 'export OMNI_REDIS_URL=...' lines for eval
 #   start SVC     start one service (kafka|redis), same port and data as before
 #   stop SVC      stop one service, keep its port and data (fault injection)
 #   status        show what runs where
@@ -344,8 +344,8 @@ svc() {
 
 cmd_env() {
   [ -s "$KDIR/port" ] && [ -s "$RDIR/port" ] || die "no ports yet in $STATE: run '$0 up' first"
-  echo "OMNI_BROKERS=127.0.0.1:$(cat "$KDIR/port")"
-  echo "OMNI_REDIS_URL=redis://127.0.0.1:$(cat "$RDIR/port")"
+  echo "export OMNI_BROKERS=127.0.0.1:$(cat "$KDIR/port")"
+  echo "export OMNI_REDIS_URL=redis://127.0.0.1:$(cat "$RDIR/port")"
 }
 
 cmd_status() {

@@ -7,10 +7,13 @@
 //!   that knows the Redis key layout), [`kafka`] (client setup) and
 //!   [`pubsub`] (NATS-like subjects on Kafka);
 //! - [`runtime`]: the consume, fold and commit loop;
+//! - [`ops`]: a job run with its operations endpoint (`/metrics`, `/healthz`,
+//!   `/readyz`), for `omni run` and for binaries of one's own;
 //! - [`topology`]: the job's configuration, read by the runtime and the binary.
 
 pub mod kafka;
 pub mod modules;
+pub mod ops;
 pub mod path;
 pub mod proto;
 pub mod pubsub;

@@ -622,9 +622,15 @@ impl Engine {
         self.health.set_partitions(&mut self.thread_health, self.tasks.len(), restoring);
     }
 
-    /// Marks this thread as a member of the group, once it got its first assignment.
+    /// Marks this thread as a member of the group, once it got an assignment.
     pub(super) fn mark_joined(&mut self) {
         self.health.mark_joined(&mut self.thread_health);
+    }
+
+    /// Marks this thread as out of the group: its assignment was lost (its
+    /// session timed out), so it is not ready until it is assigned again.
+    pub(super) fn mark_left(&mut self) {
+        self.health.mark_left(&mut self.thread_health);
     }
 
     /// Publishes the store's memory and disk use every few seconds.

@@ -17,7 +17,9 @@ mod read;
 mod writer;
 
 pub use read::{changes_after, room_paths, snapshot, ChangeRecord, RoomSnapshot};
-pub use writer::{spawn_writer, ChangeEntry, RedisWriter, RoomWrite, StoredRooms, WriterOptions};
+pub use writer::{
+    spawn_writer, ChangeEntry, RedisTrouble, RedisWriter, RoomWrite, StoredRooms, WriterOptions, WriterStatus,
+};
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]

@@ -457,7 +457,7 @@ pub fn assert_store_exact(dirs: &[&FsPath], partitions: i32, expected: &Expected
         for p in 0..partitions {
             use omni::store::StateStore;
             for (room, state) in store.rooms(p).unwrap() {
-                let newer = found.get(&room).map_or(true, |s| s.version < state.version);
+                let newer = found.get(&room).is_none_or(|s| s.version < state.version);
                 if newer {
                     found.insert(room, state);
                 }
@@ -684,7 +684,7 @@ pub fn outage_services() -> &'static OutageServices {
             .expect("services.sh env");
         let text = String::from_utf8_lossy(&env.stdout).into_owned();
         assert!(
-            env.status.success() && text.lines().any(|l| l == format!("OMNI_BROKERS={}", outage.brokers)),
+            env.status.success() && text.lines().any(|l| l == format!("export OMNI_BROKERS={}", outage.brokers)),
             "OMNI_OUTAGE_SERVICES_DIR={} holds another broker than OMNI_OUTAGE_BROKERS={}: services.sh env says\n{text}{}",
             outage.dir.display(),
             outage.brokers,

@@ -11,6 +11,8 @@ mod faults;
 mod follow_faults;
 mod golden;
 mod liveness;
+mod newcomer;
+mod operator;
 mod ops;
 mod processor;
 mod pubsub;

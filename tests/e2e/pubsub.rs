@@ -494,7 +494,7 @@ fn spawn_follower(
         };
         let settled = |f: &Follower| {
             required.iter().all(|(r, v)| f.known_version(r) == Some(*v))
-                && matching.iter().all(|(r, s)| f.known_version(r).map_or(true, |k| k == s.version))
+                && matching.iter().all(|(r, s)| f.known_version(r).is_none_or(|k| k == s.version))
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
         while !settled(&follower) {

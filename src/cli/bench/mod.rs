@@ -22,6 +22,8 @@ use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
 use omni::topology::Topology;
 use serde_json::json;
 
+use super::config::{Flags, KafkaArgs, RedisUrlArg, TopologyArg};
+
 use process::{HistogramTotals, OmniProcess};
 use workload::{Expected, Workload};
 
@@ -79,9 +81,20 @@ pub struct BenchArgs {
     /// measures the default configuration, and says so.
     #[arg(long, value_name = "KEY=VALUE")]
     pub memory_set: Vec<String>,
+    /// Where Kafka and Redis are: the topology's [kafka] (brokers and properties)
+    /// and [redis] url; the bench uses topics and keys of its own.
+    #[command(flatten)]
+    pub topology: TopologyArg,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis_url: RedisUrlArg,
 }
 
-pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> anyhow::Result<()> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let flags = Flags { kafka: Some(&args.kafka), redis_url: Some(&args.redis_url), ..Flags::default() };
+    let configured = super::config::load(&args.topology, flags)?;
+    let (kafka, redis_url) = (configured.kafka, configured.redis.url);
     if args.memory {
         return memory::run(&args, &kafka, &redis_url).await;
     }

@@ -30,7 +30,9 @@
 //!   bounded however long Redis is away.
 
 mod pending;
+mod marker;
 mod script;
+mod status;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,7 +46,10 @@ use super::KeyLayout;
 use crate::modules::{RoomFolder, ROOM_MODULE};
 use crate::proto::omni::RoomState;
 use crate::proto::Timestamp;
+use marker::Marker;
 use pending::{Bounds, Pending, Place, Waiting};
+use status::Pressure;
+pub use status::{RedisTrouble, WriterStatus};
 
 /// One change, as written to a room's change stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,9 +197,6 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an idle writer checks that Redis still holds its marker.
 const MARKER_CHECK: Duration = Duration::from_secs(1);
 
-/// How long the marker outlives its writer.
-const MARKER_TTL_SECS: u64 = 24 * 3600;
-
 /// Batches of rewrites queued at most; a rewriting thread waits past that.
 const REWRITE_QUEUE: usize = 2;
 
@@ -206,19 +208,9 @@ pub struct RedisWriter {
     rewrites: mpsc::Sender<Vec<RoomWrite>>,
     losses: Arc<AtomicU64>,
     pressure: Arc<Pressure>,
+    status: Arc<WriterStatus>,
 }
 
-/// What the writer tells the runtime about its backlog.
-struct Pressure {
-    /// Bytes of writes waiting, as [`Pending`] charges them.
-    bytes: AtomicUsize,
-    /// Bytes of writes sent but not yet taken in: a writer waiting on a
-    /// slow Redis takes in nothing meanwhile.
-    queued: AtomicUsize,
-    /// Whether Redis refuses or cannot be reached now.
-    failing: AtomicBool,
-    budget: usize,
-}
 
 impl RedisWriter {
     /// Queues committed room writes; never blocks.
@@ -272,9 +264,11 @@ impl RedisWriter {
     }
 }
 
-impl Pressure {
-    fn total(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+
+impl RedisWriter {
+    /// How the writer's dealings with Redis go.
+    pub fn status(&self) -> Arc<WriterStatus> {
+        Arc::clone(&self.status)
     }
 }
 
@@ -295,6 +289,7 @@ pub fn spawn_writer(
         failing: AtomicBool::new(false),
         budget: options.backlog_bytes,
     });
+    let status = Arc::new(WriterStatus::default());
     let bounds = Bounds {
         changes_per_room: options.stream_max_len,
         change_bytes_per_room: options.write_bytes,
@@ -315,54 +310,12 @@ pub fn spawn_writer(
         losses: Arc::clone(&losses),
         pressure: Arc::clone(&pressure),
         rewrite_owed: false,
+        status: Arc::clone(&status),
         live: Some(live_rx),
         rewrites: Some(rewrites_rx),
     };
     let task = tokio::spawn(writer.run());
-    (RedisWriter { live, rewrites, losses, pressure }, task)
-}
-
-/// The writer's marker: a key only it writes, advanced on every flush.
-struct Marker {
-    key: String,
-    next: u64,
-    /// The values Redis may hold if it kept its data: the last one
-    /// confirmed, and any sent since whose reply was lost.
-    accepted: Vec<String>,
-    checked: Instant,
-}
-
-impl Marker {
-    fn new(keys: &KeyLayout) -> Marker {
-        let key = keys.writer_marker(&uuid::Uuid::new_v4().simple().to_string());
-        Marker { key, next: 1, accepted: Vec::new(), checked: Instant::now() }
-    }
-
-    fn command(&mut self, script: &redis::Script) -> (redis::Cmd, String) {
-        let value = self.next.to_string();
-        self.next += 1;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(1).arg(&self.key).arg(&value).arg(MARKER_TTL_SECS);
-        for accepted in &self.accepted {
-            cmd.arg(accepted);
-        }
-        self.checked = Instant::now();
-        (cmd, value)
-    }
-
-    /// Takes the marker's reply; true when it shows that Redis lost data.
-    fn answered(&mut self, value: String, held: bool) -> bool {
-        let judged = !self.accepted.is_empty();
-        self.accepted = vec![value];
-        judged && !held
-    }
-
-    /// The reply was lost: Redis may hold the value sent or the one before.
-    fn unanswered(&mut self, value: String) {
-        if self.accepted.len() < 16 {
-            self.accepted.push(value);
-        }
-    }
+    (RedisWriter { live, rewrites, losses, pressure, status }, task)
 }
 
 struct Writer {
@@ -380,6 +333,7 @@ struct Writer {
     /// The backlog was shed while Redis failed: once it takes writes again,
     /// every room is rewritten from the store.
     rewrite_owed: bool,
+    status: Arc<WriterStatus>,
     /// `None` once every handle is dropped.
     live: Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>,
     rewrites: Option<mpsc::Receiver<Vec<RoomWrite>>>,
@@ -472,15 +426,21 @@ impl Writer {
 
     fn report_backlog(&self) {
         self.pressure.bytes.store(self.pending.bytes(), Ordering::Relaxed);
+        self.status.backlog_rooms.store(self.pending.len(), Ordering::Relaxed);
         metrics::gauge!("omni_redis_backlog_rooms").set(self.pending.len() as f64);
         metrics::gauge!("omni_redis_backlog_bytes").set(self.pending.bytes() as f64);
     }
 
-    /// Records whether Redis takes writes. Back from a failure during which
-    /// the backlog was shed, it owes a rewrite of every room.
-    fn redis_failing(&mut self, failing: bool) {
-        self.pressure.failing.store(failing, Ordering::Relaxed);
-        if !failing && self.rewrite_owed {
+    /// Records whether Redis takes writes (`None`) or why not, for the
+    /// runtime's backpressure and the operations endpoint. Back from a
+    /// failure during which the backlog was shed, it owes a rewrite of every room.
+    fn redis_failing(&mut self, error: Option<&dyn std::fmt::Display>) {
+        self.pressure.failing.store(error.is_some(), Ordering::Relaxed);
+        match error {
+            Some(error) => self.status.failed(error),
+            None => self.status.succeeded(),
+        }
+        if error.is_none() && self.rewrite_owed {
             self.rewrite_owed = false;
             self.losses.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("omni_redis_resyncs_total").increment(1);
@@ -534,7 +494,6 @@ impl Writer {
     async fn flush(&mut self, batch: Vec<RoomWrite>) {
         if self.connect().await.is_none() {
             self.requeue(batch);
-            self.redis_failing(true);
             self.back_off().await;
             return;
         }
@@ -559,9 +518,9 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.redis_failing(Some(&e));
                 self.marker.unanswered(value);
                 self.requeue(batch);
-                self.redis_failing(true);
                 self.back_off().await;
             }
         }
@@ -610,11 +569,14 @@ impl Writer {
             self.load_scripts().await;
         }
         self.requeue(again);
-        self.redis_failing(refused_all.is_some());
-        if let Some(error) = refused_all {
-            tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
-            metrics::counter!("omni_redis_write_errors_total").increment(1);
-            self.back_off().await;
+        match refused_all {
+            Some(error) => {
+                tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
+                metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.redis_failing(Some(&error));
+                self.back_off().await;
+            }
+            None => self.redis_failing(None),
         }
     }
 
@@ -661,6 +623,7 @@ impl Writer {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
+                    self.redis_failing(Some(&e));
                     tracing::warn!(error = %e, backlog = self.pending.len(), "redis unreachable; holding writes");
                     return None;
                 }
@@ -782,16 +745,5 @@ mod tests {
         let whole = RoomWrite { closed: true, ..write(7, &[6, 7]) };
         assert!(matches!(whole.stream_changes(), Cow::Borrowed(_)), "a close that carries its change is sent as is");
         assert!(matches!(write(7, &[]).stream_changes(), Cow::Borrowed(c) if c.is_empty()));
-    }
-
-    #[test]
-    fn the_marker_judges_only_once_it_knows_what_redis_should_hold() {
-        let mut marker = Marker::new(&KeyLayout::default());
-        assert!(!marker.answered("1".into(), false), "the first answer sets the marker");
-        assert!(!marker.answered("2".into(), true));
-        marker.unanswered("3".into());
-        assert_eq!(marker.accepted, vec!["2".to_owned(), "3".to_owned()], "a lost reply leaves both possible");
-        assert!(marker.answered("4".into(), false), "a marker Redis no longer holds is a loss");
-        assert!(marker.key.starts_with("omni:writer:"));
     }
 }
