@@ -10,6 +10,7 @@ mod extension;
 mod faults;
 mod follow_faults;
 mod golden;
+mod late_joiners;
 mod liveness;
 mod newcomer;
 mod operator;

@@ -29,9 +29,9 @@
 //!   rewrites every room from the store, as after a FLUSHALL. Memory stays
 //!   bounded however long Redis is away.
 
+mod marker;
 mod pending;
 mod room_write;
-mod marker;
 mod script;
 mod status;
 
@@ -44,10 +44,10 @@ use tokio::sync::mpsc;
 
 use super::KeyLayout;
 use marker::Marker;
-pub use room_write::{ChangeEntry, RoomWrite};
+use pending::{Bounds, Pending, Place, Waiting};
 #[cfg(test)]
 use room_write::test_write;
-use pending::{Bounds, Pending, Place, Waiting};
+pub use room_write::{ChangeEntry, RoomWrite};
 use status::Pressure;
 pub use status::{RedisTrouble, WriterStatus};
 
@@ -98,7 +98,6 @@ pub struct RedisWriter {
     pressure: Arc<Pressure>,
     status: Arc<WriterStatus>,
 }
-
 
 impl RedisWriter {
     /// Queues committed room writes; never blocks.
@@ -152,7 +151,6 @@ impl RedisWriter {
     }
 }
 
-
 impl RedisWriter {
     /// How the writer's dealings with Redis go.
     pub fn status(&self) -> Arc<WriterStatus> {
@@ -170,8 +168,7 @@ pub fn spawn_writer(
     let (live, live_rx) = mpsc::unbounded_channel();
     let (rewrites, rewrites_rx) = mpsc::channel(REWRITE_QUEUE);
     let losses = Arc::new(AtomicU64::new(0));
-    let pressure =
-        Arc::new(Pressure {
+    let pressure = Arc::new(Pressure {
         bytes: AtomicUsize::new(0),
         queued: AtomicUsize::new(0),
         failing: AtomicBool::new(false),
@@ -349,7 +346,10 @@ impl Writer {
         self.pending = Pending::new(self.pending.bounds());
         self.rewrite_owed = true;
         metrics::counter!("omni_redis_backlog_shed_rooms_total").increment(rooms as u64);
-        tracing::warn!(rooms, "redis is failing and its backlog passed the budget; shed it for a rewrite from the store");
+        tracing::warn!(
+            rooms,
+            "redis is failing and its backlog passed the budget; shed it for a rewrite from the store"
+        );
         self.report_backlog();
     }
 
@@ -563,4 +563,3 @@ fn refuses_every_write(error: &redis::RedisError) -> bool {
 fn is_no_script(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
-
