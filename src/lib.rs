@@ -7,6 +7,7 @@
 //!   that knows the Redis key layout), [`kafka`] (client setup) and
 //!   [`pubsub`] (NATS-like subjects on Kafka);
 //! - [`runtime`]: the consume, fold and commit loop;
+//! - [`serve`]: the Omni service (`omni serve`), gRPC and JSON over the layers below;
 //! - [`topology`]: the job's configuration, read by the runtime and the binary.
 
 pub mod kafka;
@@ -15,6 +16,7 @@ pub mod path;
 pub mod proto;
 pub mod pubsub;
 pub mod runtime;
+pub mod serve;
 pub mod store;
 pub mod topology;
 pub mod view;

@@ -64,6 +64,8 @@ enum Command {
     Publish(cli::publish::PublishArgs),
     /// Print matching rooms' snapshots, then every live change, as JSON lines.
     Watch(cli::view::WatchArgs),
+    /// Serve omni over gRPC and JSON (the Omni service) for a topology's job.
+    Serve(cli::serve::ServeArgs),
     /// Print a room's state from Redis (exit code 2 for an unknown room).
     Snapshot(cli::view::SnapshotArgs),
     /// Inspect topology files.
@@ -137,6 +139,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Publish(args) => cli::publish::run(args, kafka_settings(&cli.connect)).await.map(|()| 0),
         Command::Watch(args) => {
             cli::view::watch_command(args, kafka_settings(&cli.connect), &redis_url(&cli.connect)).await.map(|()| 0)
+        }
+        Command::Serve(args) => {
+            let metrics = ops::metrics_handle();
+            cli::serve::run(args, &cli.connect, Arc::new(move || metrics.render()), shutdown_signal()).await.map(|()| 0)
         }
         Command::Snapshot(args) => cli::view::snapshot_command(args, &redis_url(&cli.connect)).await,
         Command::Topology { command: TopologyCommand::Describe { file, format } } => {

@@ -5,4 +5,5 @@ pub mod config;
 pub mod demo;
 pub mod embedded_redis;
 pub mod publish;
+pub mod serve;
 pub mod view;

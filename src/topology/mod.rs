@@ -3,6 +3,7 @@
 //! typo never silently falls back to a default.
 
 mod describe;
+mod service;
 
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use crate::modules::Limits;
 use crate::store::StoreOptions;
 
 pub use describe::{describe, Format};
+pub use service::ServiceSettings;
 
 /// Errors loading or validating a topology.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub struct Topology {
     pub instance: InstanceSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// `omni serve`, the Omni service.
+    #[serde(default)]
+    pub service: ServiceSettings,
 }
 
 /// Where room state is published for late joiners.

@@ -14,4 +14,6 @@ mod ops;
 mod processor;
 mod pubsub;
 mod redis_view;
+mod serve;
+mod serve_faults;
 mod view_faults;
