@@ -69,9 +69,9 @@ pub struct ServeOptions {
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
 }
 
-/// Requests past the service's size limit by this much are refused by the
-/// transport (`OUT_OF_RANGE`) before a handler sees them; below it a handler
-/// answers `INVALID_ARGUMENT` naming the limit.
+/// Requests up to twice the service's size limits (plus this) reach a
+/// handler, which answers `INVALID_ARGUMENT` naming the limit; larger ones
+/// are refused by the transport (`OUT_OF_RANGE`) before they are read whole.
 const TRANSPORT_SLACK_BYTES: usize = 64 << 10;
 
 /// How long a shutdown waits for calls in flight after telling streams to end.
@@ -120,7 +120,7 @@ pub async fn serve(
     // grpcurl and Python's grpcio-reflection still ask v1alpha.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let limit = service.max_message_bytes + TRANSPORT_SLACK_BYTES;
+    let limit = 2 * service.max_message_bytes.max(topology.limits.max_record_bytes) + TRANSPORT_SLACK_BYTES;
     let omni = OmniServer::new(OmniService { shared: Arc::clone(&shared) })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX);

@@ -174,6 +174,11 @@ pub(crate) async fn follow_until(stream: &mut Streaming<pb::WatchEvent>, rooms: 
     }
 }
 
+/// The status of a call that must fail.
+fn status_of<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+    result.expect_err("the call fails")
+}
+
 pub(crate) fn topology_for(name: &str, dir: &FsPath) -> Topology {
     let mut t = fresh_topology(name, 4, &dir.join("state"));
     t.service.pubsub_topics = vec![format!("{}.chat", t.application_id)];
@@ -233,20 +238,22 @@ async fn serve_answers_every_rpc() {
 
     // Subscribe and a raw publish on an allowed topic.
     let chat = t.service.pubsub_topics[0].clone();
+    let spec = omni::kafka::TopicSpec { name: chat.clone(), partitions: 2, configs: vec![] };
+    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
     let subject = format!("app/{}/channel/c1", t.application_id);
-    let subscribing = client.subscribe(pb::SubscribeRequest {
-        topic: chat.clone(),
-        pattern: format!("app/{}/>", t.application_id),
-        start: Some(pb::Start { at: Some(pb::start::At::Earliest(true)) }),
-    });
     let raw = pb::PublishRequest {
         path: subject.clone(),
         body: Some(publish_request::Body::Payload(b"hello".to_vec())),
         topic: chat.clone(),
         content_type: "text/plain".into(),
     };
-    let sent = client.clone().publish(raw).await.unwrap().into_inner();
+    let sent = client.publish(raw).await.unwrap().into_inner();
     assert_eq!(sent.topic, chat);
+    let subscribing = client.subscribe(pb::SubscribeRequest {
+        topic: chat.clone(),
+        pattern: format!("app/{}/>", t.application_id),
+        start: Some(pb::Start { at: Some(pb::start::At::Earliest(true)) }),
+    });
     let mut records = subscribing.await.unwrap().into_inner();
     let record = tokio::time::timeout(Duration::from_secs(30), records.message()).await.unwrap().unwrap().unwrap();
     assert_eq!((record.path.as_str(), record.payload.as_slice(), record.content_type.as_str()), (subject.as_str(), &b"hello"[..], "text/plain"));
@@ -271,47 +278,46 @@ async fn bad_input_gets_a_clear_status_from_every_rpc() {
     t.service.max_message_bytes = 1000;
     let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
     let mut client = serve.client().await;
-    let code = |r: Result<tonic::Response<_>, tonic::Status>| r.map(|_: tonic::Response<_>| ()).unwrap_err();
     let room = format!("app/{}/room/r1", t.application_id);
 
-    let bad = code(client.get_snapshot(pb::GetSnapshotRequest { path: "not a path//".into() }).await);
+    let bad = status_of(client.get_snapshot(pb::GetSnapshotRequest { path: "not a path//".into() }).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("not a path//"), "{bad}");
-    let unknown = code(client.get_snapshot(pb::GetSnapshotRequest { path: room.clone() }).await);
+    let unknown = status_of(client.get_snapshot(pb::GetSnapshotRequest { path: room.clone() }).await);
     assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
-    let bad = code(client.get_deltas(pb::GetDeltasRequest { path: "app/x/planet/y".into(), after_version: 0, limit: 0 }).await);
+    let bad = status_of(client.get_deltas(pb::GetDeltasRequest { path: "app/x/planet/y".into(), after_version: 0, limit: 0 }).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let unknown = code(client.get_deltas(pb::GetDeltasRequest { path: room.clone(), after_version: 0, limit: 0 }).await);
+    let unknown = status_of(client.get_deltas(pb::GetDeltasRequest { path: room.clone(), after_version: 0, limit: 0 }).await);
     assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
-    let bad = code(client.watch(pb::WatchRequest { pattern: "app/>/room".into() }).await);
+    let bad = status_of(client.watch(pb::WatchRequest { pattern: "app/>/room".into() }).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains('>'), "{bad}");
     let chat = t.service.pubsub_topics[0].clone();
-    let bad = code(client.subscribe(pb::SubscribeRequest { topic: chat.clone(), pattern: "app/r*".into(), start: None }).await);
+    let bad = status_of(client.subscribe(pb::SubscribeRequest { topic: chat.clone(), pattern: "app/r*".into(), start: None }).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let denied = code(client.subscribe(pb::SubscribeRequest { topic: t.broadcast_topic.clone(), pattern: ">".into(), start: None }).await);
+    let denied = status_of(client.subscribe(pb::SubscribeRequest { topic: t.broadcast_topic.clone(), pattern: ">".into(), start: None }).await);
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
 
     let publish = |path: &str, body| pb::PublishRequest { path: path.into(), body, topic: String::new(), content_type: String::new() };
-    let bad = code(client.publish(publish(&room, None)).await);
+    let bad = status_of(client.publish(publish(&room, None)).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let bad = code(client.publish(publish("app/a/channel/c", Some(publish_request::Body::Event(tag_event("e", "k", "v"))))).await);
+    let bad = status_of(client.publish(publish("app/a/channel/c", Some(publish_request::Body::Event(tag_event("e", "k", "v"))))).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("not a room path"), "{bad}");
     let kindless = RoomEvent { event_id: "e".into(), occurred_at: None, kind: None };
-    let bad = code(client.publish(publish(&room, Some(publish_request::Body::Event(kindless)))).await);
+    let bad = status_of(client.publish(publish(&room, Some(publish_request::Body::Event(kindless)))).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     let huge = tag_event("e", "k", &"v".repeat(70_000));
-    let bad = code(client.publish(publish(&room, Some(publish_request::Body::Event(huge)))).await);
+    let bad = status_of(client.publish(publish(&room, Some(publish_request::Body::Event(huge)))).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("max_record_bytes"), "{bad}");
     let mut raw = publish(&room, Some(publish_request::Body::Payload(vec![7; 1001])));
     raw.topic = chat.clone();
-    let bad = code(client.publish(raw.clone()).await);
+    let bad = status_of(client.publish(raw.clone()).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("max_message_bytes"), "{bad}");
     raw.topic = "not-allowed".into();
-    let denied = code(client.publish(raw).await);
+    let denied = status_of(client.publish(raw).await);
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
     // The service is still there and answers.
     let (status, _) = http_get(&serve.addr, "/healthz").await.expect("/healthz answers");
