@@ -115,6 +115,12 @@ async function main() {
     if (Number(reply.offset) < 0) fail(`Publish returned offset ${reply.offset}`);
     counts.set(room, counts.get(room) + 1);
     if (i === EVENTS / 2) {
+      // Kill the job once it is folding: the watch has seen its first changes.
+      const until = Date.now() + 60000;
+      while (ROOMS.every((r) => !rooms.has(r))) {
+        if (Date.now() > until) fail('the watch saw no change within 60 s of the first events');
+        await sleep(50);
+      }
       await stopJob(job, 'SIGKILL');
       job = startJob();
     }

@@ -101,6 +101,12 @@ def main():
             fail(f"Publish returned offset {reply.offset}")
         counts[room] += 1
         if i == EVENTS // 2:
+            # Kill the job once it is folding: the watch has seen its first changes.
+            deadline = time.time() + 60
+            while sum(follower.version(r) for r in ROOMS) == 0:
+                if time.time() > deadline:
+                    fail("the watch saw no change within 60 s of the first events")
+                time.sleep(0.05)
             job.kill()
             job.wait()
             job = start_job()
