@@ -108,7 +108,9 @@ mod tests {
     fn grpc_timeouts_parse_every_unit() {
         let mut metadata = tonic::metadata::MetadataMap::new();
         assert_eq!(grpc_timeout(&metadata), None);
-        for (text, expected) in [("5S", Duration::from_secs(5)), ("250m", Duration::from_millis(250)), ("2M", Duration::from_secs(120))] {
+        for (text, expected) in
+            [("5S", Duration::from_secs(5)), ("250m", Duration::from_millis(250)), ("2M", Duration::from_secs(120))]
+        {
             metadata.insert("grpc-timeout", text.parse().unwrap());
             assert_eq!(grpc_timeout(&metadata), Some(expected));
         }

@@ -20,8 +20,8 @@ use tonic::{Code, Status};
 use super::state::{Call, Shared};
 use super::{streams, unary};
 use crate::proto::omni::{self as pb, publish_request, watch_event};
-use crate::proto::tecate::{self, room_event};
 use crate::proto::rfc3339;
+use crate::proto::tecate::{self, room_event};
 
 #[derive(Clone)]
 struct Http {

@@ -97,8 +97,8 @@ pub async fn serve(
     if topology.redis.url.is_empty() {
         return Err(ServeError::NoRedis);
     }
-    let redis_client =
-        redis::Client::open(topology.redis.url.as_str()).map_err(|e| ServeError::Redis(topology.redis.url.clone(), e))?;
+    let redis_client = redis::Client::open(topology.redis.url.as_str())
+        .map_err(|e| ServeError::Redis(topology.redis.url.clone(), e))?;
     let mut producer_settings = topology.kafka.clone();
     producer_settings.properties.insert("message.timeout.ms".into(), service.publish_timeout_ms.to_string());
     let publisher = Publisher::new(&producer_settings, topology.input_topic())?;

@@ -158,7 +158,9 @@ pub async fn subscribe(
     let subscribing = Subscriber::subscribe(&shared.kafka, &request.topic, pattern, start_at(request.start));
     let subscriber = tokio::time::timeout(wait, subscribing)
         .await
-        .map_err(|_| Status::unavailable(format!("topic {} is not readable within {} ms", request.topic, wait.as_millis())))?
+        .map_err(|_| {
+            Status::unavailable(format!("topic {} is not readable within {} ms", request.topic, wait.as_millis()))
+        })?
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);
     tokio::spawn(relay(shared, slot, subscriber, tx));

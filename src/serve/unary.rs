@@ -27,9 +27,7 @@ pub async fn publish(shared: &Shared, request: pb::PublishRequest) -> Result<pb:
         None => return Err(Status::invalid_argument("a publish needs an `event` or a `payload`")),
         Some(Body::Event(mut event)) => {
             if !request.topic.is_empty() && request.topic != shared.topology.input_topic() {
-                return Err(Status::invalid_argument(
-                    "an `event` goes to the job's input topic: leave `topic` empty",
-                ));
+                return Err(Status::invalid_argument("an `event` goes to the job's input topic: leave `topic` empty"));
             }
             if event.kind.is_none() {
                 return Err(Status::invalid_argument("the event has no kind (recording_started, tag_set, …)"));
@@ -153,7 +151,8 @@ pub async fn get_deltas(
         if first.version != after_version + 1 {
             return Err(trimmed(all.first().map(|c| c.version)));
         }
-        let contiguous = after.iter().enumerate().take_while(|(i, c)| c.version == after_version + 1 + *i as u64).count();
+        let contiguous =
+            after.iter().enumerate().take_while(|(i, c)| c.version == after_version + 1 + *i as u64).count();
         let taken = contiguous.min(limit);
         let more = taken < after.len();
         return Ok(pb::GetDeltasResponse {

@@ -139,14 +139,28 @@ pub(crate) fn apply(rooms: &mut BTreeMap<String, Followed>, event: pb::WatchEven
     match event.event.expect("an event") {
         watch_event::Event::Snapshot(s) | watch_event::Event::Resynchronised(s) => {
             let room = rooms.entry(s.path.clone()).or_default();
-            assert!(s.version >= room.version, "{}: a snapshot at {} after version {}", s.path, s.version, room.version);
+            assert!(
+                s.version >= room.version,
+                "{}: a snapshot at {} after version {}",
+                s.path,
+                s.version,
+                room.version
+            );
             room.version = s.version;
             room.modules = s.modules.iter().map(|(k, v)| (k.clone(), state(v))).collect();
             room.events.push(("snapshot", s.version));
         }
         watch_event::Event::Change(c) => {
             let room = rooms.entry(c.path.clone()).or_default();
-            assert_eq!(c.version, room.version + 1, "{}: change {} after version {} ({:?})", c.path, c.version, room.version, room.events);
+            assert_eq!(
+                c.version,
+                room.version + 1,
+                "{}: change {} after version {} ({:?})",
+                c.path,
+                c.version,
+                room.version,
+                room.events
+            );
             room.version = c.version;
             if c.module == omni::modules::ROOM_MODULE {
                 room.modules.clear();
@@ -159,7 +173,11 @@ pub(crate) fn apply(rooms: &mut BTreeMap<String, Followed>, event: pb::WatchEven
 }
 
 /// Reads a watch until every room in `want` reached its version.
-pub(crate) async fn follow_until(stream: &mut Streaming<pb::WatchEvent>, rooms: &mut BTreeMap<String, Followed>, want: &BTreeMap<String, u64>) {
+pub(crate) async fn follow_until(
+    stream: &mut Streaming<pb::WatchEvent>,
+    rooms: &mut BTreeMap<String, Followed>,
+    want: &BTreeMap<String, u64>,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while want.iter().any(|(room, v)| rooms.get(room).map_or(0, |r| r.version) < *v) {
         match tokio::time::timeout_at(deadline, stream.message()).await {
@@ -167,7 +185,8 @@ pub(crate) async fn follow_until(stream: &mut Streaming<pb::WatchEvent>, rooms: 
             Ok(Ok(None)) => panic!("the watch ended"),
             Ok(Err(status)) => panic!("the watch failed: {status}"),
             Err(_) => {
-                let behind: Vec<_> = want.iter().filter(|(r, v)| rooms.get(*r).map_or(0, |f| f.version) < **v).take(5).collect();
+                let behind: Vec<_> =
+                    want.iter().filter(|(r, v)| rooms.get(*r).map_or(0, |f| f.version) < **v).take(5).collect();
                 panic!("the watch did not reach the final versions within 120 s; behind: {behind:?}");
             }
         }
@@ -194,7 +213,8 @@ async fn serve_answers_every_rpc() {
     let mut client = serve.client().await;
     let room = format!("app/{}/room/r1", t.application_id);
 
-    let published = client.publish(publish_event(&room, tag_event("e1", "topic", "physics"))).await.unwrap().into_inner();
+    let published =
+        client.publish(publish_event(&room, tag_event("e1", "topic", "physics"))).await.unwrap().into_inner();
     assert_eq!(published.topic, t.input_topic());
     assert_eq!(published.partition, omni::kafka::partition_for(room.as_bytes(), t.partitions));
     assert!(published.offset >= 0);
@@ -256,7 +276,10 @@ async fn serve_answers_every_rpc() {
     });
     let mut records = subscribing.await.unwrap().into_inner();
     let record = tokio::time::timeout(Duration::from_secs(30), records.message()).await.unwrap().unwrap().unwrap();
-    assert_eq!((record.path.as_str(), record.payload.as_slice(), record.content_type.as_str()), (subject.as_str(), &b"hello"[..], "text/plain"));
+    assert_eq!(
+        (record.path.as_str(), record.payload.as_slice(), record.content_type.as_str()),
+        (subject.as_str(), &b"hello"[..], "text/plain")
+    );
     assert_eq!((record.partition, record.offset), (sent.partition, sent.offset));
 
     // Operations endpoints and metrics on the same port.
@@ -285,23 +308,39 @@ async fn bad_input_gets_a_clear_status_from_every_rpc() {
     assert!(bad.message().contains("not a path//"), "{bad}");
     let unknown = status_of(client.get_snapshot(pb::GetSnapshotRequest { path: room.clone() }).await);
     assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
-    let bad = status_of(client.get_deltas(pb::GetDeltasRequest { path: "app/x/planet/y".into(), after_version: 0, limit: 0 }).await);
+    let bad = status_of(
+        client.get_deltas(pb::GetDeltasRequest { path: "app/x/planet/y".into(), after_version: 0, limit: 0 }).await,
+    );
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let unknown = status_of(client.get_deltas(pb::GetDeltasRequest { path: room.clone(), after_version: 0, limit: 0 }).await);
+    let unknown =
+        status_of(client.get_deltas(pb::GetDeltasRequest { path: room.clone(), after_version: 0, limit: 0 }).await);
     assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
     let bad = status_of(client.watch(pb::WatchRequest { pattern: "app/>/room".into() }).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains('>'), "{bad}");
     let chat = t.service.pubsub_topics[0].clone();
-    let bad = status_of(client.subscribe(pb::SubscribeRequest { topic: chat.clone(), pattern: "app/r*".into(), start: None }).await);
+    let bad = status_of(
+        client.subscribe(pb::SubscribeRequest { topic: chat.clone(), pattern: "app/r*".into(), start: None }).await,
+    );
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let denied = status_of(client.subscribe(pb::SubscribeRequest { topic: t.broadcast_topic.clone(), pattern: ">".into(), start: None }).await);
+    let denied = status_of(
+        client
+            .subscribe(pb::SubscribeRequest { topic: t.broadcast_topic.clone(), pattern: ">".into(), start: None })
+            .await,
+    );
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
 
-    let publish = |path: &str, body| pb::PublishRequest { path: path.into(), body, topic: String::new(), content_type: String::new() };
+    let publish = |path: &str, body| pb::PublishRequest {
+        path: path.into(),
+        body,
+        topic: String::new(),
+        content_type: String::new(),
+    };
     let bad = status_of(client.publish(publish(&room, None)).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
-    let bad = status_of(client.publish(publish("app/a/channel/c", Some(publish_request::Body::Event(tag_event("e", "k", "v"))))).await);
+    let bad = status_of(
+        client.publish(publish("app/a/channel/c", Some(publish_request::Body::Event(tag_event("e", "k", "v"))))).await,
+    );
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("not a room path"), "{bad}");
     let kindless = RoomEvent { event_id: "e".into(), occurred_at: None, kind: None };
@@ -414,11 +453,17 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
     assert_redis_exact(&t, &folder, &expected).await;
     let finals: BTreeMap<String, u64> = expected.rooms.iter().map(|(room, s)| (room.clone(), s.version)).collect();
     follow_until(&mut everything, &mut all_rooms, &finals).await;
-    let late_finals: BTreeMap<String, u64> =
-        finals.iter().filter(|(room, _)| room.starts_with(&format!("app/{app}-a1/"))).map(|(r, v)| (r.clone(), *v)).collect();
+    let late_finals: BTreeMap<String, u64> = finals
+        .iter()
+        .filter(|(room, _)| room.starts_with(&format!("app/{app}-a1/")))
+        .map(|(r, v)| (r.clone(), *v))
+        .collect();
     assert!(!late_finals.is_empty());
     follow_until(&mut late, &mut late_rooms, &late_finals).await;
-    assert!(late_rooms.keys().all(|room| room.starts_with(&format!("app/{app}-a1/room/"))), "the late watcher saw only its pattern");
+    assert!(
+        late_rooms.keys().all(|room| room.starts_with(&format!("app/{app}-a1/room/"))),
+        "the late watcher saw only its pattern"
+    );
 
     // The final view equals the model's, which assert_redis_exact found in Redis.
     let parse = |json: String| serde_json::from_str::<serde_json::Value>(&json).unwrap();
@@ -436,4 +481,82 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
         }
     }
     job.terminate();
+}
+
+/// One HTTP/1.1 request on loopback: `(status, body)`.
+async fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_over_http_serves_the_calls_and_watch_as_server_sent_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = topology_for("serve-json", dir.path());
+    t.service.max_streams_per_connection = 2;
+    let job = RunningJob::start(t.clone(), Registry::with_builtins()).await;
+    let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
+    let mut client = serve.client().await;
+    let room = format!("app/{}/room/r1", t.application_id);
+    let publish = format!(r#"{{"path":"{room}","event":{{"tag_set":{{"key":"topic","value":"maths"}}}}}}"#);
+    let (status, body) = http_request(&serve.addr, "POST", "/v1/Publish", &publish).await;
+    assert_eq!(status, 200, "{body}");
+    let published: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(published["topic"], t.input_topic());
+    snapshot_at(&mut client, &room, 1).await;
+    let (status, body) = http_request(&serve.addr, "POST", "/v1/GetSnapshot", &format!(r#"{{"path":"{room}"}}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (snapshot["version"].as_u64(), &snapshot["modules"]["tags"]["topic"]),
+        (Some(1), &serde_json::json!("maths"))
+    );
+    let (status, body) =
+        http_request(&serve.addr, "POST", "/v1/GetDeltas", &format!(r#"{{"path":"{room}","after_version":0}}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    let deltas: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(deltas["changes"][0]["version"], 1);
+    let (status, body) = http_request(&serve.addr, "POST", "/v1/GetSnapshot", r#"{"path":"app/x"}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("INVALID_ARGUMENT"), "{body}");
+    let (status, body) = http_request(&serve.addr, "POST", "/v1/GetSnapshot", r#"{"path":"app/x/room/none"}"#).await;
+    assert_eq!((status, body.contains("NOT_FOUND")), (404, true), "{body}");
+    let (status, body) = http_get(&serve.addr, "/readyz").await.expect("/readyz answers");
+    assert_eq!(status, 200, "{body}");
+
+    // Watch as Server-Sent Events: the snapshot first.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(&serve.addr).await.unwrap();
+    let request = format!("GET /v1/Watch?pattern={room} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let event = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("the event stream goes on");
+            if let Some(data) = line.strip_prefix("data: ") {
+                return serde_json::from_str::<serde_json::Value>(data).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("a snapshot event within 20 s");
+    assert_eq!((event["path"].as_str(), event["version"].as_u64()), (Some(room.as_str()), Some(1)));
+
+    // Streams per connection are bounded.
+    let first = client.watch(pb::WatchRequest { pattern: room.clone() }).await.unwrap();
+    let second = client.watch(pb::WatchRequest { pattern: room.clone() }).await.unwrap();
+    let third = status_of(client.watch(pb::WatchRequest { pattern: room.clone() }).await);
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third}");
+    drop((first, second));
+    job.stop().await;
 }
