@@ -1,15 +1,18 @@
 //! The one broadcast consumer of an `omni serve` process, shared by every
 //! `Watch`: it decodes each change once, keeps the last minute of them (bounded
-//! in bytes) for watchers that join, and fans them out through one bounded
-//! ring (a Tokio broadcast channel), so ten thousand watchers cost one Kafka
-//! consumer and one decode per change.
+//! in bytes) for watchers that join, and fans them out through bounded rings
+//! (Tokio broadcast channels), so ten thousand watchers cost one Kafka
+//! consumer and one decode per change. Watchers of one room (a pattern with
+//! no wildcard, the common case) share a small ring of that room's own, so a
+//! change wakes only the watchers it concerns; wildcard watchers share one
+//! ring of every change and filter it.
 //!
 //! A joining watcher takes the replay and a receiver under one lock, so no
 //! change falls between them; its follower then drops what its Redis snapshot
 //! already covers. A watcher that falls `watch_buffer` changes behind the ring
 //! loses its place: its feed reports [`PubSubError::Lagged`] and the watch ends.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +44,24 @@ struct Replay {
     bytes: usize,
 }
 
+/// Slots of one room's ring. A ring allocates its slots up front, so this
+/// stays small (about 16 KiB a watched room); a room's changes arrive at most
+/// a commit's worth at a time.
+const ROOM_RING: usize = 256;
+
+/// Rooms with a ring before the rings nobody watches any more are dropped.
+const ROOM_RINGS_BEFORE_CLEANUP: usize = 1024;
+
+/// What the pump and joining watchers share under one lock.
+#[derive(Debug, Default)]
+struct Fanout {
+    replay: Replay,
+    /// The ring of each room watched on its own.
+    rooms: HashMap<String, broadcast::Sender<Arc<Shared>>>,
+    /// Room rings after the last cleanup.
+    rooms_after_cleanup: usize,
+}
+
 /// Bounds of the hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
@@ -54,7 +75,8 @@ pub struct HubOptions {
 /// The shared consumer's output: a replay and a ring of live changes.
 #[derive(Debug)]
 pub struct Hub {
-    replay: Mutex<Replay>,
+    fanout: Mutex<Fanout>,
+    /// Every change, for wildcard watchers.
     ring: broadcast::Sender<Arc<Shared>>,
     options: HubOptions,
     /// True once the consumer's start offsets are fixed.
@@ -67,7 +89,7 @@ impl Hub {
     pub fn start(settings: KafkaSettings, options: HubOptions) -> Arc<Hub> {
         let (ring, _) = broadcast::channel(options.buffer.max(1));
         let (ready, _) = watch::channel(false);
-        let hub = Arc::new(Hub { replay: Mutex::new(Replay::default()), ring, options, ready });
+        let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), ring, options, ready });
         tokio::spawn(Arc::clone(&hub).consume(settings));
         hub
     }
@@ -88,10 +110,14 @@ impl Hub {
     /// live one, until the watcher falls too far behind.
     pub fn feed(&self, pattern: &Pattern) -> ChangeFeed {
         let (backlog, receiver) = {
-            let replay = self.replay.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let receiver = self.ring.subscribe();
+            let mut fanout = self.lock();
+            let receiver = if pattern.is_literal() {
+                fanout.room_ring(&pattern.to_string()).subscribe()
+            } else {
+                self.ring.subscribe()
+            };
             let backlog: Vec<Arc<Shared>> =
-                replay.changes.iter().filter(|s| pattern.matches(&s.change.path)).cloned().collect();
+                fanout.replay.changes.iter().filter(|s| pattern.matches(&s.change.path)).cloned().collect();
             (backlog, receiver)
         };
         let live_pattern = pattern.clone();
@@ -115,9 +141,14 @@ impl Hub {
         }))
     }
 
-    /// Watchers receiving from the ring now.
+    /// Watchers receiving from the rings now.
     pub fn watchers(&self) -> usize {
-        self.ring.receiver_count()
+        let rooms: usize = self.lock().rooms.values().map(broadcast::Sender::receiver_count).sum();
+        self.ring.receiver_count() + rooms
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fanout> {
+        self.fanout.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn consume(self: Arc<Hub>, settings: KafkaSettings) {
@@ -180,7 +211,14 @@ impl Hub {
     /// replay's lock so a joining watcher sees it exactly once.
     fn publish(&self, shared: Arc<Shared>) {
         let oldest_kept = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
-        let mut replay = self.replay.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut fanout = self.lock();
+        if let Some(room) = fanout.rooms.get(&shared.change.path) {
+            if room.send(Arc::clone(&shared)).is_err() {
+                // Nobody watches the room any more.
+                fanout.rooms.remove(&shared.change.path);
+            }
+        }
+        let replay = &mut fanout.replay;
         replay.bytes += shared.bytes;
         replay.changes.push_back(Arc::clone(&shared));
         while let Some(front) = replay.changes.front() {
@@ -192,5 +230,17 @@ impl Hub {
         }
         // No receiver is not an error: nobody is watching.
         let _ = self.ring.send(shared);
+    }
+}
+
+impl Fanout {
+    /// The ring of one room, made on its first watcher. Rings nobody watches
+    /// any more go once the map has doubled since the last cleanup.
+    fn room_ring(&mut self, path: &str) -> &broadcast::Sender<Arc<Shared>> {
+        if self.rooms.len() >= ROOM_RINGS_BEFORE_CLEANUP && self.rooms.len() >= 2 * self.rooms_after_cleanup {
+            self.rooms.retain(|_, ring| ring.receiver_count() > 0);
+            self.rooms_after_cleanup = self.rooms.len();
+        }
+        self.rooms.entry(path.to_owned()).or_insert_with(|| broadcast::channel(ROOM_RING).0)
     }
 }

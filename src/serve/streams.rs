@@ -108,8 +108,9 @@ async fn follow(
                 metrics::counter!("omni_service_watchers_dropped_total", "reason" => "lagged").increment(1);
                 tracing::info!(pattern = %follower.pattern(), skipped, "a watcher fell behind; ending its stream");
                 Err(Status::resource_exhausted(format!(
-                    "this watcher fell more than service.watch_buffer changes behind ({skipped} skipped); \
-                     watch again, or resume each room with GetDeltas from its last version"
+                    "this watcher fell further behind than its buffer holds (service.watch_buffer changes, \
+                     256 for a single-room watch; {skipped} skipped); watch again, or resume each room with \
+                     GetDeltas from its last version"
                 )))
             }
             Some(Err(error @ PubSubError::RedisBehind { .. })) => {

@@ -18,8 +18,9 @@ pub struct ServiceSettings {
     pub pubsub_topics: Vec<String>,
     /// Largest request (and raw payload) accepted, in bytes.
     pub max_message_bytes: usize,
-    /// How many broadcast changes a watcher may fall behind the shared
-    /// consumer before its stream ends with `RESOURCE_EXHAUSTED`.
+    /// How many broadcast changes a wildcard watcher may fall behind the
+    /// shared consumer before its stream ends with `RESOURCE_EXHAUSTED` (a
+    /// single-room watcher has a ring of 256 of its room's changes).
     pub watch_buffer: usize,
     /// How far back (milliseconds) the shared consumer's replay reaches for a
     /// joining watcher, covering changes committed but not yet in Redis.

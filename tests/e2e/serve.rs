@@ -445,6 +445,11 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
     let one_app = format!("app/{app}-a1/room/*");
     let mut late = client.watch(pb::WatchRequest { pattern: one_app.clone() }).await.unwrap().into_inner();
     let mut late_rooms: BTreeMap<String, Followed> = BTreeMap::new();
+    // And one on the busiest room alone (a literal pattern: that room's own ring).
+    let busiest =
+        expected.changes.iter().max_by_key(|(_, changes)| changes.len()).map(|(room, _)| room.clone()).unwrap();
+    let mut single = client.watch(pb::WatchRequest { pattern: busiest.clone() }).await.unwrap().into_inner();
+    let mut single_rooms: BTreeMap<String, Followed> = BTreeMap::new();
     produce(&producer, t.input_topic(), &events[thirds..2 * thirds]);
     job.kill9();
     let job = JobProcess::spawn(&t, dir.path(), "i1");
@@ -460,6 +465,9 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
         .collect();
     assert!(!late_finals.is_empty());
     follow_until(&mut late, &mut late_rooms, &late_finals).await;
+    let single_finals = BTreeMap::from([(busiest.clone(), finals[&busiest])]);
+    follow_until(&mut single, &mut single_rooms, &single_finals).await;
+    assert_eq!(single_rooms.keys().collect::<Vec<_>>(), [&busiest], "the single-room watcher saw only its room");
     assert!(
         late_rooms.keys().all(|room| room.starts_with(&format!("app/{app}-a1/room/"))),
         "the late watcher saw only its pattern"
@@ -469,7 +477,12 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
     let parse = |json: String| serde_json::from_str::<serde_json::Value>(&json).unwrap();
     let empty: BTreeMap<&str, serde_json::Value> =
         folder.module_states(&Default::default()).map(|(m, json)| (m, parse(json))).collect();
-    for (watcher, rooms, want) in [("everything", &all_rooms, &finals), ("late", &late_rooms, &late_finals)] {
+    let watchers = [
+        ("everything", &all_rooms, &finals),
+        ("late", &late_rooms, &late_finals),
+        ("single", &single_rooms, &single_finals),
+    ];
+    for (watcher, rooms, want) in watchers {
         for room in want.keys() {
             let state = &expected.rooms[room];
             let seen = &rooms[room];
