@@ -65,7 +65,8 @@ impl Shared {
         super::convert::grpc_timeout(metadata).map_or(bound, |asked| asked.min(bound))
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, ViewError> {
+    /// The shared Redis connection, made (within the Redis bound) if there is none.
+    pub async fn connection(&self) -> Result<MultiplexedConnection, ViewError> {
         let mut slot = self.redis.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());

@@ -76,8 +76,13 @@ pub async fn watch(
             shared.topology.broadcast_topic
         )));
     }
-    let feed = shared.hub.feed(&pattern);
-    let start = Follower::from_feed(feed, shared.redis_client.clone(), shared.keys.clone(), pattern);
+    // Every watcher reads through the service's one multiplexed connection,
+    // so ten thousand watchers are not ten thousand Redis clients.
+    let start = async {
+        let connection = shared.connection().await.ok();
+        let feed = shared.hub.feed(&pattern);
+        Follower::from_feed(feed, shared.redis_client.clone(), connection, shared.keys.clone(), pattern).await
+    };
     let follower = tokio::time::timeout(deadline, start).await.map_err(|_| redis_timeout(deadline))?;
     let follower = follower.map_err(|e| Status::unavailable(e.to_string()))?;
     let (tx, rx) = mpsc::channel(STREAM_QUEUE);

@@ -181,7 +181,7 @@ impl Follower {
         // between the snapshot and the stream.
         let subscriber = Subscriber::subscribe(settings, broadcast_topic, pattern, StartAt::Timestamp(since)).await?;
         let pattern = subscriber.pattern().clone();
-        let follower = Follower::over(Changes::Broadcast(subscriber), pattern, redis, keys).await?;
+        let follower = Follower::over(Changes::Broadcast(subscriber), pattern, redis, None, keys).await?;
         tracing::debug!(topic = broadcast_topic, pattern = %follower.pattern, rooms = follower.sequencer.rooms(), "follower started");
         Ok(follower)
     }
@@ -190,23 +190,27 @@ impl Follower {
     /// own. The feed must already be receiving when this is called, and it
     /// should start with recent changes (as [`start`](Follower::start)'s
     /// look-back does), since Redis lags the broadcast. Reads the matching
-    /// rooms' snapshots, waiting for Redis like `start`.
+    /// rooms' snapshots, waiting for Redis like `start`. `connection`, when
+    /// given, is shared with other followers (a multiplexed connection); the
+    /// follower makes one of its own from `redis` only after it fails.
     pub async fn from_feed(
         feed: ChangeFeed,
         redis: redis::Client,
+        connection: Option<MultiplexedConnection>,
         keys: KeyLayout,
         pattern: Pattern,
     ) -> Result<Follower, PubSubError> {
-        Follower::over(Changes::Feed(feed), pattern, redis, keys).await
+        Follower::over(Changes::Feed(feed), pattern, redis, connection, keys).await
     }
 
     async fn over(
         changes: Changes,
         pattern: Pattern,
         redis: redis::Client,
+        conn: Option<MultiplexedConnection>,
         keys: KeyLayout,
     ) -> Result<Follower, PubSubError> {
-        let mut redis = RedisSource { client: redis, keys, conn: None, failing: false };
+        let mut redis = RedisSource { client: redis, keys, conn, failing: false };
         let snapshots = redis.initial_snapshots(&pattern).await?;
         Ok(Follower { changes, pattern, redis, sequencer: Sequencer::new(snapshots) })
     }
