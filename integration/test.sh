@@ -18,6 +18,13 @@ cargo build --release --locked --bins
 bash integration/check-deploy.sh   # deploy/: manifests, alert rules, dashboard (no cluster needed)
 cargo test --release --locked -- --test-threads=4 --skip broker_outage "$@"
 
+# The Omni service's clients in the languages that call it: Python (grpcio)
+# and Node (@grpc/grpc-js), each against a job and an `omni serve` of its own,
+# across a kill -9 of the job. Their packages are cached under ~/.cache/omni.
+started=$SECONDS
+bash integration/clients/run.sh
+echo "test.sh: client stage passed in $((SECONDS - started)) s" >&2
+
 # Broker outages (tests/e2e/broker_outage.rs): the broker restarted under
 # load and during restores, a job stopped past its session. They run on a
 # second Kafka and Redis (another state folder, other ports), so the shared

@@ -9,6 +9,7 @@
 //! - [`runtime`]: the consume, fold and commit loop;
 //! - [`ops`]: a job run with its operations endpoint (`/metrics`, `/healthz`,
 //!   `/readyz`), for `omni run` and for binaries of one's own;
+//! - [`serve`]: the Omni service (`omni serve`), gRPC and JSON over the layers below;
 //! - [`topology`]: the job's configuration, read by the runtime and the binary.
 
 pub mod kafka;
@@ -18,6 +19,7 @@ pub mod path;
 pub mod proto;
 pub mod pubsub;
 pub mod runtime;
+pub mod serve;
 pub mod store;
 pub mod topology;
 pub mod view;

@@ -6,6 +6,7 @@
 mod cli;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,8 @@ enum Command {
     Publish(cli::publish::PublishArgs),
     /// Print matching rooms' snapshots, then every live change, as JSON lines.
     Watch(cli::view::WatchArgs),
+    /// Serve omni over gRPC and JSON (the Omni service) for a topology's job.
+    Serve(cli::serve::ServeArgs),
     /// Print a room's state from Redis (exit code 2 for a room Redis does not know).
     Snapshot(cli::view::SnapshotArgs),
     /// Check or draw topology files.
@@ -90,6 +93,12 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Demo(args) => cli::demo::run(args).await.map(|()| exit::OK),
         Command::Publish(args) => cli::publish::run(args).await.map(|()| exit::OK),
         Command::Watch(args) => cli::view::watch_command(args).await.map(|()| exit::OK),
+        Command::Serve(args) => {
+            let metrics = omni::ops::metrics_handle();
+            cli::serve::run(args, Arc::new(move || metrics.render()), omni::ops::runner::shutdown_signal())
+                .await
+                .map(|()| exit::OK)
+        }
         Command::Snapshot(args) => cli::view::snapshot_command(args).await,
         Command::Topology(args) => cli::topology::run(args).map(|()| exit::OK),
         Command::Bench(args) => cli::bench::run(args).await.map(|()| exit::OK),

@@ -9,6 +9,7 @@ pub mod logs;
 pub mod publish;
 pub mod run;
 pub mod topology;
+pub mod serve;
 pub mod view;
 
 /// The process's exit codes, the same for every command.

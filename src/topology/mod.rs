@@ -4,6 +4,7 @@
 
 mod describe;
 mod layers;
+mod service;
 
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::store::StoreOptions;
 
 pub use describe::{describe, Format};
 pub use layers::{topology_file, Layers, DEFAULT_TOPOLOGY, TOPOLOGY_ENV};
+pub use service::ServiceSettings;
 
 /// Errors loading or validating a topology.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,9 @@ pub struct Topology {
     pub instance: InstanceSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// `omni serve`, the Omni service.
+    #[serde(default)]
+    pub service: ServiceSettings,
 }
 
 /// Where room state is published for late joiners.

@@ -19,4 +19,6 @@ mod processor;
 mod pubsub;
 mod redis_backlog;
 mod redis_view;
+mod serve;
+mod serve_faults;
 mod view_faults;

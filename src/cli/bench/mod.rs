@@ -13,6 +13,7 @@ mod latency;
 mod memory;
 mod passthrough;
 mod process;
+mod service;
 mod shapes;
 mod workload;
 
@@ -89,6 +90,19 @@ pub struct BenchArgs {
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub redis_url: RedisUrlArg,
+    /// Run only the service phases: `omni serve` under many single-room
+    /// watchers while the job runs at `--rate`, then `GetSnapshot` latency.
+    #[arg(long)]
+    pub service: bool,
+    /// Watcher counts of the service phases, one phase each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub service_watchers: Vec<usize>,
+    /// Seconds of load per service phase.
+    #[arg(long, default_value = "30")]
+    pub service_secs: u64,
+    /// `GetSnapshot` requests per second in the service phase.
+    #[arg(long, default_value = "5000")]
+    pub service_snapshot_rate: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -97,6 +111,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (kafka, redis_url) = (configured.kafka, configured.redis.url);
     if args.memory {
         return memory::run(&args, &kafka, &redis_url).await;
+    }
+    if args.service {
+        return service::run(&args, &kafka, &redis_url).await;
     }
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let input = format!("{id}.events");
