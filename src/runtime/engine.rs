@@ -498,6 +498,16 @@ impl Engine {
         }
         let committed = consumer.committed_offsets(active, KAFKA_TIMEOUT)?;
         for element in committed.elements() {
+            // A partition's own error comes with no offset: right after a
+            // fencing the aborted transaction's offsets stay unstable until
+            // its markers are written, and librdkafka gives up on them
+            // after two retries. Taken for "never committed", it sent the
+            // partition back to its beginning, to fold again what the store
+            // already held; the recovery's retry asks again instead.
+            if let Err(e) = element.error() {
+                tracing::warn!(partition = element.partition(), error = %e, "committed offset not readable yet");
+                return Err(e.into());
+            }
             let offset = match element.offset() {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
