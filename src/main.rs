@@ -62,6 +62,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Publish Tecate room events to the job's input topic.
     Publish(cli::publish::PublishArgs),
+    /// Keep a lease alive (once, or --every 2s until Ctrl-C).
+    Keepalive(cli::keepalive::KeepaliveArgs),
     /// Print matching rooms' snapshots, then every live change, as JSON lines.
     Watch(cli::view::WatchArgs),
     /// Print a room's state from Redis (exit code 2 for an unknown room).
@@ -137,6 +139,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Demo(args) => cli::demo::run(args).await.map(|()| 0),
         Command::Publish(args) => cli::publish::run(args, kafka_settings(&cli.connect)).await.map(|()| 0),
+        Command::Keepalive(args) => cli::keepalive::run(args, kafka_settings(&cli.connect)).await.map(|()| 0),
         Command::Watch(args) => {
             cli::view::watch_command(args, kafka_settings(&cli.connect), &redis_url(&cli.connect)).await.map(|()| 0)
         }

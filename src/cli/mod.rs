@@ -5,5 +5,6 @@ pub mod config;
 pub mod demo;
 pub mod embedded_redis;
 pub mod health;
+pub mod keepalive;
 pub mod publish;
 pub mod view;

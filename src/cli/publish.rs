@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
+use omni::modules::LEASE_HEADER;
 use omni::path::Path;
 use omni::proto::tecate::{
     room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet,
@@ -38,6 +39,10 @@ pub enum EventArg {
         recording_id: String,
         #[arg(long)]
         by: String,
+        /// Take a lease with this heartbeat TTL (e.g. 10s): unless kept alive
+        /// (`omni keepalive`), the recording stops by itself. Prints the lease id last.
+        #[arg(long, value_parser = super::keepalive::parse_duration)]
+        lease_ttl: Option<std::time::Duration>,
     },
     /// A recording stopped.
     RecordingStop {
@@ -57,7 +62,7 @@ pub enum EventArg {
 impl EventArg {
     fn kind(self) -> Kind {
         match self {
-            EventArg::RecordingStart { recording_id, by } => {
+            EventArg::RecordingStart { recording_id, by, .. } => {
                 Kind::RecordingStarted(RecordingStarted { recording_id, started_by: by })
             }
             EventArg::RecordingStop { recording_id, reason } => {
@@ -68,6 +73,14 @@ impl EventArg {
             EventArg::RoomClose => Kind::RoomClosed(RoomClosed {}),
         }
     }
+}
+
+/// A fresh lease for an event with `--lease-ttl`: its id, and its `omni.lease` header value.
+fn new_lease(event: &Option<EventArg>) -> Option<(String, Vec<u8>)> {
+    let Some(EventArg::RecordingStart { lease_ttl: Some(ttl), .. }) = event else { return None };
+    let lease_id = uuid::Uuid::new_v4().to_string();
+    let lease = omni::proto::omni::Lease { lease_id: lease_id.clone(), ttl_ms: ttl.as_millis() as i64 };
+    Some((lease_id, lease.encode_to_vec()))
 }
 
 /// One line of a `--file`.
@@ -130,6 +143,7 @@ pub async fn run(args: PublishArgs, kafka: KafkaSettings) -> anyhow::Result<()> 
     // A topic created here gets the job's partition count, not the broker's default.
     ensure_topics(&kafka, &[TopicSpec { name: topic.clone(), partitions, configs: vec![] }]).await?;
     let publisher = Publisher::new(&kafka, topic.clone())?;
+    let lease = new_lease(&args.event);
     let events: Vec<(Path, RoomEvent)> = match (&args.file, args.path, args.event) {
         (Some(file), _, _) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -150,10 +164,14 @@ pub async fn run(args: PublishArgs, kafka: KafkaSettings) -> anyhow::Result<()> 
     };
     let count = events.len();
     for (path, event) in events {
-        let (partition, offset) = publisher.publish(&path, &event.encode_to_vec()).await?;
+        let headers: Vec<(&str, &[u8])> = lease.iter().map(|(_, bytes)| (LEASE_HEADER, &bytes[..])).collect();
+        let (partition, offset) = publisher.publish_with_headers(&topic, &path, &event.encode_to_vec(), &headers).await?;
         if count == 1 {
             println!("published {} to {topic} partition {partition} offset {offset}", event.event_id);
         }
+    }
+    if let Some((lease_id, _)) = lease {
+        println!("{lease_id}");
     }
     if count != 1 {
         println!("published {count} events to {topic}");

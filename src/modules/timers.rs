@@ -1,0 +1,158 @@
+//! Module timers: a module's fold may set or cancel a timer for its room (a
+//! deadline and a small payload), and when the deadline passes the runtime
+//! calls the module's timer fold, inside the open transaction, whose change
+//! is emitted like any other. Timers are data in the room's state
+//! ([`Timer`]), so they follow the room through the changelog; this file
+//! only applies what a fold asked for to that data, as a pure function.
+//!
+//! A timer with a lease id is a lease: keep-alives naming the id push its
+//! deadline back by its TTL, in memory only (no changelog record), which
+//! is why the runtime re-arms a restored lease at restore time + TTL.
+
+use super::{RejectKind, Rejection};
+use crate::proto::omni::{Lease, Timer};
+
+/// Most bytes a timer's name, lease id and payload take together: timers
+/// ride along in every changelog record of their room.
+pub const MAX_TIMER_BYTES: usize = 1024;
+
+/// Longest lease id, in bytes.
+pub const MAX_LEASE_ID_BYTES: usize = 128;
+
+/// Shortest timer delay or lease TTL, in milliseconds.
+pub const MIN_TTL_MS: i64 = 100;
+
+/// Longest timer delay or lease TTL, in milliseconds (seven days).
+pub const MAX_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// What a fold asks of its module's timers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerOp {
+    /// Sets the module's timer `name`, replacing one of that name.
+    Set(TimerSpec),
+    /// Cancels the module's timer `name`, if set.
+    Cancel { name: String },
+}
+
+/// A timer to set, due `after_ms` from when its event is processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerSpec {
+    pub name: String,
+    pub after_ms: i64,
+    /// Non-empty makes it a lease that keep-alives naming this id renew.
+    pub lease_id: String,
+    pub payload: String,
+}
+
+impl TimerOp {
+    /// A lease: the timer `name`, due one TTL from now, renewed by keep-alives of `lease`.
+    pub fn lease(name: &str, lease: &Lease, payload: impl Into<String>) -> TimerOp {
+        TimerOp::Set(TimerSpec {
+            name: name.to_owned(),
+            after_ms: lease.ttl_ms,
+            lease_id: lease.lease_id.clone(),
+            payload: payload.into(),
+        })
+    }
+
+    pub fn cancel(name: &str) -> TimerOp {
+        TimerOp::Cancel { name: name.to_owned() }
+    }
+}
+
+/// Checks a lease an input record carries.
+pub fn check_lease(lease: &Lease) -> Result<(), Rejection> {
+    if lease.lease_id.is_empty() || lease.lease_id.len() > MAX_LEASE_ID_BYTES {
+        return Err(Rejection::new(
+            RejectKind::InvalidEvent,
+            format!("a lease id must be 1 to {MAX_LEASE_ID_BYTES} bytes"),
+        ));
+    }
+    check_ttl(lease.ttl_ms)
+}
+
+fn check_ttl(ttl_ms: i64) -> Result<(), Rejection> {
+    if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) {
+        return Err(Rejection::new(
+            RejectKind::InvalidEvent,
+            format!("a timer's delay must be {MIN_TTL_MS} ms to {MAX_TTL_MS} ms, not {ttl_ms} ms"),
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `module`'s ops to a room's timers at `now_ms`; returns whether
+/// the timers changed. On an error they are left as they were.
+pub(crate) fn apply(timers: &mut Vec<Timer>, module: &str, ops: &[TimerOp], now_ms: i64) -> Result<bool, Rejection> {
+    for op in ops {
+        if let TimerOp::Set(spec) = op {
+            check_ttl(spec.after_ms)?;
+            if spec.name.len() + spec.lease_id.len() + spec.payload.len() > MAX_TIMER_BYTES {
+                return Err(Rejection::new(
+                    RejectKind::OverLimit,
+                    format!("module {module}'s timer {:?} is over {MAX_TIMER_BYTES} bytes", spec.name),
+                ));
+            }
+        }
+    }
+    let mut changed = false;
+    for op in ops {
+        let name = match op {
+            TimerOp::Set(spec) => &spec.name,
+            TimerOp::Cancel { name } => name,
+        };
+        let before = timers.len();
+        timers.retain(|t| t.module != module || t.name != *name);
+        changed |= timers.len() != before;
+        if let TimerOp::Set(spec) = op {
+            timers.push(Timer {
+                module: module.to_owned(),
+                name: spec.name.clone(),
+                deadline_ms: now_ms + spec.after_ms,
+                ttl_ms: spec.after_ms,
+                lease_id: spec.lease_id.clone(),
+                payload: spec.payload.clone(),
+            });
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(id: &str, ttl_ms: i64) -> Lease {
+        Lease { lease_id: id.into(), ttl_ms }
+    }
+
+    #[test]
+    fn a_set_replaces_the_timer_of_its_name_and_a_cancel_removes_it() {
+        let mut timers = Vec::new();
+        assert!(apply(&mut timers, "m", &[TimerOp::lease("lease", &lease("l1", 1000), "r1")], 5_000).unwrap());
+        assert_eq!(timers.len(), 1);
+        assert_eq!((timers[0].deadline_ms, timers[0].ttl_ms, timers[0].lease_id.as_str()), (6_000, 1000, "l1"));
+        assert!(apply(&mut timers, "m", &[TimerOp::lease("lease", &lease("l2", 2000), "r2")], 7_000).unwrap());
+        assert_eq!(timers.len(), 1);
+        assert_eq!((timers[0].deadline_ms, timers[0].lease_id.as_str()), (9_000, "l2"));
+        assert!(!apply(&mut timers, "other", &[TimerOp::cancel("lease")], 7_000).unwrap(), "another module's name");
+        assert!(apply(&mut timers, "m", &[TimerOp::cancel("lease")], 7_000).unwrap());
+        assert!(timers.is_empty());
+        assert!(!apply(&mut timers, "m", &[TimerOp::cancel("lease")], 7_000).unwrap(), "nothing to cancel");
+    }
+
+    #[test]
+    fn bad_timers_and_leases_are_refused_whole() {
+        let mut timers = Vec::new();
+        let ops = [TimerOp::lease("a", &lease("l1", 1000), ""), TimerOp::lease("b", &lease("l2", 10), "")];
+        assert_eq!(apply(&mut timers, "m", &ops, 0).unwrap_err().kind, RejectKind::InvalidEvent);
+        assert!(timers.is_empty(), "the first op is not applied either");
+        let big = TimerOp::lease("a", &lease("l", 1000), "x".repeat(MAX_TIMER_BYTES));
+        assert_eq!(apply(&mut timers, "m", &[big], 0).unwrap_err().kind, RejectKind::OverLimit);
+        assert!(check_lease(&lease("l", 1000)).is_ok());
+        assert!(check_lease(&lease("", 1000)).is_err());
+        assert!(check_lease(&lease("l", 0)).is_err());
+        assert!(check_lease(&lease(&"l".repeat(MAX_LEASE_ID_BYTES + 1), 1000)).is_err());
+    }
+}
