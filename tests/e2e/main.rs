@@ -10,6 +10,7 @@ mod extension;
 mod faults;
 mod follow_faults;
 mod golden;
+mod leases;
 mod liveness;
 mod ops;
 mod processor;
