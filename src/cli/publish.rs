@@ -165,7 +165,8 @@ pub async fn run(args: PublishArgs, kafka: KafkaSettings) -> anyhow::Result<()> 
     let count = events.len();
     for (path, event) in events {
         let headers: Vec<(&str, &[u8])> = lease.iter().map(|(_, bytes)| (LEASE_HEADER, &bytes[..])).collect();
-        let (partition, offset) = publisher.publish_with_headers(&topic, &path, &event.encode_to_vec(), &headers).await?;
+        let (partition, offset) =
+            publisher.publish_with_headers(&topic, &path, &event.encode_to_vec(), &headers).await?;
         if count == 1 {
             println!("published {} to {topic} partition {partition} offset {offset}", event.event_id);
         }

@@ -58,8 +58,9 @@ impl Input {
         let lease = match headers.lease {
             None => None,
             Some(bytes) => {
-                let lease = Lease::decode(bytes)
-                    .map_err(|e| Rejection::new(RejectKind::Undecodable, format!("{LEASE_HEADER} is not a Lease: {e}")))?;
+                let lease = Lease::decode(bytes).map_err(|e| {
+                    Rejection::new(RejectKind::Undecodable, format!("{LEASE_HEADER} is not a Lease: {e}"))
+                })?;
                 check_lease(&lease)?;
                 Some(lease)
             }

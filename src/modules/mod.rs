@@ -260,7 +260,10 @@ impl<M: Module> DynModule for M {
 
 fn own_state<'s, M: Module>(module: &M, state: &'s ModuleState) -> Result<&'s M::State, Rejection> {
     state.0.downcast_ref::<M::State>().ok_or_else(|| {
-        Rejection::new(RejectKind::CorruptState, format!("the state handed to {} is another module's", Module::name(module)))
+        Rejection::new(
+            RejectKind::CorruptState,
+            format!("the state handed to {} is another module's", Module::name(module)),
+        )
     })
 }
 

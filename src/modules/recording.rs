@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Limits, Module, RejectKind, Rejection, TimerOp};
 use crate::proto::omni::{Lease, Timer};
-use crate::proto::{rfc3339, timestamp_from_millis};
 use crate::proto::tecate::room_event::Kind;
 use crate::proto::tecate::RoomEvent;
+use crate::proto::{rfc3339, timestamp_from_millis};
 
 /// A room's recording state. After a stop it keeps the last recording's id,
 /// when it stopped and why, so a late joiner can show "recording ended".

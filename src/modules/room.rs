@@ -208,13 +208,7 @@ impl RoomFolder {
     /// `due_ms`, and removes it from the room. `None` when the room holds no
     /// such timer. On a rejection (the module panicked, say) the room is
     /// left as it was; [`RoomFolder::drop_timer`] then gets rid of the timer.
-    pub fn fire(
-        &self,
-        room: &mut LiveRoom,
-        module: &str,
-        name: &str,
-        due_ms: i64,
-    ) -> Result<Option<Fired>, Rejection> {
+    pub fn fire(&self, room: &mut LiveRoom, module: &str, name: &str, due_ms: i64) -> Result<Option<Fired>, Rejection> {
         let Some(position) = room.state.timers.iter().position(|t| t.module == module && t.name == name) else {
             return Ok(None);
         };
@@ -343,8 +337,8 @@ pub(crate) mod test_events {
 mod tests {
     use super::test_events::*;
     use super::*;
-    use prost::Message;
     use crate::modules::Registry;
+    use prost::Message;
 
     fn folder() -> RoomFolder {
         let names = vec!["recording".to_owned(), "tags".to_owned()];

@@ -16,6 +16,11 @@ use crate::proto::omni::{Lease, Timer};
 /// ride along in every changelog record of their room.
 pub const MAX_TIMER_BYTES: usize = 1024;
 
+/// Most timers one room holds, all modules together: with
+/// [`MAX_TIMER_BYTES`] each, they stay well within the changelog record's
+/// headroom over `max_room_state_bytes`.
+pub const MAX_TIMERS_PER_ROOM: usize = 8;
+
 /// Longest lease id, in bytes.
 pub const MAX_LEASE_ID_BYTES: usize = 128;
 
@@ -82,7 +87,8 @@ fn check_ttl(ttl_ms: i64) -> Result<(), Rejection> {
 }
 
 /// Applies `module`'s ops to a room's timers at `now_ms`; returns whether
-/// the timers changed. On an error they are left as they were.
+/// the timers changed. On an error they may be half changed: the caller
+/// applies them to a copy.
 pub(crate) fn apply(timers: &mut Vec<Timer>, module: &str, ops: &[TimerOp], now_ms: i64) -> Result<bool, Rejection> {
     for op in ops {
         if let TimerOp::Set(spec) = op {
@@ -116,6 +122,12 @@ pub(crate) fn apply(timers: &mut Vec<Timer>, module: &str, ops: &[TimerOp], now_
             changed = true;
         }
     }
+    if timers.len() > MAX_TIMERS_PER_ROOM {
+        return Err(Rejection::new(
+            RejectKind::OverLimit,
+            format!("a room holds at most {MAX_TIMERS_PER_ROOM} timers; module {module} would set more"),
+        ));
+    }
     Ok(changed)
 }
 
@@ -142,6 +154,67 @@ mod tests {
         assert!(!apply(&mut timers, "m", &[TimerOp::cancel("lease")], 7_000).unwrap(), "nothing to cancel");
     }
 
+    mod folded {
+        use super::lease;
+        use crate::modules::room::test_events::*;
+        use crate::modules::{Limits, LiveRoom, Registry, RoomFolder, HEARTBEAT_LOST, LEASE_TIMER};
+        use crate::proto::omni::RoomState;
+
+        fn folder() -> RoomFolder {
+            let names = ["recording".to_owned(), "tags".to_owned()];
+            RoomFolder::new(Registry::with_builtins().select(&names).unwrap(), Limits::default())
+        }
+
+        fn leased(f: &RoomFolder) -> LiveRoom {
+            let mut room = LiveRoom::new(RoomState::default());
+            let outcome = f.fold_live(&mut room, &start("r1", "u1"), Some(&lease("l1", 3000)), 1_000).unwrap();
+            assert!(outcome.timers_changed && outcome.changes.len() == 1);
+            room
+        }
+
+        #[test]
+        fn a_due_lease_folds_into_one_change_one_version_up_and_is_gone() {
+            let f = folder();
+            let mut room = leased(&f);
+            assert_eq!(room.state().timers[0].deadline_ms, 4_000);
+            let fired = f.fire(&mut room, "recording", LEASE_TIMER, 4_500).unwrap().unwrap();
+            assert_eq!((fired.timer.lease_id.as_str(), fired.timer.deadline_ms), ("l1", 4_500));
+            let change = fired.change.unwrap();
+            assert_eq!((change.version, change.module), (2, "recording"));
+            assert!(change.state_json.contains(HEARTBEAT_LOST));
+            assert_eq!(room.state().version, 2);
+            assert!(room.state().timers.is_empty());
+            assert_eq!(f.fire(&mut room, "recording", LEASE_TIMER, 5_000).unwrap(), None, "fires once");
+        }
+
+        #[test]
+        fn a_lease_whose_recording_already_stopped_fires_as_a_no_op() {
+            let f = folder();
+            let mut room = leased(&f);
+            // A keep-alive is not an event: only a stop cancels. Here the timer is left to test the fold.
+            room = LiveRoom::new(RoomState { timers: room.state().timers.clone(), ..RoomState::default() });
+            let fired = f.fire(&mut room, "recording", LEASE_TIMER, 4_000).unwrap().unwrap();
+            assert_eq!(fired.change, None);
+            assert!(room.state().timers.is_empty() && room.state().version == 0);
+        }
+
+        #[test]
+        fn a_stop_and_a_close_cancel_the_lease_and_a_rejected_event_keeps_it() {
+            let f = folder();
+            let mut room = leased(&f);
+            let outcome = f.fold_live(&mut room, &stop("", "done"), None, 2_000).unwrap();
+            assert!(outcome.timers_changed && room.state().timers.is_empty());
+            let mut room = leased(&f);
+            let outcome = f.fold_live(&mut room, &close(), None, 2_000).unwrap();
+            assert!(outcome.closed && outcome.timers_changed && room.state().timers.is_empty());
+            let mut room = leased(&f);
+            assert!(f.fold_live(&mut room, &start("", "u"), Some(&lease("l2", 3000)), 2_000).is_err());
+            assert_eq!(room.state().timers[0].lease_id, "l1", "the refused start set no lease");
+            let outcome = f.fold_live(&mut room, &tag_set("k", "v"), None, 2_000).unwrap();
+            assert!(!outcome.timers_changed, "other events leave the lease alone");
+        }
+    }
+
     #[test]
     fn bad_timers_and_leases_are_refused_whole() {
         let mut timers = Vec::new();
@@ -150,6 +223,9 @@ mod tests {
         assert!(timers.is_empty(), "the first op is not applied either");
         let big = TimerOp::lease("a", &lease("l", 1000), "x".repeat(MAX_TIMER_BYTES));
         assert_eq!(apply(&mut timers, "m", &[big], 0).unwrap_err().kind, RejectKind::OverLimit);
+        let many: Vec<TimerOp> =
+            (0..=MAX_TIMERS_PER_ROOM).map(|i| TimerOp::lease(&format!("t{i}"), &lease("l", 1000), "")).collect();
+        assert_eq!(apply(&mut timers, "m", &many, 0).unwrap_err().kind, RejectKind::OverLimit);
         assert!(check_lease(&lease("l", 1000)).is_ok());
         assert!(check_lease(&lease("", 1000)).is_err());
         assert!(check_lease(&lease("l", 0)).is_err());

@@ -250,8 +250,9 @@ impl Engine {
 
     /// Folds a record into its room; the inner result is the record's own rejection.
     fn fold(&mut self, source: Source, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
-        let Engine { tasks, store, folder, producer, topics, counters, closes, room_cache_bytes, timer_metrics, .. } =
-            self;
+        let Engine {
+            tasks, store, folder, producer, topics, counters, closes, room_cache_bytes, timer_metrics, ..
+        } = self;
         let partition = source.partition;
         let task = tasks.get_mut(&partition).expect("checked by process");
         // Only keys that passed the check become held rooms.
@@ -268,10 +269,11 @@ impl Engine {
                 return Ok(Ok(()));
             }
         };
-        let room = match dirty_room((&mut task.dirty, &mut task.recent), store.as_ref(), room_cache_bytes, path, source)? {
-            Ok(room) => room,
-            Err(rejection) => return Ok(Err(rejection)),
-        };
+        let room =
+            match dirty_room((&mut task.dirty, &mut task.recent), store.as_ref(), room_cache_bytes, path, source)? {
+                Ok(room) => room,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
         // A rejected event leaves the state as it was, so folding in place is safe.
         let now_ms = chrono::Utc::now().timestamp_millis();
         let outcome = match folder.fold_live(&mut room.room, &event, lease.as_ref(), now_ms) {

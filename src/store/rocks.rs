@@ -275,7 +275,11 @@ mod tests {
             timers: vec![Timer { module: "m".into(), name: "t".into(), deadline_ms: 5, ..Timer::default() }],
             ..room(version, "{}")
         };
-        let rooms = vec![encoded("app/a/room/t1", timed(1)), encoded("app/a/room/t2", timed(1)), encoded("app/a/room/p", room(1, "{}"))];
+        let rooms = vec![
+            encoded("app/a/room/t1", timed(1)),
+            encoded("app/a/room/t2", timed(1)),
+            encoded("app/a/room/p", room(1, "{}")),
+        ];
         store.write(0, PartitionWrite { rooms, ..PartitionWrite::default() }).unwrap();
         let names = |rooms: Vec<(String, RoomState)>| rooms.into_iter().map(|(path, _)| path).collect::<Vec<_>>();
         assert_eq!(names(store.timer_rooms(0).unwrap()), ["app/a/room/t1", "app/a/room/t2"]);
@@ -288,7 +292,12 @@ mod tests {
         };
         store.write(0, write).unwrap();
         // ...a restore does not, and the listing drops the stale entry itself.
-        store.write(0, PartitionWrite { rooms: vec![encoded("app/a/room/t2", room(2, "{}"))], ..PartitionWrite::default() }).unwrap();
+        store
+            .write(
+                0,
+                PartitionWrite { rooms: vec![encoded("app/a/room/t2", room(2, "{}"))], ..PartitionWrite::default() },
+            )
+            .unwrap();
         assert!(store.timer_rooms(0).unwrap().is_empty());
         let cf = store.cf(0).unwrap();
         assert!(store.db.get_cf(&cf, timer_room_key(b"app/a/room/t2")).unwrap().is_none(), "stale entry deleted");

@@ -118,7 +118,8 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
     // Keep one lease alive all along the checks; the others expire or are cancelled meanwhile.
     let keeping = Arc::new(AtomicBool::new(true));
     let keeper = {
-        let (keeping, topic, kept, kept_lease) = (Arc::clone(&keeping), topic.clone(), kept.clone(), kept_lease.clone());
+        let (keeping, topic, kept, kept_lease) =
+            (Arc::clone(&keeping), topic.clone(), kept.clone(), kept_lease.clone());
         tokio::spawn(async move {
             let producer = crate::common::producer();
             while keeping.load(Ordering::Relaxed) {
@@ -162,7 +163,7 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
         .collect();
     assert_eq!(kept_records.len(), 1, "one changelog record for the kept room: its start");
     assert_eq!(kept_records[0].timers[0].lease_id, kept_lease);
-    let left_last = changelog.iter().filter(|r| r.key.as_deref() == Some(left.as_bytes())).last().unwrap();
+    let left_last = changelog.iter().rev().find(|r| r.key.as_deref() == Some(left.as_bytes())).unwrap();
     let left_state = RoomState::decode(left_last.value.as_deref().unwrap()).unwrap();
     assert_eq!(left_state.version, 2);
     assert!(left_state.timers.is_empty(), "the fired lease is gone from the changelog");
@@ -240,7 +241,8 @@ async fn leases_of_a_partition_that_moves_to_a_second_instance_fire_there_once()
     assert_eq!(read_committed(&topology.broadcast_topic, 200, Duration::from_secs(60)).len(), 200);
     let b = RunningJob::start(second.clone(), Registry::with_builtins()).await;
     wait_for(Duration::from_secs(60), "both instances to own partitions", || {
-        let split = a.health.assigned() > 0 && b.health.assigned() > 0 && a.health.assigned() + b.health.assigned() == 4;
+        let split =
+            a.health.assigned() > 0 && b.health.assigned() > 0 && a.health.assigned() + b.health.assigned() == 4;
         async move { split.then_some(()) }
     })
     .await;

@@ -113,7 +113,13 @@ impl Engine {
         let task = tasks.get_mut(&partition).expect("a partition with a due timer");
         // No input record is behind a fire; no input offset matches this one.
         let source = Source { partition, offset: -1 };
-        let room = match dirty_room((&mut task.dirty, &mut task.recent), store.as_ref(), room_cache_bytes, &due.path, source)? {
+        let room = match dirty_room(
+            (&mut task.dirty, &mut task.recent),
+            store.as_ref(),
+            room_cache_bytes,
+            &due.path,
+            source,
+        )? {
             Ok(room) => room,
             Err(rejection) => {
                 tracing::error!(path = %due.path, %rejection, "a due timer's room does not decode; the timer is dropped");
@@ -130,7 +136,8 @@ impl Engine {
                         "" => format!("timer:{}/{}", timer.module, timer.name),
                         lease_id => lease_id.to_owned(),
                     };
-                    let cause = Cause { event_id: &event_id, occurred_at: Some(timestamp_from_millis(due.deadline_ms)) };
+                    let cause =
+                        Cause { event_id: &event_id, occurred_at: Some(timestamp_from_millis(due.deadline_ms)) };
                     emit(producer, &topics.broadcast, &due.path, room, vec![change], cause, source)?;
                 }
             }
