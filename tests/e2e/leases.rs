@@ -187,7 +187,9 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let topology = fresh_topology("lease-kill9", 4, &dir.path().join("state"));
+    let mut topology = fresh_topology("lease-kill9", 4, &dir.path().join("state"));
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    topology.http.listen = addr.clone();
     create_input(&topology).await;
     let producer = producer();
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
@@ -195,6 +197,11 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the
     let leases = leased_rooms(&producer, &topology, 1000, ttl);
     let started = read_committed(&topology.broadcast_topic, 1000, Duration::from_secs(90));
     assert_eq!(started.len(), 1000, "every start committed");
+    let metric = |name: &'static str| {
+        let addr = addr.clone();
+        async move { metric_sum(&http_get(&addr, "/metrics").await?.1, name) }
+    };
+    assert_eq!(metric("omni_leases_active").await, Some(1000.0), "every lease pending");
     job.kill9();
     // Back once every lease is overdue: each fires once, right after the restore's re-arm.
     let overdue = Instant::now() + ttl;
@@ -204,6 +211,14 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
     let by_room = broadcast_by_room(&topology.broadcast_topic, 2000);
     assert_each_expired_once(&by_room, &leases);
+    wait_for(Duration::from_secs(10), "the timer metrics to count every expiry", || async {
+        let fired = metric("omni_timer_expiries_total").await == Some(1000.0);
+        let lags = metric("omni_timer_lag_seconds_count").await == Some(1000.0);
+        let pending =
+            metric("omni_timers_pending").await == Some(0.0) && metric("omni_leases_active").await == Some(0.0);
+        (fired && lags && pending).then_some(())
+    })
+    .await;
     job.terminate();
 }
 
