@@ -28,7 +28,7 @@ use super::BenchArgs;
 const LEASE_TTL: Duration = Duration::from_secs(3);
 
 fn lease_room(i: usize) -> String {
-    format!("app/bench/lease/l{i}")
+    format!("app/bench/room/lease-{i}")
 }
 
 pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> anyhow::Result<()> {
@@ -213,7 +213,7 @@ fn expiry_lags(
     let deadline = Instant::now() + timeout + Duration::from_secs(30);
     while lags.len() < want && Instant::now() < deadline {
         let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
-        if !message.key().is_some_and(|k| k.starts_with(b"app/bench/lease/")) {
+        if !message.key().is_some_and(|k| k.starts_with(b"app/bench/room/lease-")) {
             continue;
         }
         let change = StateChange::decode(message.payload().unwrap_or_default())?;
