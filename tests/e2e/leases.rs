@@ -271,3 +271,42 @@ async fn leases_of_a_partition_that_moves_to_a_second_instance_fire_there_once()
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_takes_a_lease_prints_its_id_last_and_keeps_it_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("lease-cli", 2, &dir.path().join("state"));
+    create_input(&topology).await;
+    let file = dir.path().join("topology.toml");
+    write_topology(&topology, &file);
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    let path = room(&topology, "cli");
+    let file = file.to_str().unwrap();
+    let publish = ["publish", "--topology", file, &path, "recording-start", "--recording-id", "r1", "--by", "u1"];
+    let output = omni_cli().args(publish).args(["--lease-ttl", "2s"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let lease_id = stdout.lines().last().unwrap().trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&lease_id).is_ok(), "the last line is the lease id: {stdout:?}");
+    let mut keeper = omni_cli()
+        .args(["keepalive", "--topology", file, &path, &lease_id, "--every", "500ms"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kept alive for three TTLs: only the start is on the broadcast.
+    let started = Instant::now();
+    wait_for(Duration::from_secs(10), "three TTLs of keep-alives", || {
+        let done = started.elapsed() >= Duration::from_secs(6);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let early = read_committed(&topology.broadcast_topic, 2, Duration::from_secs(2));
+    let _ = keeper.kill();
+    let _ = keeper.wait();
+    assert_eq!(early.len(), 1, "the kept-alive lease fired");
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 2);
+    assert_expired_once(&by_room[&path], &lease_id);
+    let once = omni_cli().args(["keepalive", "--topology", file, &path, &lease_id]).output().unwrap();
+    assert!(once.status.success(), "a keep-alive of an expired lease is accepted");
+    job.stop().await;
+}
