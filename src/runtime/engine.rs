@@ -13,6 +13,7 @@
 //! event's change ([`timers`]); each partition keeps its pending timers in
 //! a [`DeadlineIndex`], rebuilt from the store after an abort or a restore.
 
+mod rooms;
 mod timers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,12 +40,10 @@ use super::reconcile::{Resync, Rewriter};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::kafka::abort_transaction;
-use crate::modules::{Change, Input, InputHeaders, LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
-use crate::modules::{LEASE_HEADER, TYPE_HEADER};
-use crate::proto::omni::StateChange;
-use crate::proto::{now, Timestamp};
-use crate::store::{DeadlineIndex, PartitionWrite, StateStore, StoreError};
+use crate::modules::{Input, LiveRoom, Rejection, RoomFolder, ROOM_MODULE};
+use crate::store::{DeadlineIndex, PartitionWrite, StateStore};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
+use rooms::{dirty_room, emit, input_headers, Cause};
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -679,102 +678,4 @@ fn requires_abort(e: &RdError) -> bool {
         RdError::Transaction(t) => t.txn_requires_abort(),
         _ => false,
     }
-}
-
-/// The omni headers of an input record; Tecate records have none, and cost one check.
-fn input_headers<'m>(message: &'m BorrowedMessage<'_>) -> InputHeaders<'m> {
-    use rdkafka::message::Headers;
-    let mut found = InputHeaders::default();
-    if let Some(headers) = message.headers() {
-        for header in headers.iter() {
-            match header.key {
-                TYPE_HEADER => found.kind = header.value,
-                LEASE_HEADER => found.lease = header.value,
-                _ => {}
-            }
-        }
-    }
-    found
-}
-
-/// A room of the open transaction, brought in from the cache or the store
-/// when first touched; the inner error is a state that does not decode.
-fn dirty_room<'t>(
-    (dirty, recent): (&'t mut RoomMap<DirtyRoom>, &mut RoomMap<LiveRoom>),
-    store: &dyn StateStore,
-    room_cache_bytes: &mut usize,
-    path: &str,
-    source: Source,
-) -> Result<Result<&'t mut DirtyRoom, Rejection>, RuntimeError> {
-    if !dirty.contains_key(path) {
-        let room = match recent.remove(path) {
-            Some(room) => {
-                *room_cache_bytes = room_cache_bytes.saturating_sub(cache_weight(path, room.state().encoded_len()));
-                room
-            }
-            None => match store.get(source.partition, path) {
-                Ok(state) => LiveRoom::new(state.unwrap_or_default()),
-                Err(e @ StoreError::Corrupt(..)) => {
-                    return Ok(Err(Rejection::new(RejectKind::CorruptState, e.to_string())));
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
-        let had_timers = !room.state().timers.is_empty();
-        let room = DirtyRoom {
-            room,
-            changed: false,
-            timers_changed: false,
-            had_timers,
-            encoded: Vec::new(),
-            changes: Vec::new(),
-            last_source: source,
-        };
-        dirty.insert(path.to_owned(), room);
-    }
-    Ok(Ok(dirty.get_mut(path).expect("inserted above")))
-}
-
-/// What caused a change: an event, or a timer falling due.
-struct Cause<'a> {
-    event_id: &'a str,
-    occurred_at: Option<Timestamp>,
-}
-
-/// Sends a room's changes to the broadcast topic in the open transaction,
-/// and keeps them for Redis.
-fn emit(
-    producer: &JobProducer,
-    broadcast_topic: &str,
-    path: &str,
-    room: &mut DirtyRoom,
-    changes: Vec<Change>,
-    cause: Cause<'_>,
-    source: Source,
-) -> Result<(), RuntimeError> {
-    room.changed = true;
-    room.last_source = source;
-    let processed_at = now();
-    for change in changes {
-        let broadcast = StateChange {
-            path: path.to_owned(),
-            version: change.version,
-            module: change.module.to_owned(),
-            state_json: change.state_json,
-            cause_event_id: cause.event_id.to_owned(),
-            occurred_at: cause.occurred_at,
-            processed_at: Some(processed_at),
-        };
-        let payload = broadcast.encode_to_vec();
-        send(producer, record(broadcast_topic, source).key(path.as_bytes()).payload(&payload[..]))?;
-        room.changes.push(ChangeEntry {
-            version: broadcast.version,
-            module: change.module,
-            state_json: broadcast.state_json,
-            cause_event_id: broadcast.cause_event_id,
-            occurred_at: broadcast.occurred_at,
-            processed_at: broadcast.processed_at,
-        });
-    }
-    Ok(())
 }
