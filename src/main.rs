@@ -43,6 +43,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Publish Tecate room events to the job's input topic.
     Publish(cli::publish::PublishArgs),
+    /// Keep a lease alive (once, or --every 2s until Ctrl-C).
+    Keepalive(cli::keepalive::KeepaliveArgs),
     /// Print matching rooms' snapshots, then every live change, as JSON lines.
     Watch(cli::view::WatchArgs),
     /// Serve omni over gRPC and JSON (the Omni service) for a topology's job.
@@ -92,6 +94,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Run(args) => cli::run::run(args).await,
         Command::Demo(args) => cli::demo::run(args).await.map(|()| exit::OK),
         Command::Publish(args) => cli::publish::run(args).await.map(|()| exit::OK),
+        Command::Keepalive(args) => cli::keepalive::run(args).await.map(|()| exit::OK),
         Command::Watch(args) => cli::view::watch_command(args).await.map(|()| exit::OK),
         Command::Serve(args) => {
             let metrics = omni::ops::metrics_handle();

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod embedded_redis;
 pub mod health;
 pub mod logs;
+pub mod keepalive;
 pub mod publish;
 pub mod run;
 pub mod topology;

@@ -7,12 +7,14 @@ use std::time::Duration;
 use anyhow::Context;
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
 use omni::ops::runner::probe_brokers;
+use omni::modules::LEASE_HEADER;
 use omni::path::Path;
 use omni::proto::tecate::{
     room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet,
 };
 use omni::proto::{now, timestamp_from_millis, Message};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Deserialize;
 
@@ -59,6 +61,10 @@ pub enum EventArg {
         /// Who started it (a user id).
         #[arg(long)]
         by: String,
+        /// Take a lease with this heartbeat TTL (e.g. 10s): unless kept alive
+        /// (`omni keepalive`), the recording stops by itself. Prints the lease id last.
+        #[arg(long, value_parser = super::keepalive::parse_duration)]
+        lease_ttl: Option<std::time::Duration>,
     },
     /// A recording stopped.
     RecordingStop {
@@ -88,7 +94,7 @@ pub enum EventArg {
 impl EventArg {
     fn kind(self) -> Kind {
         match self {
-            EventArg::RecordingStart { recording_id, by } => {
+            EventArg::RecordingStart { recording_id, by, .. } => {
                 Kind::RecordingStarted(RecordingStarted { recording_id, started_by: by })
             }
             EventArg::RecordingStop { recording_id, reason } => {
@@ -99,6 +105,14 @@ impl EventArg {
             EventArg::RoomClose => Kind::RoomClosed(RoomClosed {}),
         }
     }
+}
+
+/// A fresh lease for an event with `--lease-ttl`: its id, and its `omni.lease` header value.
+fn new_lease(event: &Option<EventArg>) -> Option<(String, Vec<u8>)> {
+    let Some(EventArg::RecordingStart { lease_ttl: Some(ttl), .. }) = event else { return None };
+    let lease_id = uuid::Uuid::new_v4().to_string();
+    let lease = omni::proto::omni::Lease { lease_id: lease_id.clone(), ttl_ms: ttl.as_millis() as i64 };
+    Some((lease_id, lease.encode_to_vec()))
 }
 
 /// One line of a `--file`.
@@ -173,7 +187,11 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating topic {topic} on {brokers}"))?;
     let producer: FutureProducer = kafka.producer_config().set("enable.idempotence", "true").create()?;
     let count = events.len();
-    let delivered = send_in_order(&producer, &topic, events).await.map_err(|failure| {
+    let lease = new_lease(&args.event);
+    let headers = lease.as_ref().map(|(_, lease)| {
+        OwnedHeaders::new().insert(Header { key: LEASE_HEADER, value: Some(&lease[..]) })
+    });
+    let delivered = send_in_order(&producer, &topic, events, headers).await.map_err(|failure| {
         anyhow::anyhow!(
             "event {} of {count} was not delivered to {topic} on the Kafka brokers {brokers} within the delivery timeout ({} s): {}",
             failure.index + 1,
@@ -186,6 +204,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             println!("published {event_id} to {topic} partition {partition} offset {offset}")
         }
         _ => println!("published {count} events to {topic}"),
+    }
+    // Last, so a script takes it with `tail -n 1`.
+    if let Some((lease_id, _)) = lease {
+        println!("{lease_id}");
     }
     Ok(())
 }
@@ -233,18 +255,23 @@ struct Failure {
 
 /// Sends every event, queued in order so the idempotent producer keeps each
 /// room's events in order, up to [`IN_FLIGHT`] awaiting acknowledgement at
-/// once; returns each event's id, partition and offset.
+/// once; returns each event's id, partition and offset. `headers` go on every record.
 async fn send_in_order(
     producer: &FutureProducer,
     topic: &str,
     events: Vec<(Path, RoomEvent)>,
+    headers: Option<OwnedHeaders>,
 ) -> Result<Vec<(String, i32, i64)>, Failure> {
     let mut in_flight: VecDeque<(usize, String, DeliveryFuture)> = VecDeque::new();
     let mut delivered = Vec::with_capacity(events.len());
     for (index, (path, event)) in events.into_iter().enumerate() {
         let (key, value) = (path.to_string(), event.encode_to_vec());
         loop {
-            match producer.send_result(FutureRecord::to(topic).key(key.as_bytes()).payload(&value)) {
+            let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(&value);
+            if let Some(headers) = &headers {
+                record = record.headers(headers.clone());
+            }
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     in_flight.push_back((index, event.event_id.clone(), delivery));
                     break;

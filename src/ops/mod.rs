@@ -193,6 +193,9 @@ fn describe_metrics() {
         ("omni_restored_records_total", "Changelog records restored into the store.", false),
         ("omni_restore_retries_total", "Restore attempts that failed and were retried.", false),
         ("omni_produce_errors_total", "Records Kafka did not accept, by kind (refused, transient).", true),
+        ("omni_keepalives_total", "Lease keep-alives processed, by result (renewed, unknown_lease).", true),
+        ("omni_timer_expiries_total", "Module timers fired (leases expired), per module.", true),
+        ("omni_timer_failures_total", "Module timers dropped because their timer fold failed, per module.", true),
     ];
     for (name, help, labeled) in counters {
         describe_counter!(name, help);
@@ -209,6 +212,8 @@ fn describe_metrics() {
         ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk.", false),
         ("omni_assigned_partitions", "Input partitions assigned to this instance.", false),
         ("omni_ready", "1 when /readyz answers 200: joined, every partition restored, no thread stalled.", false),
+        ("omni_timers_pending", "Module timers pending in the consumed partitions.", false),
+        ("omni_leases_active", "Leases pending (kept alive or not yet expired) in the consumed partitions.", false),
     ];
     for (name, help, labeled) in gauges {
         describe_gauge!(name, help);
@@ -219,6 +224,7 @@ fn describe_metrics() {
     describe_histogram!("omni_commit_seconds", "Time to commit one transaction.");
     describe_histogram!("omni_transaction_seconds", "Time from a transaction's first record to its commit.");
     describe_histogram!("omni_redis_write_seconds", "Time of one Redis pipeline.");
+    describe_histogram!("omni_timer_lag_seconds", "How long after its deadline a module timer fired.");
     describe_gauge!("omni_build_info", "Always 1; the version of omni in its label.");
     metrics::gauge!("omni_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process::describe();

@@ -11,6 +11,7 @@ mod faults;
 mod follow_faults;
 mod golden;
 mod late_joiners;
+mod leases;
 mod liveness;
 mod newcomer;
 mod operator;

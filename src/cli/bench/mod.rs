@@ -10,6 +10,7 @@
 //! phases instead ([`memory`]).
 
 mod latency;
+mod leases;
 mod memory;
 mod passthrough;
 mod process;
@@ -103,6 +104,16 @@ pub struct BenchArgs {
     /// `GetSnapshot` requests per second in the service phase.
     #[arg(long, default_value = "5000")]
     pub service_snapshot_rate: u64,
+    /// Run only the lease phases: the CPU cost of keep-alives and the timer
+    /// lag, with `--lease-count` leases kept alive once a second beside `--rate` events/s.
+    #[arg(long)]
+    pub leases: bool,
+    /// Leases of the lease phases.
+    #[arg(long, default_value = "10000")]
+    pub lease_count: usize,
+    /// Length of each measured lease phase, in seconds.
+    #[arg(long, default_value = "30")]
+    pub lease_phase_secs: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -114,6 +125,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.service {
         return service::run(&args, &kafka, &redis_url).await;
+    }
+    if args.leases {
+        return leases::run(&args, &kafka, &redis_url).await;
     }
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let input = format!("{id}.events");
