@@ -95,6 +95,8 @@ type RoomMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 #[derive(Default)]
 struct Task {
     restoring: bool,
+    /// Its restore finished; it restores until consumption resumed.
+    restored: bool,
     /// First offset that arrived while restoring; consumption resumes from it.
     rewind_to: Option<i64>,
     /// Next input offset to commit, once this partition consumed something in the transaction.
@@ -498,23 +500,9 @@ impl Engine {
         if active.count() == 0 {
             return Ok(());
         }
-        let committed = consumer.committed_offsets(active, KAFKA_TIMEOUT)?;
-        for element in committed.elements() {
-            // A partition's own error comes with no offset: right after a
-            // fencing the aborted transaction's offsets stay unstable until
-            // its markers are written, and librdkafka gives up on them
-            // after two retries. Taken for "never committed", it sent the
-            // partition back to its beginning, to fold again what the store
-            // already held; the recovery's retry asks again instead.
-            if let Err(e) = element.error() {
-                tracing::warn!(partition = element.partition(), error = %e, "committed offset not readable yet");
-                return Err(e.into());
-            }
-            let offset = match element.offset() {
-                Offset::Offset(o) => Offset::Offset(o),
-                _ => Offset::Beginning,
-            };
-            consumer.seek(element.topic(), element.partition(), offset, KAFKA_TIMEOUT)?;
+        for (partition, offset) in committed_positions(consumer, active)? {
+            tracing::info!(partition, ?offset, "rewinding to the committed offset");
+            consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
         }
         Ok(())
     }
@@ -592,22 +580,52 @@ impl Engine {
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
             let records = done.result?;
             tracing::info!(partition = done.partition, records, "partition restored");
-            if let Some(offset) = task.rewind_to {
-                consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
-            }
-            // Held back for Redis, it resumes with the others.
-            if !self.backpressure.held_back() {
-                let mut resume = TopicPartitionList::new();
-                resume.add_partition(&self.topics.input, done.partition);
-                consumer.resume(&resume)?;
-            }
-            task.deadlines = timers::load_deadlines(self.store.as_ref(), done.partition)?;
-            // Only once consuming again: a failed seek or resume must not
-            // leave a partition paused and counted as ready.
-            task.rewind_to = None;
-            task.restoring = false;
-            self.update_health();
+            task.restored = true;
         }
+        // Kept apart from the reports: a resume that fails is tried again.
+        let restored: Vec<i32> = self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
+        for partition in restored {
+            self.resume_restored(consumer, partition)?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming a restored partition from a position set here: the
+    /// first record that arrived while it restored, else its committed
+    /// offset. A seek made before the partition was paused for its restore
+    /// does not always survive the pause: librdkafka then resets the
+    /// position, to the beginning under `auto.offset.reset=earliest`, and
+    /// input the store already holds is folded again.
+    fn resume_restored<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+    ) -> Result<(), RuntimeError> {
+        let offset = match self.tasks.get(&partition).and_then(|task| task.rewind_to) {
+            Some(offset) => Offset::Offset(offset),
+            None => {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&self.topics.input, partition);
+                committed_positions(consumer, list)?.pop().map_or(Offset::Beginning, |(_, offset)| offset)
+            }
+        };
+        tracing::info!(partition, ?offset, "consuming the restored partition");
+        consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
+        // Held back for Redis, it resumes with the others.
+        if !self.backpressure.held_back() {
+            let mut resume = TopicPartitionList::new();
+            resume.add_partition(&self.topics.input, partition);
+            consumer.resume(&resume)?;
+        }
+        let deadlines = timers::load_deadlines(self.store.as_ref(), partition)?;
+        let Some(task) = self.tasks.get_mut(&partition) else { return Ok(()) };
+        task.deadlines = deadlines;
+        // Only once consuming again: a failed seek or resume must not
+        // leave a partition paused and counted as ready.
+        task.rewind_to = None;
+        task.restored = false;
+        task.restoring = false;
+        self.update_health();
         Ok(())
     }
 
@@ -687,6 +705,33 @@ impl Engine {
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.revoke(&partitions);
     }
+}
+
+/// Where each partition of `partitions` resumes: its committed offset, or
+/// its beginning when it never committed. A partition's own error comes
+/// with no offset: right after a fencing the aborted transaction's offsets
+/// stay unstable until its markers are written, and librdkafka gives up on
+/// them after two retries. Taken for "never committed", it would send the
+/// partition back to its beginning, to fold again what the store already
+/// holds; the error goes to the recovery, which asks again.
+fn committed_positions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: TopicPartitionList,
+) -> Result<Vec<(i32, Offset)>, RuntimeError> {
+    let committed = consumer.committed_offsets(partitions, KAFKA_TIMEOUT)?;
+    let mut positions = Vec::with_capacity(committed.count());
+    for element in committed.elements() {
+        if let Err(e) = element.error() {
+            tracing::warn!(partition = element.partition(), error = %e, "committed offset not readable yet");
+            return Err(e.into());
+        }
+        let offset = match element.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        positions.push((element.partition(), offset));
+    }
+    Ok(positions)
 }
 
 fn requires_abort(e: &RdError) -> bool {
