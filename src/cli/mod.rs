@@ -5,12 +5,12 @@ pub mod config;
 pub mod demo;
 pub mod embedded_redis;
 pub mod health;
-pub mod logs;
 pub mod keepalive;
+pub mod logs;
 pub mod publish;
 pub mod run;
-pub mod topology;
 pub mod serve;
+pub mod topology;
 pub mod view;
 
 /// The process's exit codes, the same for every command.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
-use omni::ops::runner::probe_brokers;
 use omni::modules::LEASE_HEADER;
+use omni::ops::runner::probe_brokers;
 use omni::path::Path;
 use omni::proto::tecate::{
     room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet,
@@ -188,9 +188,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let producer: FutureProducer = kafka.producer_config().set("enable.idempotence", "true").create()?;
     let count = events.len();
     let lease = new_lease(&args.event);
-    let headers = lease.as_ref().map(|(_, lease)| {
-        OwnedHeaders::new().insert(Header { key: LEASE_HEADER, value: Some(&lease[..]) })
-    });
+    let headers = lease
+        .as_ref()
+        .map(|(_, lease)| OwnedHeaders::new().insert(Header { key: LEASE_HEADER, value: Some(&lease[..]) }));
     let delivered = send_in_order(&producer, &topic, events, headers).await.map_err(|failure| {
         anyhow::anyhow!(
             "event {} of {count} was not delivered to {topic} on the Kafka brokers {brokers} within the delivery timeout ({} s): {}",

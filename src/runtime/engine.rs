@@ -583,7 +583,8 @@ impl Engine {
             task.restored = true;
         }
         // Kept apart from the reports: a resume that fails is tried again.
-        let restored: Vec<i32> = self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
+        let restored: Vec<i32> =
+            self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
         for partition in restored {
             self.resume_restored(consumer, partition)?;
         }
