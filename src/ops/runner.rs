@@ -159,6 +159,8 @@ pub async fn wait_for_brokers(settings: &KafkaSettings, start_up: &StartUp) {
         };
         failures += 1;
         let reason = format!("Kafka brokers {} unreachable: {error}", settings.brokers);
+        // Before the warning: whoever reads it finds /readyz saying why already.
+        start_up.waiting_for(Some(reason.clone()));
         tracing::warn!(
             brokers = %settings.brokers,
             attempt = failures,
@@ -166,7 +168,6 @@ pub async fn wait_for_brokers(settings: &KafkaSettings, start_up: &StartUp) {
             "{reason}; retrying in {} s",
             backoff.as_secs()
         );
-        start_up.waiting_for(Some(reason));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MOST_BROKER_BACKOFF);
     }

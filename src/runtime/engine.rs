@@ -13,6 +13,7 @@
 //! event's change ([`timers`]); each partition keeps its pending timers in
 //! a [`DeadlineIndex`], rebuilt from the store after an abort or a restore.
 
+mod resume;
 mod rooms;
 mod timers;
 
@@ -106,6 +107,14 @@ struct Task {
     recent: RoomMap<LiveRoom>,
     /// Pending timers by deadline, as of the open transaction.
     deadlines: DeadlineIndex,
+    /// The wall-clock time up to which the keep-alives this partition
+    /// processed are committed: the stamp on its committed offset. Leases
+    /// loaded from the store count their TTL from then.
+    keepalives_committed_ms: i64,
+    /// The input offset this partition consumes up to before its timers
+    /// fire, once it resumed: keep-alives that waited in the topic (sent
+    /// while the job was down, or while the partition moved) count first.
+    timers_wait_for: Option<i64>,
 }
 
 pub struct Engine {
@@ -245,6 +254,9 @@ impl Engine {
         }
         if let Some(task) = self.tasks.get_mut(&partition) {
             task.next_offset = Some(message.offset() + 1);
+            if task.timers_wait_for.is_some_and(|end| message.offset() + 1 >= end) {
+                task.timers_wait_for = None;
+            }
         }
         Ok(())
     }
@@ -338,10 +350,15 @@ impl Engine {
                 dirty.encoded = value;
             }
         }
+        // Every record up to these offsets was processed by now: the stamp
+        // bounds when their keep-alives were (see `timers::offset_stamp`).
+        let stamp_ms = timers::wall_clock_ms();
         let mut offsets = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
             if let Some(next) = task.next_offset {
-                offsets.add_partition_offset(&self.topics.input, partition, Offset::Offset(next))?;
+                let mut element = offsets.add_partition(&self.topics.input, partition);
+                element.set_offset(Offset::Offset(next))?;
+                element.set_metadata(timers::offset_stamp(stamp_ms));
             }
         }
         let started = Instant::now();
@@ -351,6 +368,9 @@ impl Engine {
                 metrics::histogram!("omni_commit_seconds").record(started.elapsed().as_secs_f64());
                 self.open_since = None;
                 self.commits += 1;
+                for task in self.tasks.values_mut().filter(|task| task.next_offset.is_some()) {
+                    task.keepalives_committed_ms = stamp_ms;
+                }
                 self.after_commit()?;
                 metrics::histogram!("omni_transaction_seconds").record(opened.elapsed().as_secs_f64());
                 Ok(())
@@ -500,7 +520,7 @@ impl Engine {
         if active.count() == 0 {
             return Ok(());
         }
-        for (partition, offset) in committed_positions(consumer, active)? {
+        for resume::Committed { partition, offset, .. } in resume::committed_positions(consumer, active)? {
             tracing::info!(partition, ?offset, "rewinding to the committed offset");
             consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
         }
@@ -591,45 +611,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts consuming a restored partition from a position set here: the
-    /// first record that arrived while it restored, else its committed
-    /// offset. A seek made before the partition was paused for its restore
-    /// does not always survive the pause: librdkafka then resets the
-    /// position, to the beginning under `auto.offset.reset=earliest`, and
-    /// input the store already holds is folded again.
-    fn resume_restored<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        partition: i32,
-    ) -> Result<(), RuntimeError> {
-        let offset = match self.tasks.get(&partition).and_then(|task| task.rewind_to) {
-            Some(offset) => Offset::Offset(offset),
-            None => {
-                let mut list = TopicPartitionList::new();
-                list.add_partition(&self.topics.input, partition);
-                committed_positions(consumer, list)?.pop().map_or(Offset::Beginning, |(_, offset)| offset)
-            }
-        };
-        tracing::info!(partition, ?offset, "consuming the restored partition");
-        consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
-        // Held back for Redis, it resumes with the others.
-        if !self.backpressure.held_back() {
-            let mut resume = TopicPartitionList::new();
-            resume.add_partition(&self.topics.input, partition);
-            consumer.resume(&resume)?;
-        }
-        let deadlines = timers::load_deadlines(self.store.as_ref(), partition)?;
-        let Some(task) = self.tasks.get_mut(&partition) else { return Ok(()) };
-        task.deadlines = deadlines;
-        // Only once consuming again: a failed seek or resume must not
-        // leave a partition paused and counted as ready.
-        task.rewind_to = None;
-        task.restored = false;
-        task.restoring = false;
-        self.update_health();
-        Ok(())
-    }
-
     /// Pauses or resumes the active partitions as the Redis writer's
     /// backlog asks (see [`Backpressure`]). Restoring partitions stay paused
     /// either way; they resume when restored.
@@ -706,33 +687,6 @@ impl Engine {
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.revoke(&partitions);
     }
-}
-
-/// Where each partition of `partitions` resumes: its committed offset, or
-/// its beginning when it never committed. A partition's own error comes
-/// with no offset: right after a fencing the aborted transaction's offsets
-/// stay unstable until its markers are written, and librdkafka gives up on
-/// them after two retries. Taken for "never committed", it would send the
-/// partition back to its beginning, to fold again what the store already
-/// holds; the error goes to the recovery, which asks again.
-fn committed_positions<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    partitions: TopicPartitionList,
-) -> Result<Vec<(i32, Offset)>, RuntimeError> {
-    let committed = consumer.committed_offsets(partitions, KAFKA_TIMEOUT)?;
-    let mut positions = Vec::with_capacity(committed.count());
-    for element in committed.elements() {
-        if let Err(e) = element.error() {
-            tracing::warn!(partition = element.partition(), error = %e, "committed offset not readable yet");
-            return Err(e.into());
-        }
-        let offset = match element.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
-        };
-        positions.push((element.partition(), offset));
-    }
-    Ok(positions)
 }
 
 fn requires_abort(e: &RdError) -> bool {

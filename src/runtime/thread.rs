@@ -215,14 +215,15 @@ impl<'a> StreamThread<'a> {
             self.since_housekeeping = 0;
             engine.check_delivery()?;
             engine.finish_restores(&self.consumer)?;
+            if let Ok(positions) = self.consumer.position() {
+                self.shared.health.positions.advanced(self.progress.thread(), &positions);
+                engine.release_timers(&positions);
+            }
             engine.fire_due_timers()?;
             engine.resync_if_redis_lost_data();
             engine.apply_backpressure(&self.consumer)?;
             crate::kafka::serve_ready(&engine.producer);
             engine.report_store_usage();
-            if let Ok(positions) = self.consumer.position() {
-                self.shared.health.positions.advanced(self.progress.thread(), &positions);
-            }
         }
         let now = Instant::now();
         if engine.commit_due(now) {

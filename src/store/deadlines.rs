@@ -61,17 +61,18 @@ impl DeadlineIndex {
         self.put_room(path, pending);
     }
 
-    /// Takes a room's timers as a restore found them at `now_ms`. A lease
-    /// may have been kept alive after its state was written, so it gets a
-    /// whole TTL from now (never less than its TTL, up to one more); a
-    /// plain timer keeps its deadline, and an overdue one falls due at once.
-    pub fn load_room(&mut self, path: &str, timers: &[Timer], now_ms: i64) {
+    /// Takes a room's timers as a restore found them. A lease may have been
+    /// kept alive after its state was written, by a keep-alive processed at
+    /// `keepalives_until_ms` at the latest, so it gets a whole TTL from then
+    /// (never less than its TTL from its last keep-alive); a plain timer
+    /// keeps its deadline. Either falls due at once when overdue.
+    pub fn load_room(&mut self, path: &str, timers: &[Timer], keepalives_until_ms: i64) {
         self.take_room(path);
         let pending = timers.iter().map(|timer| {
             let deadline = if timer.lease_id.is_empty() {
                 timer.deadline_ms
             } else {
-                timer.deadline_ms.max(now_ms + timer.ttl_ms)
+                timer.deadline_ms.max(keepalives_until_ms + timer.ttl_ms)
             };
             pending_of(timer, deadline)
         });
@@ -228,16 +229,16 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_lease_gets_a_whole_ttl_and_a_plain_timer_keeps_its_deadline() {
+    fn a_loaded_lease_gets_a_ttl_from_its_last_keepalive_and_a_plain_timer_keeps_its_deadline() {
         let mut index = DeadlineIndex::default();
         index.load_room("a", &[timer("lease", "l1", 1000), timer("plain", "", 1200)], 5000);
         assert_eq!(due(&index, 5000), Some(("a".into(), "plain".into(), 1200)), "overdue: due at once");
         index.set_room("a", &[timer("lease", "l1", 1000)]);
-        assert_eq!(due(&index, 5999), None, "never less than its TTL after the restore");
+        assert_eq!(due(&index, 5999), None, "never less than its TTL after its last keep-alive");
         assert_eq!(due(&index, 6000), Some(("a".into(), "lease".into(), 6000)));
         index.load_room("b", &[timer("lease", "l2", 9000)], 5000);
         assert_eq!(index.next_due(8999).map(|d| d.path), Some("a".into()));
         index.remove_room("a");
-        assert_eq!(due(&index, 8999), None, "a deadline later than restore time + TTL stays");
+        assert_eq!(due(&index, 8999), None, "a deadline later than the last keep-alive + TTL stays");
     }
 }

@@ -179,12 +179,19 @@ impl JobProcess {
     }
 }
 
-/// A test that fails leaves no job behind to load the machine for the rest of the run.
+/// A test that fails leaves no job behind to load the machine for the rest
+/// of the run, and prints the end of the job's log: CI keeps nothing else.
 impl Drop for JobProcess {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!("--- the last lines of {} ---\n{}", self.log.display(), tail.join("\n"));
         }
     }
 }
@@ -418,7 +425,7 @@ pub fn assert_broadcast_exact(changes: &[StateChange], expected: &Expected) {
 /// Waits until Redis holds the model's final state for every room, then checks it exactly.
 pub async fn assert_redis_exact(topology: &Topology, folder: &RoomFolder, expected: &Expected) {
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
     for (room, state) in &expected.rooms {
         let want_version = state.version;
@@ -615,10 +622,21 @@ impl ScratchRedis {
     }
 }
 
+/// A connection for a test's reads and commands. redis-rs gives up on a
+/// reply after 500 ms and on a connect after 1 s by default: too short for a
+/// machine loaded by the whole suite, where a refused read would fail a
+/// test for no fault of the code under test.
+pub async fn redis_connection(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(10)));
+    client.get_multiplexed_async_connection_with_config(&config).await.expect("connecting to redis")
+}
+
 /// Runs one command (`FLUSHALL`, `CLIENT UNPAUSE`, …) on the Redis at `url`.
 pub async fn redis_command(url: &str, args: &[&str]) {
     let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connecting to redis");
+    let mut conn = redis_connection(&client).await;
     let mut command = redis::cmd(args[0]);
     for arg in &args[1..] {
         command.arg(*arg);

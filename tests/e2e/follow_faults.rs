@@ -131,7 +131,7 @@ async fn assert_view_exact(
     follow_to(follower, view, state.version).await;
     assert_redis_exact(topology, folder, &expected).await;
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = KeyLayout::new(&topology.redis.key_prefix);
     let redis_room = omni::view::snapshot(&mut conn, &keys, ROOM).await.unwrap().expect("the room is in redis");
     assert_eq!((view.version, &view.modules), (redis_room.version, &redis_room.modules), "saw {:?}", view.seen);
@@ -158,7 +158,7 @@ async fn a_room_redis_lost_is_unknown_to_a_follower_not_empty() {
 
     // Redis loses everything, and nothing is written back before the follower starts.
     let client = redis::Client::open(redis.url("")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let mut flush_then_pause = redis::pipe();
     flush_then_pause.atomic().cmd("FLUSHALL").ignore().cmd("CLIENT").arg(&["PAUSE", "60000", "WRITE"]).ignore();
     let _: () = flush_then_pause.query_async(&mut conn).await.unwrap();

@@ -346,7 +346,7 @@ async fn a_follower_resynchronises_a_room_whose_history_redis_no_longer_holds() 
     let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
     assert_redis_exact(&topology, &folder, &before).await;
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = KeyLayout::new(&topology.redis.key_prefix);
     let held = omni::view::changes_after(&mut conn, &keys, closed, 0).await.unwrap();
     assert!(held.first().is_some_and(|c| c.version > 1), "the stream no longer holds the room's first versions");

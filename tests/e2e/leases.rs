@@ -168,7 +168,7 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
     assert_eq!(left_state.version, 2);
     assert!(left_state.timers.is_empty(), "the fired lease is gone from the changelog");
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
     let snapshot = omni::view::snapshot(&mut conn, &keys, &left).await.unwrap().unwrap();
     assert_eq!(snapshot.version, 2);
@@ -184,8 +184,17 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
     job.stop().await;
 }
 
+/// Waits for `omni run` at `addr` to be ready; returns when it was seen ready, in wall-clock ms.
+async fn ready_at(addr: &str) -> i64 {
+    wait_for(Duration::from_secs(90), "the job ready", || async move {
+        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    chrono::Utc::now().timestamp_millis()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the_restart() {
+async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_right_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut topology = fresh_topology("lease-kill9", 4, &dir.path().join("state"));
     let addr = format!("127.0.0.1:{}", pick_free_port());
@@ -193,7 +202,7 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the
     create_input(&topology).await;
     let producer = producer();
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
-    let ttl = Duration::from_secs(3);
+    let ttl = Duration::from_secs(8);
     let leases = leased_rooms(&producer, &topology, 1000, ttl);
     let started = read_committed(&topology.broadcast_topic, 1000, Duration::from_secs(90));
     assert_eq!(started.len(), 1000, "every start committed");
@@ -203,14 +212,20 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the
     };
     assert_eq!(metric("omni_leases_active").await, Some(1000.0), "every lease pending");
     job.kill9();
-    // Back once every lease is overdue: each fires once, right after the restore's re-arm.
+    // Down longer than the TTL: every lease is overdue when the job is back.
     let overdue = Instant::now() + ttl;
     while Instant::now() < overdue {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
+    let ready = ready_at(&addr).await;
     let by_room = broadcast_by_room(&topology.broadcast_topic, 2000);
     assert_each_expired_once(&by_room, &leases);
+    // Right after the restore, not one more TTL from it: the committed
+    // offsets say when the last keep-alive could have been processed.
+    let latest = by_room.values().map(|changes| millis_of(changes[1].processed_at.as_ref())).max().unwrap();
+    let half_ttl = ttl.as_millis() as i64 / 2;
+    assert!(latest - ready < half_ttl, "the last expiry came {} ms after the job was ready", latest - ready);
     wait_for(Duration::from_secs(10), "the timer metrics to count every expiry", || async {
         let fired = metric("omni_timer_expiries_total").await == Some(1000.0);
         let lags = metric("omni_timer_lag_seconds_count").await == Some(1000.0);
@@ -219,6 +234,66 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_after_the
         (fired && lags && pending).then_some(())
     })
     .await;
+    job.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_sent_while_the_job_was_down_count_before_overdue_leases_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("lease-down", 2, &dir.path().join("state"));
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    topology.http.listen = addr.clone();
+    create_input(&topology).await;
+    let topic = topology.input_topic().to_owned();
+    let producer = producer();
+    let job = JobProcess::spawn(&topology, dir.path(), "i1");
+    let ttl = Duration::from_secs(4);
+    let [alive, dead] = ["alive", "dead"].map(|name| room(&topology, name));
+    let alive_lease = leased_start(&producer, &topic, &alive, "ra", ttl);
+    let dead_lease = leased_start(&producer, &topic, &dead, "rd", ttl);
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    assert_eq!(read_committed(&topology.broadcast_topic, 2, Duration::from_secs(90)).len(), 2);
+    job.kill9();
+
+    // The live recorder keeps its lease alive all along: the keep-alives
+    // wait in the topic while the job is down, two TTLs.
+    let keeping = Arc::new(AtomicBool::new(true));
+    let keeper = {
+        let (keeping, topic, alive, alive_lease) =
+            (Arc::clone(&keeping), topic.clone(), alive.clone(), alive_lease.clone());
+        tokio::spawn(async move {
+            let producer = crate::common::producer();
+            while keeping.load(Ordering::Relaxed) {
+                keep_alive(&producer, &topic, &alive, &[&alive_lease]);
+                tokio::time::sleep(ttl / 4).await;
+            }
+        })
+    };
+    let down_until = Instant::now() + 2 * ttl;
+    while Instant::now() < down_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = JobProcess::spawn(&topology, dir.path(), "i1");
+    let ready = ready_at(&addr).await;
+    // The dead recorder's lease fires once, right after the restore...
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 3);
+    assert_expired_once(&by_room[&dead], &dead_lease);
+    let fired = millis_of(by_room[&dead][1].processed_at.as_ref());
+    let half_ttl = ttl.as_millis() as i64 / 2;
+    assert!(fired - ready < half_ttl, "the overdue lease fired {} ms after the job was ready", fired - ready);
+    // ...while the live one, kept alive across the outage, holds for two TTLs more.
+    let watched = Instant::now();
+    wait_for(3 * ttl, "two TTLs of keep-alives after the restart", || {
+        let done = watched.elapsed() >= 2 * ttl;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 3);
+    assert_eq!(by_room[&alive].len(), 1, "the lease kept alive across the outage fired");
+    keeping.store(false, Ordering::Relaxed);
+    keeper.await.unwrap();
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 4);
+    assert_expired_once(&by_room[&alive], &alive_lease);
     job.terminate();
 }
 

@@ -114,7 +114,7 @@ async fn a_record_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_re
     produce(&producer(), topology.input_topic(), &events);
 
     let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
     let closed_at = wait_for(Duration::from_secs(180), "the fat room's close in redis", || {
         let (mut conn, keys) = (conn.clone(), keys.clone());

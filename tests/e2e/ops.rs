@@ -15,7 +15,7 @@ use crate::common::*;
 async fn acl_redis(dir: &std::path::Path, prefix: &str) -> ScratchRedis {
     let redis = ScratchRedis::start(dir);
     let client = redis::Client::open(redis.url("")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let acl = |args: &[&str]| {
         let mut cmd = redis::cmd("ACL");
         cmd.arg("SETUSER");
@@ -45,11 +45,11 @@ async fn a_redis_user_limited_to_the_key_prefix_is_all_the_job_needs() {
 
     // The restrictions are in force: no anonymous access, no keys outside the prefix.
     let anonymous = redis::Client::open(redis.url("")).unwrap();
-    let mut conn = anonymous.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&anonymous).await;
     let denied = redis::cmd("PING").query_async::<String>(&mut conn).await.unwrap_err();
     assert!(denied.to_string().contains("NOAUTH"), "{denied}");
     let omni_user = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = omni_user.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&omni_user).await;
     let outside = redis::cmd("SET").arg("elsewhere:x").arg("1").query_async::<()>(&mut conn).await.unwrap_err();
     assert!(outside.to_string().to_lowercase().contains("noperm"), "{outside}");
 
@@ -66,7 +66,7 @@ async fn a_redis_user_limited_to_the_key_prefix_is_all_the_job_needs() {
     job.stop().await;
 
     let admin = redis::Client::open(redis.url("admin:adminpw")).unwrap();
-    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&admin).await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
     assert!(keys.len() >= expected.rooms.len(), "one hash or stream per room at least, got {}", keys.len());
     let ours = |k: &String| k.starts_with(&format!("{prefix}:room:{{")) || k.starts_with(&format!("{prefix}:writer:"));

@@ -1,10 +1,14 @@
 //! The Redis view against a real Redis: compare-and-set by version, closes,
 //! and the change stream a late joiner catches up from.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use omni::proto::Timestamp;
-use omni::view::{changes_after, snapshot, spawn_writer, ChangeEntry, KeyLayout, RoomWrite, WriterOptions};
+use omni::view::{
+    changes_after, snapshot, spawn_writer, ChangeEntry, KeyLayout, RoomWrite, StoredRooms, WriterOptions,
+};
 
 use crate::common::*;
 
@@ -48,7 +52,7 @@ async fn redis_never_goes_back_a_version_and_a_close_keeps_the_last_version() {
     let keys = KeyLayout::new(&unique("view"));
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let (writer, task) = spawn_writer(client.clone(), options(&keys, 3), None);
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let version = |conn: redis::aio::MultiplexedConnection, keys: KeyLayout| async move {
         let mut conn = conn;
         snapshot(&mut conn, &keys, "app/a/room/r").await.unwrap().map(|s| s.version)
@@ -134,7 +138,7 @@ async fn a_retried_write_adds_only_the_changes_the_stream_lacks() {
     writer.send(vec![write(8, false, "{}", 3..=8)]);
     drop(writer);
     tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let entries: usize = redis::AsyncCommands::xlen(&mut conn, keys.changes("app/a/room/r")).await.unwrap();
     assert_eq!(entries, 2, "one stream entry per write");
     let raw: redis::streams::StreamRangeReply =
@@ -161,7 +165,7 @@ async fn the_change_stream_is_capped() {
     }
     drop(writer);
     tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let held: Vec<u64> =
         changes_after(&mut conn, &keys, "app/a/room/r", 0).await.unwrap().iter().map(|c| c.version).collect();
     assert!((100..=250).contains(&held.len()), "a stream keeping the last 100 versions holds {}", held.len());
@@ -170,6 +174,51 @@ async fn the_change_stream_is_capped() {
     assert_eq!(last.iter().map(|c| c.version).collect::<Vec<_>>(), vec![1000]);
     assert_eq!(last[0].state, serde_json::json!({"v": "1000"}));
     assert_eq!(last[0].occurred_at, "2026-11-27T10:00:00Z");
+}
+
+/// A store a step behind Redis, as the job's is (it takes a commit just
+/// after Redis does): the first time the writer asks for a room, it does
+/// not hold it yet.
+struct StoreOneStepBehind {
+    asked: Mutex<HashSet<String>>,
+}
+
+impl StoredRooms for StoreOneStepBehind {
+    fn room(&self, path: &str, partition: i32) -> Option<RoomWrite> {
+        if self.asked.lock().unwrap().insert(path.to_owned()) {
+            return None;
+        }
+        Some(RoomWrite {
+            path: path.to_owned(),
+            partition,
+            truncated: true,
+            changes: Vec::new(),
+            ..write(1, false, "{}", [])
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_room_waiting_as_its_path_is_written_once_the_store_holds_it() {
+    let keys = KeyLayout::new(&unique("reload"));
+    let client = redis::Client::open(services().redis_url.as_str()).unwrap();
+    // A budget no write fits in: every room waits as its path, to be read back from the store.
+    let options = WriterOptions { backlog_bytes: 1, ..options(&keys, 100) };
+    let store = Arc::new(StoreOneStepBehind { asked: Mutex::new(HashSet::new()) });
+    let (writer, task) = spawn_writer(client.clone(), options, Some(store));
+    let rooms: Vec<String> = (0..20).map(|i| format!("app/a/room/new{i}")).collect();
+    writer.send(rooms.iter().map(|path| RoomWrite { path: path.clone(), ..write(1, false, "{}", 1..=1) }).collect());
+    let mut conn = redis_connection(&client).await;
+    for path in &rooms {
+        wait_for(Duration::from_secs(10), &format!("{path} in redis"), || {
+            let (mut conn, keys) = (conn.clone(), keys.clone());
+            async move { snapshot(&mut conn, &keys, path).await.ok()?.filter(|s| s.version == 1) }
+        })
+        .await;
+    }
+    drop(writer);
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    let _ = &mut conn;
 }
 
 /// The value of the one writer marker under `keys`, once there is one.
@@ -185,7 +234,7 @@ async fn the_writer_tells_a_redis_that_lost_data_from_one_that_kept_it() {
     let redis = ScratchRedis::start_volatile(&dir.path().join("redis"));
     let url = redis.url("");
     let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let keys = KeyLayout::new(&unique("marker"));
     let (writer, task) = spawn_writer(client.clone(), options(&keys, 100), None);
     writer.send(vec![write(1, false, r#"{"a":"1"}"#, [1])]);
@@ -229,7 +278,7 @@ async fn the_readmes_catch_up_recipe_returns_every_version_after_v() {
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let keys = KeyLayout::new(&unique("recipe"));
     let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     // Versions 1-3 in one entry (id 3), 4-6 in another (id 6), 7 alone.
     for (version, changes) in [(3, vec![1, 2, 3]), (6, vec![4, 5, 6]), (7, vec![7])] {
         writer.send(vec![write(version, false, "{}", changes)]);
@@ -264,7 +313,7 @@ async fn the_readmes_catch_up_recipe_returns_every_version_after_v() {
 async fn changes_that_do_not_follow_on_from_what_redis_holds_leave_a_resync_marker() {
     let client = redis::Client::open(services().redis_url.as_str()).unwrap();
     let keys = KeyLayout::new(&unique("hole"));
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&client).await;
     let (writer, task) = spawn_writer(client.clone(), options(&keys, 1000), None);
     writer.send(vec![write(3, false, "{}", [1, 2, 3])]);
     let room = keys.room("app/a/room/r");

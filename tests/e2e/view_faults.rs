@@ -20,7 +20,7 @@ fn tag_set(id: usize, room: &str, key: &str, value: String) -> (String, RoomEven
 }
 
 async fn connection(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    redis_connection(&redis::Client::open(url).unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

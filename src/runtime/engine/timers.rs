@@ -6,8 +6,13 @@
 //! and moves a timer's change is emitted once.
 //!
 //! Deadlines are the processing instance's wall clock. A keep-alive moves
-//! a lease's deadline in memory only; when a partition is (re)loaded its
-//! leases get a whole TTL from then (see [`DeadlineIndex::load_room`]).
+//! a lease's deadline in memory only, so each committed input offset
+//! carries a stamp: the wall-clock time of its commit, by which every
+//! keep-alive below it was processed. When a partition is (re)loaded, its
+//! leases get a whole TTL from that stamp (see [`DeadlineIndex::load_room`]):
+//! never less than their TTL from the last keep-alive, and overdue at once
+//! when the job was down longer than that. Kafka Streams keeps a task's
+//! stream time in the same place.
 
 use std::time::Instant;
 
@@ -27,13 +32,31 @@ pub(super) fn wall_clock_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// What a committed offset's metadata starts with: omni's stamp, then the
+/// commit's wall-clock time in milliseconds.
+const STAMP_PREFIX: &str = "omni:committed_ms=";
+
+/// The metadata a committed input offset carries: the commit's time.
+pub(super) fn offset_stamp(committed_ms: i64) -> String {
+    format!("{STAMP_PREFIX}{committed_ms}")
+}
+
+/// The commit time an offset's metadata holds, if omni stamped it.
+pub(super) fn stamped_ms(metadata: &str) -> Option<i64> {
+    metadata.strip_prefix(STAMP_PREFIX)?.parse().ok()
+}
+
 /// A partition's pending timers, read from the store's list of rooms with
-/// timers (not a scan of its rooms), leases re-armed from now.
-pub(super) fn load_deadlines(store: &dyn StateStore, partition: i32) -> Result<DeadlineIndex, RuntimeError> {
-    let now_ms = wall_clock_ms();
+/// timers (not a scan of its rooms), leases re-armed from the time its
+/// processed keep-alives are committed up to.
+pub(super) fn load_deadlines(
+    store: &dyn StateStore,
+    partition: i32,
+    keepalives_committed_ms: i64,
+) -> Result<DeadlineIndex, RuntimeError> {
     let mut index = DeadlineIndex::default();
     for (path, state) in store.timer_rooms(partition)? {
-        index.load_room(&path, &state.timers, now_ms);
+        index.load_room(&path, &state.timers, keepalives_committed_ms);
     }
     Ok(index)
 }
@@ -92,7 +115,9 @@ impl Engine {
         let due: Vec<i32> = self
             .tasks
             .iter()
-            .filter(|(_, task)| !task.restoring && task.deadlines.next_due(now_ms).is_some())
+            .filter(|(_, task)| {
+                !task.restoring && task.timers_wait_for.is_none() && task.deadlines.next_due(now_ms).is_some()
+            })
             .map(|(&partition, _)| partition)
             .collect();
         for partition in due {
@@ -159,7 +184,7 @@ impl Engine {
     pub(super) fn reload_deadlines(&mut self) -> Result<(), RuntimeError> {
         let started = Instant::now();
         for (&partition, task) in self.tasks.iter_mut().filter(|(_, task)| !task.restoring) {
-            task.deadlines = load_deadlines(self.store.as_ref(), partition)?;
+            task.deadlines = load_deadlines(self.store.as_ref(), partition, task.keepalives_committed_ms)?;
         }
         tracing::debug!(elapsed = ?started.elapsed(), "deadlines reloaded");
         Ok(())
@@ -168,5 +193,18 @@ impl Engine {
     /// Publishes the timer metrics; called at each commit.
     pub(super) fn publish_timer_metrics(&mut self) {
         self.timer_metrics.publish(self.tasks.values().map(|task| &task.deadlines));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offset_stamp_reads_back_and_foreign_metadata_reads_as_none() {
+        assert_eq!(stamped_ms(&offset_stamp(1_764_489_600_123)), Some(1_764_489_600_123));
+        assert_eq!(stamped_ms(""), None, "no metadata: committed by an older omni");
+        assert_eq!(stamped_ms("someone else's note"), None);
+        assert_eq!(stamped_ms("omni:committed_ms=soon"), None);
     }
 }

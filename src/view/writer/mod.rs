@@ -355,7 +355,10 @@ impl Writer {
 
     /// Reads back the state of rooms that waited with only their path. A
     /// room the store has not caught up with yet (the store takes a commit
-    /// just after Redis does) waits again, a moment, a bounded number of times.
+    /// just after Redis does), older there or not there at all when new,
+    /// waits again, a moment, a bounded number of times. Past that, the
+    /// store is not going to catch up here (the partition moved, and its
+    /// new owner writes Redis from its own store): what it holds goes.
     fn reload(&mut self, batch: Vec<Waiting>) -> Vec<RoomWrite> {
         let mut writes = Vec::with_capacity(batch.len());
         let now = Instant::now();
@@ -363,14 +366,17 @@ impl Writer {
             match waiting {
                 Waiting::Write(write) => writes.push(write),
                 Waiting::Reload { path, version, partition } => {
-                    let Some(write) = self.stored.as_ref().and_then(|s| s.room(&path, partition)) else {
-                        self.pending.succeeded(&path);
+                    let stored = self.stored.as_ref().and_then(|s| s.room(&path, partition));
+                    let behind = stored.as_ref().is_none_or(|write| write.version < version);
+                    if behind && self.pending.defer(Waiting::Reload { path: path.clone(), version, partition }, now) {
                         continue;
-                    };
-                    let behind = write.version < version;
-                    // Given up on after a while: what the store holds is the newest there is.
-                    if !(behind && self.pending.defer(Waiting::Reload { path, version, partition }, now)) {
-                        writes.push(write);
+                    }
+                    match stored {
+                        Some(write) => writes.push(write),
+                        None => {
+                            tracing::warn!(%path, partition, version, "the store never held a room waiting for redis; it is left to the partition's owner");
+                            self.pending.succeeded(&path);
+                        }
                     }
                 }
             }

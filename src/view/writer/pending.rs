@@ -90,8 +90,9 @@ struct Failing {
     queued: bool,
 }
 
-/// Times a room the store has not caught up with waits for it.
-const MOST_DEFERRALS: u32 = 50;
+/// Times a room the store has not caught up with waits for it, 20 ms
+/// each: a few seconds, for a store write held up on a loaded machine.
+const MOST_DEFERRALS: u32 = 250;
 
 /// The longest a failing room waits between two attempts.
 const MOST_ROOM_BACKOFF: Duration = Duration::from_secs(30);
