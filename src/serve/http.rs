@@ -38,6 +38,7 @@ pub fn router(shared: Arc<Shared>, metrics: Arc<dyn Fn() -> String + Send + Sync
         .route("/v1/GetSnapshot", post(get_snapshot))
         .route("/v1/GetDeltas", post(get_deltas))
         .route("/v1/Publish", post(publish))
+        .route("/v1/KeepAlive", post(keep_alive))
         .route("/v1/Watch", get(watch))
         .with_state(Http { shared, metrics, tokens: Arc::new(tokens) })
 }
@@ -226,6 +227,9 @@ struct PublishBody {
     topic: String,
     #[serde(default)]
     content_type: String,
+    /// With a `recording_started` event: take a lease of this TTL.
+    #[serde(default)]
+    lease_ttl_ms: i64,
 }
 
 async fn publish(State(h): State<Http>, headers: HeaderMap, Json(body): Json<PublishBody>) -> Response {
@@ -242,9 +246,34 @@ async fn publish(State(h): State<Http>, headers: HeaderMap, Json(body): Json<Pub
             body: Some(body_kind),
             topic: body.topic,
             content_type: body.content_type,
+            lease_ttl_ms: body.lease_ttl_ms,
         };
         let published = unary::publish(&h.shared, request).await?;
-        Ok(json!({ "topic": published.topic, "partition": published.partition, "offset": published.offset }))
+        let mut answer =
+            json!({ "topic": published.topic, "partition": published.partition, "offset": published.offset });
+        if !published.lease_id.is_empty() {
+            answer["lease_id"] = json!(published.lease_id);
+        }
+        Ok(answer)
+    }
+    .await;
+    reply(call.finish(result))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeepAliveBody {
+    path: String,
+    lease_ids: Vec<String>,
+}
+
+async fn keep_alive(State(h): State<Http>, headers: HeaderMap, Json(body): Json<KeepAliveBody>) -> Response {
+    let call = Call::start("KeepAlive");
+    let result = async {
+        authorize(&h, &headers)?;
+        let request = pb::KeepAliveRequest { path: body.path, lease_ids: body.lease_ids };
+        let kept = unary::keep_alive(&h.shared, request).await?;
+        Ok(json!({ "partition": kept.partition, "offset": kept.offset }))
     }
     .await;
     reply(call.finish(result))

@@ -256,6 +256,14 @@ impl Omni for OmniService {
         call.finish(unary::get_deltas(&self.shared, deadline, request.into_inner()).await.map(Response::new))
     }
 
+    async fn keep_alive(
+        &self,
+        request: Request<pb::KeepAliveRequest>,
+    ) -> Result<Response<pb::KeepAliveResponse>, Status> {
+        let call = Call::start("KeepAlive");
+        call.finish(unary::keep_alive(&self.shared, request.into_inner()).await.map(Response::new))
+    }
+
     type WatchStream = streams::EventStream<pb::WatchEvent>;
 
     async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {

@@ -1,13 +1,20 @@
-//! The unary calls: `Publish`, `GetSnapshot`, `GetDeltas`.
+//! The unary calls: `Publish`, `GetSnapshot`, `GetDeltas`, `KeepAlive`.
 
 use prost::Message as _;
 use tonic::Status;
 
 use super::convert::{change_message, publish_status, snapshot_message};
 use super::state::Shared;
+use crate::modules::timers::{check_lease, MAX_LEASE_ID_BYTES};
+use crate::modules::{KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
 use crate::path::Path;
-use crate::proto::omni::{self as pb, publish_request::Body};
+use crate::proto::omni::{self as pb, publish_request::Body, KeepAlive, Lease};
+use crate::proto::tecate::{room_event::Kind, RoomEvent};
+use crate::pubsub::PubSubError;
 use crate::view::{self, ChangeRecord};
+
+/// Most lease ids one `KeepAlive` names.
+pub const MAX_KEEPALIVE_LEASES: usize = 1000;
 
 /// Most changes one `GetDeltas` returns.
 pub const MAX_DELTAS: usize = 1000;
@@ -21,8 +28,38 @@ pub fn room_path(text: &str) -> Result<String, Status> {
     Path::parse_room(text).map(|p| p.to_string()).map_err(|e| invalid_path(text, e))
 }
 
+/// A lease for a `recording_started` event with `lease_ttl_ms`: its id and
+/// the header that carries it; `INVALID_ARGUMENT` for any other use.
+fn new_lease(request: &pb::PublishRequest) -> Result<Option<(String, Vec<u8>)>, Status> {
+    if request.lease_ttl_ms == 0 {
+        return Ok(None);
+    }
+    let Some(Body::Event(RoomEvent { kind: Some(Kind::RecordingStarted(_)), .. })) = &request.body else {
+        return Err(Status::invalid_argument("`lease_ttl_ms` goes only with a `recording_started` event"));
+    };
+    let lease = Lease { lease_id: uuid::Uuid::new_v4().to_string(), ttl_ms: request.lease_ttl_ms };
+    check_lease(&lease).map_err(|rejection| Status::invalid_argument(format!("lease_ttl_ms: {rejection}")))?;
+    let header = lease.encode_to_vec();
+    Ok(Some((lease.lease_id, header)))
+}
+
+/// Waits for Kafka to take a record, within the service's bound.
+async fn acknowledged(
+    shared: &Shared,
+    sent: impl std::future::Future<Output = Result<(i32, i64), PubSubError>>,
+) -> Result<(i32, i64), Status> {
+    // librdkafka's message.timeout.ms ends a send first; this only guards against a stuck client.
+    let bound = std::time::Duration::from_millis(shared.topology.service.publish_timeout_ms + 5_000);
+    match tokio::time::timeout(bound, sent).await {
+        Ok(Ok(placed)) => Ok(placed),
+        Ok(Err(error)) => Err(publish_status(&error)),
+        Err(_) => Err(Status::deadline_exceeded("kafka did not acknowledge the record in time")),
+    }
+}
+
 pub async fn publish(shared: &Shared, request: pb::PublishRequest) -> Result<pb::PublishResponse, Status> {
     let service = &shared.topology.service;
+    let lease = new_lease(&request)?;
     let (topic, path, payload, content_type) = match request.body {
         None => return Err(Status::invalid_argument("a publish needs an `event` or a `payload`")),
         Some(Body::Event(mut event)) => {
@@ -70,14 +107,38 @@ pub async fn publish(shared: &Shared, request: pb::PublishRequest) -> Result<pb:
             (request.topic, path, payload, content_type)
         }
     };
-    let sent = shared.publisher.publish_to(&topic, &path, &payload, content_type.as_deref());
-    // librdkafka's message.timeout.ms ends a send first; this only guards against a stuck client.
-    let bound = std::time::Duration::from_millis(service.publish_timeout_ms + 5_000);
-    match tokio::time::timeout(bound, sent).await {
-        Ok(Ok((partition, offset))) => Ok(pb::PublishResponse { topic, partition, offset }),
-        Ok(Err(error)) => Err(publish_status(&error)),
-        Err(_) => Err(Status::deadline_exceeded("kafka did not acknowledge the record in time")),
+    let (partition, offset) = match &lease {
+        Some((_, header)) => {
+            let headers: [(&str, &[u8]); 1] = [(LEASE_HEADER, header)];
+            acknowledged(shared, shared.publisher.publish_with_headers(&topic, &path, &payload, &headers)).await?
+        }
+        None => {
+            acknowledged(shared, shared.publisher.publish_to(&topic, &path, &payload, content_type.as_deref())).await?
+        }
+    };
+    let lease_id = lease.map(|(id, _)| id).unwrap_or_default();
+    Ok(pb::PublishResponse { topic, partition, offset, lease_id })
+}
+
+pub async fn keep_alive(shared: &Shared, request: pb::KeepAliveRequest) -> Result<pb::KeepAliveResponse, Status> {
+    let path = Path::parse_room(&request.path).map_err(|e| invalid_path(&request.path, e))?;
+    if request.lease_ids.is_empty() || request.lease_ids.len() > MAX_KEEPALIVE_LEASES {
+        return Err(Status::invalid_argument(format!(
+            "a keep-alive names 1 to {MAX_KEEPALIVE_LEASES} lease ids, not {}",
+            request.lease_ids.len()
+        )));
     }
+    if let Some(bad) = request.lease_ids.iter().find(|id| id.is_empty() || id.len() > MAX_LEASE_ID_BYTES) {
+        return Err(Status::invalid_argument(format!(
+            "lease id {bad:?}: a lease id is 1 to {MAX_LEASE_ID_BYTES} bytes"
+        )));
+    }
+    let payload = KeepAlive { lease_ids: request.lease_ids }.encode_to_vec();
+    let headers: [(&str, &[u8]); 1] = [(TYPE_HEADER, KEEPALIVE_TYPE.as_bytes())];
+    let topic = shared.topology.input_topic();
+    let (partition, offset) =
+        acknowledged(shared, shared.publisher.publish_with_headers(topic, &path, &payload, &headers)).await?;
+    Ok(pb::KeepAliveResponse { partition, offset })
 }
 
 pub async fn get_snapshot(

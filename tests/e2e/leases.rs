@@ -385,3 +385,76 @@ async fn the_cli_takes_a_lease_prints_its_id_last_and_keeps_it_alive() {
     assert!(once.status.success(), "a keep-alive of an expired lease is accepted");
     job.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_taken_and_kept_alive_through_omni_serve_fire_once_left_alone() {
+    use crate::serve::{http_request, publish_event, topology_for, ServeProcess};
+    use omni::proto::omni as pb;
+    use omni::proto::tecate::RoomEvent;
+
+    let dir = tempfile::tempdir().unwrap();
+    let topology = topology_for("lease-serve", dir.path());
+    create_input(&topology).await;
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    let mut serve = ServeProcess::spawn(&topology, dir.path(), &[]);
+    let mut client = serve.client().await;
+    let ttl = Duration::from_secs(2);
+    let ttl_ms = ttl.as_millis() as i64;
+    let [grpc_room, json_room] = ["grpc", "json"].map(|name| room(&topology, name));
+
+    // One lease taken over gRPC, one over JSON; each answer names its lease.
+    let start = Kind::RecordingStarted(RecordingStarted { recording_id: "rg".into(), started_by: "u1".into() });
+    let mut request =
+        publish_event(&grpc_room, RoomEvent { event_id: String::new(), occurred_at: None, kind: Some(start) });
+    request.lease_ttl_ms = ttl_ms;
+    let grpc_lease = client.publish(request).await.unwrap().into_inner().lease_id;
+    assert!(!grpc_lease.is_empty(), "the gRPC answer names the lease");
+    let body = serde_json::json!({
+        "path": json_room,
+        "event": {"event_id": "ej", "recording_started": {"recording_id": "rj", "started_by": "u1"}},
+        "lease_ttl_ms": ttl_ms,
+    });
+    let (status, reply) = http_request(&serve.addr, "POST", "/v1/Publish", &body.to_string()).await;
+    assert_eq!(status, 200, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let json_lease = reply["lease_id"].as_str().expect("the JSON answer names the lease").to_owned();
+
+    // Kept alive through either transport, all along the check: neither fires.
+    let keeping = Arc::new(AtomicBool::new(true));
+    let keeper = {
+        let (keeping, addr, partitions) = (Arc::clone(&keeping), serve.addr.clone(), topology.partitions);
+        let (mut client, grpc_room, json_room) = (client.clone(), grpc_room.clone(), json_room.clone());
+        let (grpc_lease, json_lease) = (grpc_lease.clone(), json_lease.clone());
+        tokio::spawn(async move {
+            while keeping.load(Ordering::Relaxed) {
+                let kept = pb::KeepAliveRequest { path: grpc_room.clone(), lease_ids: vec![grpc_lease.clone()] };
+                let placed = client.keep_alive(kept).await.unwrap().into_inner();
+                assert_eq!(placed.partition, omni::kafka::partition_for(grpc_room.as_bytes(), partitions));
+                let body = serde_json::json!({"path": json_room, "lease_ids": [json_lease]});
+                let (status, reply) = http_request(&addr, "POST", "/v1/KeepAlive", &body.to_string()).await;
+                assert_eq!(status, 200, "{reply}");
+                tokio::time::sleep(ttl / 4).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    wait_for(4 * ttl, "three TTLs of keep-alives", || {
+        let done = started.elapsed() >= 3 * ttl;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 2);
+    assert_eq!(
+        (by_room[&grpc_room].len(), by_room[&json_room].len()),
+        (1, 1),
+        "a kept-alive lease fired: {by_room:#?}"
+    );
+    keeping.store(false, Ordering::Relaxed);
+    keeper.await.unwrap();
+
+    // Left alone, each fires once.
+    let by_room = broadcast_by_room(&topology.broadcast_topic, 4);
+    assert_expired_once(&by_room[&grpc_room], &grpc_lease);
+    assert_expired_once(&by_room[&json_room], &json_lease);
+    job.stop().await;
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use omni::modules::{Registry, RoomFolder};
 use omni::proto::omni::omni_client::OmniClient;
 use omni::proto::omni::{self as pb, publish_request, watch_event};
-use omni::proto::tecate::{room_event::Kind, RoomEvent, TagSet};
+use omni::proto::tecate::{room_event::Kind, RecordingStarted, RoomEvent, TagSet};
 use omni::topology::Topology;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -108,6 +108,7 @@ pub(crate) fn publish_event(path: &str, event: RoomEvent) -> pb::PublishRequest 
         body: Some(publish_request::Body::Event(event)),
         topic: String::new(),
         content_type: String::new(),
+        lease_ttl_ms: 0,
     }
 }
 
@@ -266,6 +267,7 @@ async fn serve_answers_every_rpc() {
         body: Some(publish_request::Body::Payload(b"hello".to_vec())),
         topic: chat.clone(),
         content_type: "text/plain".into(),
+        lease_ttl_ms: 0,
     };
     let sent = client.publish(raw).await.unwrap().into_inner();
     assert_eq!(sent.topic, chat);
@@ -335,6 +337,7 @@ async fn bad_input_gets_a_clear_status_from_every_rpc() {
         body,
         topic: String::new(),
         content_type: String::new(),
+        lease_ttl_ms: 0,
     };
     let bad = status_of(client.publish(publish(&room, None)).await);
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
@@ -358,6 +361,28 @@ async fn bad_input_gets_a_clear_status_from_every_rpc() {
     raw.topic = "not-allowed".into();
     let denied = status_of(client.publish(raw).await);
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied}");
+    // A lease goes only with a recording start, and within the TTL bounds.
+    let mut leased_tag = publish(&room, Some(publish_request::Body::Event(tag_event("e", "k", "v"))));
+    leased_tag.lease_ttl_ms = 5000;
+    let bad = status_of(client.publish(leased_tag).await);
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    assert!(bad.message().contains("recording_started"), "{bad}");
+    let start = Kind::RecordingStarted(RecordingStarted { recording_id: "r".into(), started_by: "u".into() });
+    let mut too_short = publish(
+        &room,
+        Some(publish_request::Body::Event(RoomEvent { event_id: "e".into(), occurred_at: None, kind: Some(start) })),
+    );
+    too_short.lease_ttl_ms = 5;
+    let bad = status_of(client.publish(too_short).await);
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    assert!(bad.message().contains("lease_ttl_ms"), "{bad}");
+    let keep_alive = |path: &str, lease_ids: Vec<String>| pb::KeepAliveRequest { path: path.into(), lease_ids };
+    let bad = status_of(client.keep_alive(keep_alive("app/x/planet/y", vec!["l".into()])).await);
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    let bad = status_of(client.keep_alive(keep_alive(&room, Vec::new())).await);
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
+    let bad = status_of(client.keep_alive(keep_alive(&room, vec!["x".repeat(200)])).await);
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     // The service is still there and answers.
     let (status, _) = http_get(&serve.addr, "/healthz").await.expect("/healthz answers");
     assert_eq!(status, 200);
@@ -497,7 +522,7 @@ async fn watchers_with_wildcards_follow_across_a_kill9_of_the_job() {
 }
 
 /// One HTTP/1.1 request on loopback: `(status, body)`.
-async fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+pub(crate) async fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
