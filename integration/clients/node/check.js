@@ -3,7 +3,8 @@
 // a Watch follows them, kills the processing job (`omni run`) with SIGKILL
 // half-way and starts it again, then checks per room: contiguous versions, no
 // duplicate, the final watched view equal to GetSnapshot and to Redis, and
-// GetDeltas for the tail.
+// GetDeltas for the tail. Then takes a lease, keeps it alive with KeepAlive,
+// and leaves it to expire.
 //
 // usage: node check.js <proto dir> <service addr> <omni binary> <topology> <redis url> <key prefix> <app id>
 'use strict';
@@ -153,6 +154,7 @@ async function main() {
     const want = [counts.get(room) - 2, counts.get(room) - 1, counts.get(room)];
     if (!same(got, want)) fail(`${room}: GetDeltas versions ${got}`);
   }
+  await checkLease();
   try {
     await call('GetSnapshot', { path: 'not a path//' });
     fail('a malformed path was accepted');
@@ -161,8 +163,31 @@ async function main() {
   }
   watch.cancel();
   await stopJob(job, 'SIGTERM');
-  console.log(`node client: ok: ${EVENTS} events over ${ROOMS.length} rooms, a kill -9 of the job, contiguous watched versions equal to GetSnapshot and Redis`);
+  console.log(`node client: ok: ${EVENTS} events over ${ROOMS.length} rooms, a kill -9 of the job, contiguous watched versions equal to GetSnapshot and Redis, a lease kept alive then left`);
   process.exit(0);
+}
+
+// Takes a lease with a recording start, keeps it alive for three TTLs (the
+// recording stays active), then leaves it: it stops by itself.
+async function checkLease() {
+  const room = `app/${app}/room/leased`;
+  const start = { recording_started: { recording_id: 'node-rec', started_by: 'node' } };
+  const { lease_id: leaseId } = await call('Publish', { path: room, event: start, lease_ttl_ms: 1500 });
+  if (!leaseId) fail('Publish with lease_ttl_ms returned no lease_id');
+  const keptUntil = Date.now() + 4500;
+  while (Date.now() < keptUntil) {
+    await call('KeepAlive', { path: room, lease_ids: [leaseId] });
+    await sleep(300);
+  }
+  const recording = async () => JSON.parse((await call('GetSnapshot', { path: room })).modules.recording);
+  let state = await recording();
+  if (!state.active) fail(`a lease kept alive through KeepAlive expired: ${JSON.stringify(state)}`);
+  const until = Date.now() + 30000;
+  while (state.reason !== 'heartbeat_lost') {
+    if (Date.now() > until) fail(`a lease left alone did not stop its recording: ${JSON.stringify(state)}`);
+    await sleep(200);
+    state = await recording();
+  }
 }
 
 main().catch((error) => fail(error.stack || String(error)));

@@ -4,6 +4,7 @@ Publishes tag events to a few rooms through `Publish` while a `Watch` follows
 them, kills the processing job (`omni run`) with SIGKILL half-way and starts
 it again, then checks per room: contiguous versions, no duplicate, the final
 watched view equal to `GetSnapshot` and to Redis, and `GetDeltas` for the tail.
+Then takes a lease, keeps it alive with `KeepAlive`, and leaves it to expire.
 
 usage: check.py <stubs dir> <service addr> <omni binary> <topology> <redis url> <key prefix> <app id>
 """
@@ -84,6 +85,29 @@ def redis_hash(path):
     return dict(zip(out[0::2], out[1::2]))
 
 
+def check_lease(stub):
+    """Takes a lease with a recording start, keeps it alive for three TTLs
+    (the recording stays active), then leaves it: it stops by itself."""
+    room = f"app/{app}/room/leased"
+    start = tecate_pb2.RoomEvent(recording_started=tecate_pb2.RecordingStarted(recording_id="py-rec", started_by="py"))
+    lease_id = stub.Publish(pb.PublishRequest(path=room, event=start, lease_ttl_ms=1500), timeout=30).lease_id
+    if not lease_id:
+        fail("Publish with lease_ttl_ms returned no lease_id")
+    kept_until = time.time() + 4.5
+    while time.time() < kept_until:
+        stub.KeepAlive(pb.KeepAliveRequest(path=room, lease_ids=[lease_id]), timeout=30)
+        time.sleep(0.3)
+    recording = json.loads(stub.GetSnapshot(pb.GetSnapshotRequest(path=room), timeout=10).modules["recording"])
+    if not recording.get("active"):
+        fail(f"a lease kept alive through KeepAlive expired: {recording}")
+    deadline = time.time() + 30
+    while recording.get("reason") != "heartbeat_lost":
+        if time.time() > deadline:
+            fail(f"a lease left alone did not stop its recording: {recording}")
+        time.sleep(0.2)
+        recording = json.loads(stub.GetSnapshot(pb.GetSnapshotRequest(path=room), timeout=10).modules["recording"])
+
+
 def main():
     channel = grpc.insecure_channel(addr)
     grpc.channel_ready_future(channel).result(timeout=30)
@@ -134,6 +158,7 @@ def main():
         deltas = stub.GetDeltas(pb.GetDeltasRequest(path=room, after_version=counts[room] - 3), timeout=10)
         if [c.version for c in deltas.changes] != [counts[room] - 2, counts[room] - 1, counts[room]]:
             fail(f"{room}: GetDeltas versions {[c.version for c in deltas.changes]}")
+    check_lease(stub)
     try:
         stub.GetSnapshot(pb.GetSnapshotRequest(path="not a path//"), timeout=10)
         fail("a malformed path was accepted")
@@ -143,7 +168,7 @@ def main():
     job.terminate()
     job.wait(timeout=60)
     print(f"python client: ok: {EVENTS} events over {len(ROOMS)} rooms, a kill -9 of the job, "
-          f"contiguous watched versions equal to GetSnapshot and Redis", flush=True)
+          f"contiguous watched versions equal to GetSnapshot and Redis, a lease kept alive then left", flush=True)
 
 
 if __name__ == "__main__":
