@@ -39,7 +39,7 @@ outage_dir="$PWD/integration/.state/outage"
 outage() { OMNI_SERVICES_DIR="$outage_dir" bash integration/services.sh "$@"; }
 trap 'outage clean >/dev/null 2>&1 || true; bash integration/services.sh down >/dev/null 2>&1 || true' EXIT
 outage up
-eval "$(outage env | sed 's/^OMNI_/OMNI_OUTAGE_/')"
+eval "$(outage env | sed 's/^\(export \)\{0,1\}OMNI_/export OMNI_OUTAGE_/')"
 export OMNI_OUTAGE_BROKERS OMNI_OUTAGE_REDIS_URL OMNI_OUTAGE_SERVICES_DIR="$outage_dir"
 started=$SECONDS
 cargo test --release --locked --test e2e broker_outage -- --test-threads=1

@@ -8,7 +8,7 @@ use omni::kafka::KafkaSettings;
 use omni::path::Path;
 use omni::pubsub::{Follower, Pattern, PubSubError};
 use omni::topology::Topology;
-use omni::view::{snapshot, KeyLayout, RoomSnapshot};
+use omni::view::{snapshot, KeyLayout, RedisTarget, RoomSnapshot};
 
 #[derive(Debug, clap::Args)]
 pub struct SnapshotArgs {
@@ -38,8 +38,7 @@ pub const UNKNOWN_ROOM: i32 = 2;
 
 pub async fn snapshot_command(args: SnapshotArgs, redis_url: &str) -> anyhow::Result<i32> {
     let path = Path::parse_room(&args.path)?;
-    let client = redis::Client::open(redis_url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = RedisTarget::open(redis_url)?.connect().await?;
     let keys = KeyLayout::new(&args.key_prefix);
     match snapshot(&mut conn, &keys, &path.to_string()).await? {
         None => {
@@ -71,7 +70,7 @@ fn table(room: &RoomSnapshot) -> String {
 pub async fn watch_command(args: WatchArgs, kafka: KafkaSettings, redis_url: &str) -> anyhow::Result<()> {
     let topology = Topology::load(&args.topology)?;
     let pattern = Pattern::parse(&args.pattern)?;
-    let client = redis::Client::open(redis_url)?;
+    let client = RedisTarget::open(redis_url)?;
     let mut follower = Follower::start(
         &kafka,
         &topology.broadcast_topic,

@@ -18,7 +18,9 @@
 //!   and checks every second no longer holds what it set last. The writer
 //!   counts a loss, and the runtime rewrites every room of its partitions
 //!   from the store through [`RedisWriter::rewrite`], a lane that yields to
-//!   live writes.
+//!   live writes. On a Redis Cluster each master can lose data on its own (a
+//!   failover to a replica that had not received the last writes, a master
+//!   restarted empty), so the writer keeps one marker per master ([`cluster`]).
 //! - Redis slower than the job: past its backlog budget the writer asks the
 //!   runtime to pause consumption ([`RedisWriter::should_hold_back`]), as a
 //!   full producer buffer blocks Kafka Streams' `send`, until it drained to
@@ -29,6 +31,7 @@
 //!   rewrites every room from the store, as after a FLUSHALL. Memory stays
 //!   bounded however long Redis is away.
 
+mod cluster;
 mod pending;
 mod script;
 
@@ -37,10 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
-use super::KeyLayout;
+use super::{KeyLayout, RedisTarget, ViewConnection};
 use crate::modules::{RoomFolder, ROOM_MODULE};
 use crate::proto::omni::RoomState;
 use crate::proto::Timestamp;
@@ -281,7 +283,7 @@ impl Pressure {
 /// Starts the writer task on the current tokio runtime. With `stored`, a
 /// write that waits past the backlog budget keeps only its path.
 pub fn spawn_writer(
-    client: redis::Client,
+    client: impl Into<RedisTarget>,
     options: WriterOptions,
     stored: Option<Arc<dyn StoredRooms>>,
 ) -> (RedisWriter, tokio::task::JoinHandle<()>) {
@@ -301,7 +303,13 @@ pub fn spawn_writer(
         backlog_bytes: options.backlog_bytes,
         reloadable: stored.is_some(),
     };
-    let marker = Marker::new(&options.keys);
+    let client = client.into();
+    let writer_id = uuid::Uuid::new_v4().simple().to_string();
+    // A cluster's markers are placed once its masters are known.
+    let markers = match client {
+        RedisTarget::Single(_) => vec![Marker::new(options.keys.writer_marker(&writer_id))],
+        RedisTarget::Cluster(_) => Vec::new(),
+    };
     let writer = Writer {
         client,
         script: redis::Script::new(script::ROOM_CAS),
@@ -311,7 +319,9 @@ pub fn spawn_writer(
         stored,
         connection: None,
         backoff: Duration::from_millis(50),
-        marker,
+        writer_id,
+        markers,
+        marker_checked: Instant::now(),
         losses: Arc::clone(&losses),
         pressure: Arc::clone(&pressure),
         rewrite_owed: false,
@@ -322,20 +332,18 @@ pub fn spawn_writer(
     (RedisWriter { live, rewrites, losses, pressure }, task)
 }
 
-/// The writer's marker: a key only it writes, advanced on every flush.
+/// One of the writer's markers: a key only it writes, advanced on every flush.
 struct Marker {
     key: String,
     next: u64,
     /// The values Redis may hold if it kept its data: the last one
     /// confirmed, and any sent since whose reply was lost.
     accepted: Vec<String>,
-    checked: Instant,
 }
 
 impl Marker {
-    fn new(keys: &KeyLayout) -> Marker {
-        let key = keys.writer_marker(&uuid::Uuid::new_v4().simple().to_string());
-        Marker { key, next: 1, accepted: Vec::new(), checked: Instant::now() }
+    fn new(key: String) -> Marker {
+        Marker { key, next: 1, accepted: Vec::new() }
     }
 
     fn command(&mut self, script: &redis::Script) -> (redis::Cmd, String) {
@@ -346,7 +354,6 @@ impl Marker {
         for accepted in &self.accepted {
             cmd.arg(accepted);
         }
-        self.checked = Instant::now();
         (cmd, value)
     }
 
@@ -366,15 +373,20 @@ impl Marker {
 }
 
 struct Writer {
-    client: redis::Client,
+    client: RedisTarget,
     options: WriterOptions,
     script: redis::Script,
     marker_script: redis::Script,
     pending: Pending,
     stored: Option<Arc<dyn StoredRooms>>,
-    connection: Option<ConnectionManager>,
+    connection: Option<ViewConnection>,
     backoff: Duration,
-    marker: Marker,
+    /// Names this writer's markers.
+    writer_id: String,
+    /// One marker, or one per master of a Redis Cluster.
+    markers: Vec<Marker>,
+    /// When the markers were last advanced (and, on a cluster, placed).
+    marker_checked: Instant,
     losses: Arc<AtomicU64>,
     pressure: Arc<Pressure>,
     /// The backlog was shed while Redis failed: once it takes writes again,
@@ -404,14 +416,14 @@ impl Writer {
             self.take_in();
             self.report_backlog();
             if self.idle() {
-                if self.marker.checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
+                if self.marker_checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
                     self.flush(Vec::new()).await;
                 }
                 continue;
             }
             let batch = self.pending.take(self.options.batch_rooms, PIPELINE_BYTES, Instant::now());
             let batch = self.reload(batch);
-            if batch.is_empty() && self.marker.checked.elapsed() < MARKER_CHECK {
+            if batch.is_empty() && self.marker_checked.elapsed() < MARKER_CHECK {
                 continue;
             }
             self.flush(batch).await;
@@ -428,7 +440,7 @@ impl Writer {
 
     /// Waits for new writes, a failing room's retry, or the next marker check.
     async fn wait_for_work(&mut self) {
-        let next_check = self.marker.checked + MARKER_CHECK;
+        let next_check = self.marker_checked + MARKER_CHECK;
         let until = self.pending.next_retry().map_or(next_check, |retry| retry.min(next_check));
         let sleep = tokio::time::sleep_until(until.into());
         let (live_open, rewrites_open) = (self.live.is_some(), self.rewrites.is_some());
@@ -530,7 +542,9 @@ impl Writer {
         writes
     }
 
-    /// Writes a batch, with the marker check in front, in one pipeline.
+    /// Writes a batch and then advances the markers: in one pipeline on one
+    /// server; on a cluster, each room's script on its slot's master, all at
+    /// once, and the markers once every room has answered.
     async fn flush(&mut self, batch: Vec<RoomWrite>) {
         if self.connect().await.is_none() {
             self.requeue(batch);
@@ -538,28 +552,40 @@ impl Writer {
             self.back_off().await;
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for write in &batch {
-            pipe.add_command(script::room_command(&self.script, &self.options, write));
+        if self.marker_checked.elapsed() >= MARKER_CHECK || self.markers.is_empty() {
+            self.place_markers().await;
         }
-        // Last: Redis and its persistence keep a prefix of what they ran, so
-        // a marker that survived vouches for every write before it.
-        let (marker, value) = self.marker.command(&self.marker_script);
-        pipe.add_command(marker);
+        self.marker_checked = Instant::now();
+        let rooms: Vec<redis::Cmd> =
+            batch.iter().map(|write| script::room_command(&self.script, &self.options, write)).collect();
+        let (markers, values): (Vec<redis::Cmd>, Vec<String>) =
+            self.markers.iter_mut().map(|marker| marker.command(&self.marker_script)).unzip();
         let started = Instant::now();
         let conn = self.connection.as_mut().expect("connected above");
-        let replies: Result<Vec<redis::RedisResult<redis::Value>>, _> = pipe.query_async(conn).await;
+        let replies = if conn.is_cluster() {
+            Ok(cluster::send(conn, rooms, markers).await)
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for cmd in rooms.into_iter().chain(markers) {
+                pipe.add_command(cmd);
+            }
+            // Markers last: Redis and its persistence keep a prefix of what
+            // they ran, so a marker that survived vouches for every write before it.
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(conn).await
+        };
         match replies {
             Ok(replies) => {
                 metrics::histogram!("omni_redis_write_seconds").record(started.elapsed().as_secs_f64());
                 self.backoff = Duration::from_millis(50);
-                self.settle(batch, value, replies).await;
+                self.settle(batch, values, replies).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
-                self.marker.unanswered(value);
+                for (marker, value) in self.markers.iter_mut().zip(values) {
+                    marker.unanswered(value);
+                }
                 self.requeue(batch);
                 self.redis_failing(true);
                 self.back_off().await;
@@ -567,20 +593,47 @@ impl Writer {
         }
     }
 
-    /// Sorts out a pipeline's replies: each room's, then the marker's.
+    /// On a cluster, one marker per master, in the first slot it serves:
+    /// markers that stay in their slot are kept (a replica that took over
+    /// must still hold its master's marker), others start afresh.
+    async fn place_markers(&mut self) {
+        let Some(conn) = self.connection.as_mut().filter(|c| c.is_cluster()) else { return };
+        match cluster::marker_slots(conn).await {
+            Ok(slots) => {
+                let mut kept: Vec<Marker> = Vec::with_capacity(slots.len());
+                for slot in slots {
+                    let key = self.options.keys.writer_marker_in_slot(&self.writer_id, slot);
+                    let at = self.markers.iter().position(|m| m.key == key);
+                    kept.push(at.map_or_else(|| Marker::new(key), |at| self.markers.swap_remove(at)));
+                }
+                self.markers = kept;
+            }
+            // The markers stay where they were; the next check asks again.
+            Err(error) => tracing::debug!(%error, "reading the cluster's slots failed"),
+        }
+    }
+
+    /// Sorts out the replies: each room's, then each marker's.
     async fn settle(
         &mut self,
         batch: Vec<RoomWrite>,
-        value: String,
+        values: Vec<String>,
         mut replies: Vec<redis::RedisResult<redis::Value>>,
     ) {
         let mut missing_script = false;
         let mut refused_all = None;
-        match replies.pop() {
-            Some(Ok(reply)) => self.marker_answered(value, matches!(reply, redis::Value::Int(1))),
-            // Not run at all: Redis holds what it held before.
-            Some(Err(e)) if is_no_script(&e) => missing_script = true,
-            _ => self.marker.unanswered(value),
+        let marker_replies = replies.split_off(replies.len().saturating_sub(values.len()));
+        let mut lost = false;
+        for ((marker, value), reply) in self.markers.iter_mut().zip(values).zip(marker_replies) {
+            match reply {
+                Ok(reply) => lost |= marker.answered(value, matches!(reply, redis::Value::Int(1))),
+                // Not run at all: Redis holds what it held before.
+                Err(e) if is_no_script(&e) => missing_script = true,
+                _ => marker.unanswered(value),
+            }
+        }
+        if lost {
+            self.data_lost();
         }
         let now = Instant::now();
         let mut written = 0;
@@ -618,15 +671,13 @@ impl Writer {
         }
     }
 
-    fn marker_answered(&mut self, value: String, held: bool) {
-        if self.marker.answered(value, held) {
-            self.losses.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("omni_redis_resyncs_total").increment(1);
-            tracing::warn!(
-                "redis lost data (FLUSHALL, a restart without persistence, or an older snapshot); \
-                 rewriting every room from the store"
-            );
-        }
+    fn data_lost(&mut self) {
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("omni_redis_resyncs_total").increment(1);
+        tracing::warn!(
+            "redis lost data (FLUSHALL, a restart without persistence, an older snapshot, or a failover \
+             to a replica that missed writes); rewriting every room from the store"
+        );
     }
 
     fn room_failed(&mut self, write: RoomWrite, error: &redis::RedisError, now: Instant) {
@@ -656,8 +707,7 @@ impl Writer {
 
     async fn connect(&mut self) -> Option<()> {
         if self.connection.is_none() {
-            let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-            match ConnectionManager::new_with_config(self.client.clone(), config).await {
+            match self.client.connect_managed(RESPONSE_TIMEOUT).await {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
@@ -706,6 +756,10 @@ fn refuses_every_write(error: &redis::RedisError) -> bool {
             "OOM" | "READONLY" | "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOPERM" | "MISCONF"
         )
     ) || error.is_io_error()
+        // A cluster's master failing over: its slots have no node for a moment.
+        || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
         || error.is_timeout()
 }
 
@@ -786,7 +840,7 @@ mod tests {
 
     #[test]
     fn the_marker_judges_only_once_it_knows_what_redis_should_hold() {
-        let mut marker = Marker::new(&KeyLayout::default());
+        let mut marker = Marker::new(KeyLayout::default().writer_marker("w"));
         assert!(!marker.answered("1".into(), false), "the first answer sets the marker");
         assert!(!marker.answered("2".into(), true));
         marker.unanswered("3".into());
