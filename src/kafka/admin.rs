@@ -213,7 +213,28 @@ pub async fn ensure_topics_with(
 /// Each topic's `max.message.bytes`: the largest record batch its brokers
 /// take, as the broker reports it (the topic's own setting, or the broker's
 /// default when the topic has none).
+///
+/// On a cluster, a topic created moments ago may not be known yet to the
+/// broker asked: that is asked again for up to [`CONFIGS_WAIT`].
 pub async fn max_message_bytes(settings: &KafkaSettings, topics: &[&str]) -> Result<Vec<(String, usize)>, KafkaError> {
+    let deadline = tokio::time::Instant::now() + CONFIGS_WAIT;
+    loop {
+        match describe_max_message_bytes(settings, topics).await {
+            Err(KafkaError::Topic { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            described => return described,
+        }
+    }
+}
+
+/// How long a new topic's configs may take to be known to every broker.
+const CONFIGS_WAIT: Duration = Duration::from_secs(15);
+
+async fn describe_max_message_bytes(
+    settings: &KafkaSettings,
+    topics: &[&str],
+) -> Result<Vec<(String, usize)>, KafkaError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
     let specifiers: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));

@@ -41,7 +41,8 @@ async fn run_all(conn: &ViewConnection, commands: Vec<redis::Cmd>) -> Vec<RedisR
     join_all(commands.into_iter().map(|cmd| {
         // A cluster connection is a handle to one shared set of node connections.
         let mut conn = conn.clone();
-        async move { conn.req_packed_command(&cmd).await }
+        // A script's error comes back as a value: made an error, as a pipeline's are.
+        async move { conn.req_packed_command(&cmd).await.and_then(Value::extract_error) }
     }))
     .await
 }
