@@ -31,7 +31,7 @@
 //!   rewrites every room from the store, as after a FLUSHALL. Memory stays
 //!   bounded however long Redis is away.
 
-mod cluster;
+mod slots;
 mod pending;
 mod script;
 
@@ -563,7 +563,11 @@ impl Writer {
         let started = Instant::now();
         let conn = self.connection.as_mut().expect("connected above");
         let replies = if conn.is_cluster() {
-            Ok(cluster::send(conn, rooms, markers).await)
+            // A cluster connection recovering from a dead master can keep
+            // requests waiting past any response timeout: bounded here.
+            tokio::time::timeout(RESPONSE_TIMEOUT, slots::send(conn, rooms, markers))
+                .await
+                .map_err(|_| slots::timed_out("a flush to the cluster"))
         } else {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -586,6 +590,11 @@ impl Writer {
                 for (marker, value) in self.markers.iter_mut().zip(values) {
                     marker.unanswered(value);
                 }
+                if self.connection.as_ref().is_some_and(ViewConnection::is_cluster) {
+                    // A cluster connection that failed this way may stay stuck:
+                    // the next flush discovers the cluster afresh.
+                    self.connection = None;
+                }
                 self.requeue(batch);
                 self.redis_failing(true);
                 self.back_off().await;
@@ -598,7 +607,8 @@ impl Writer {
     /// must still hold its master's marker), others start afresh.
     async fn place_markers(&mut self) {
         let Some(conn) = self.connection.as_mut().filter(|c| c.is_cluster()) else { return };
-        match cluster::marker_slots(conn).await {
+        let read = tokio::time::timeout(RESPONSE_TIMEOUT, slots::marker_slots(conn)).await;
+        match read.unwrap_or_else(|_| Err(slots::timed_out("CLUSTER SLOTS"))) {
             Ok(slots) => {
                 let mut kept: Vec<Marker> = Vec::with_capacity(slots.len());
                 for slot in slots {
@@ -707,7 +717,8 @@ impl Writer {
 
     async fn connect(&mut self) -> Option<()> {
         if self.connection.is_none() {
-            match self.client.connect_managed(RESPONSE_TIMEOUT).await {
+            let connecting = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.connect_managed(RESPONSE_TIMEOUT));
+            match connecting.await.unwrap_or_else(|_| Err(slots::timed_out("connecting"))) {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
@@ -753,7 +764,18 @@ fn refuses_every_write(error: &redis::RedisError) -> bool {
     matches!(
         error.code(),
         Some(
-            "OOM" | "READONLY" | "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOPERM" | "MISCONF"
+            "OOM"
+                | "READONLY"
+                | "LOADING"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "NOPERM"
+                | "MISCONF"
+                // A slot whose master is failing over, as the cluster client gives up on it.
+                | "MOVED"
+                | "ASK"
         )
     ) || error.is_io_error()
         // A cluster's master failing over: its slots have no node for a moment.

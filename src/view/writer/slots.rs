@@ -47,6 +47,11 @@ async fn run_all(conn: &ViewConnection, commands: Vec<redis::Cmd>) -> Vec<RedisR
     .await
 }
 
+/// The error of a cluster request that took too long.
+pub(super) fn timed_out(what: &str) -> redis::RedisError {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} took longer than the response timeout")).into()
+}
+
 /// The slot each marker goes in: the first slot of every master that serves any.
 pub(super) async fn marker_slots(conn: &mut ViewConnection) -> RedisResult<Vec<u16>> {
     let reply = conn.req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone()).await?;
