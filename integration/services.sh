@@ -45,6 +45,7 @@ KAFKA_LOG4J=$ROOT/integration/kafka/log4j2.properties
 KAFKA_LIBS=$CACHE/kafka-$KAFKA_VERSION/libs
 KDIR=$STATE/kafka      # the Kafka node being worked on (kafka_node sets it per node)
 KNODE=1                # its node.id
+KNAME=kafka            # its name in messages and commands
 RDIR=$STATE/redis      # the one-node Redis
 CDIR=$STATE/redis-cluster
 SHAPE=$STATE/shape     # the shape `up` was given: KAFKA_NODES=… and REDIS_CLUSTER=…
@@ -192,7 +193,7 @@ kafka_libs() {
 # always did; a cluster's nodes in $STATE/kafka-N.
 kafka_node() {
   KNODE=$1
-  if [ "$KAFKA_NODES" = 1 ]; then KDIR=$STATE/kafka; else KDIR=$STATE/kafka-$1; fi
+  if [ "$KAFKA_NODES" = 1 ]; then KDIR=$STATE/kafka KNAME=kafka; else KDIR=$STATE/kafka-$1 KNAME=kafka-$1; fi
 }
 
 # The controller quorum: one voter per node (static, so every node is formatted alike).
@@ -315,7 +316,7 @@ kafka_launch() {
     || log "no kcat: readiness falls back to the broker's 'Kafka Server started' log line"
   pid=$(kafka_pid)
   if [ -n "$pid" ]; then
-    log "kafka-$KNODE already running (pid $pid) on 127.0.0.1:$bport"
+    log "$KNAME already running (pid $pid) on 127.0.0.1:$bport"
   else
     port_bindable "$bport" || die "kafka port 127.0.0.1:$bport is taken by another process (see: ss -ltnp | grep $bport)"
     port_bindable "$cport" || die "kafka controller port 127.0.0.1:$cport is taken by another process"
@@ -325,14 +326,14 @@ kafka_launch() {
     kafka_write_config "$bport" "$cport"
     if [ ! -f "$KDIR/data/meta.properties" ]; then
       id=$(kafka_cluster_id "$java")
-      log "formatting KRaft storage of kafka-$KNODE (cluster $id)"
+      log "formatting KRaft storage of $KNAME (cluster $id)"
       local standalone=()
       [ "$KAFKA_NODES" = 1 ] && standalone=(--standalone)
       "$java" "${JOPTS[@]}" kafka.tools.StorageTool format "${standalone[@]}" \
         -t "$id" -c "$KDIR/server.properties" >>"$KDIR/logs/format.out" 2>&1 \
         || { tail -n 20 "$KDIR/logs/format.out" >&2; die "formatting Kafka storage failed"; }
     fi
-    log "starting kafka-$KNODE $KAFKA_VERSION on 127.0.0.1:$bport (controller $cport)"
+    log "starting $KNAME $KAFKA_VERSION on 127.0.0.1:$bport (controller $cport)"
     KAFKA_LOG_OFFSET=$(stat -c %s "$KDIR/logs/server.log" 2>/dev/null || echo 0)
     # own session, no terminal, nothing inherited: the broker outlives this script.
     # bash -c writes its own pid (kept by exec) to the pidfile, then becomes the JVM.
@@ -352,12 +353,12 @@ kafka_wait() {
   until kafka_ready "$bport"; do
     if [ -z "$(kafka_pid)" ]; then
       tail -n 20 "$KDIR/logs/kafka.out" "$KDIR/logs/server.log" >&2 2>/dev/null || true
-      die "kafka-$KNODE exited during startup (logs in $KDIR/logs)"
+      die "$KNAME exited during startup (logs in $KDIR/logs)"
     fi
-    [ "$SECONDS" -lt "$deadline" ] || die "kafka-$KNODE did not serve metadata on 127.0.0.1:$bport within ${TIMEOUT}s (logs in $KDIR/logs)"
+    [ "$SECONDS" -lt "$deadline" ] || die "$KNAME did not serve metadata on 127.0.0.1:$bport within ${TIMEOUT}s (logs in $KDIR/logs)"
     sleep 0.5
   done
-  log "kafka-$KNODE ready on 127.0.0.1:$bport"
+  log "$KNAME ready on 127.0.0.1:$bport"
 }
 
 # kafka_up: every node started, then waited for (a cluster's nodes need each other's quorum)
@@ -372,13 +373,13 @@ kafka_stop() {
   kafka_node "$1"
   local pid
   pid=$(kafka_pid)
-  if [ -z "$pid" ]; then log "kafka-$KNODE not running"; rm -f "$KDIR/kafka.pid"; return 0; fi
+  if [ -z "$pid" ]; then log "$KNAME not running"; rm -f "$KDIR/kafka.pid"; return 0; fi
   if [ "${2:-}" = KILL ]; then
-    log "killing kafka-$KNODE (pid $pid) with SIGKILL"
-    kill_pid "$pid" "kafka-$KNODE"
+    log "killing $KNAME (pid $pid) with SIGKILL"
+    kill_pid "$pid" "$KNAME"
   else
-    log "stopping kafka-$KNODE (pid $pid)"
-    stop_pid "$pid" "kafka-$KNODE"
+    log "stopping $KNAME (pid $pid)"
+    stop_pid "$pid" "$KNAME"
   fi
   rm -f "$KDIR/kafka.pid"
 }

@@ -43,7 +43,7 @@ async fn the_kafka_node_leading_input_and_changelog_killed_under_load_loses_noth
     let scratch = Scratch::new();
     let dir = scratch.path();
     let topology = topology("cluster-kafka", dir).await;
-    let events = generate(71, 12_000, 300);
+    let events = generate(71, 16_000, 300);
 
     let mut job = spawn(&topology, dir, "i1", &topology.store.dir);
     job.wait_ready(None, Duration::from_secs(90)).await;
@@ -62,7 +62,10 @@ async fn the_kafka_node_leading_input_and_changelog_killed_under_load_loses_noth
         .unwrap_or_else(|| panic!("no node leads both an input and a changelog partition: {input:?} {changelog:?}"));
     let node = format!("kafka-{victim}");
 
-    let load = Load::start(&topology, events.clone(), 20, Duration::from_millis(50));
+    // About 200 events a second for 80 s: enough to outlast the kill, the
+    // recovery (up to half a minute, when the node led the group's or the
+    // transactions' coordinator too) and the restart.
+    let load = Load::start(&topology, events.clone(), 10, Duration::from_millis(50));
     job.wait_for_a_commit("before the kill").await;
     let handed = load.handed();
     cluster_service("kill", &node);
