@@ -17,8 +17,10 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 /// How long connecting to one node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A Redis server or cluster to connect to.
+/// A Redis server or cluster to connect to. Made once per process or
+/// follower, so the variants' sizes do not matter.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum RedisTarget {
     Single(redis::Client),
     Cluster(ClusterClient),
@@ -61,7 +63,9 @@ impl RedisTarget {
     pub fn open(url: &str) -> RedisResult<RedisTarget> {
         match cluster_nodes(url) {
             None => Ok(RedisTarget::Single(redis::Client::open(url)?)),
-            Some(Err(reason)) => Err(RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad redis URL", reason))),
+            Some(Err(reason)) => {
+                Err(RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad redis URL", reason)))
+            }
             Some(Ok(nodes)) => Ok(RedisTarget::Cluster(
                 ClusterClient::builder(nodes)
                     .connection_timeout(CONNECT_TIMEOUT)
@@ -122,7 +126,10 @@ impl ViewConnection {
             return scan_node(self, pattern, None).await;
         };
         let nodes: String = cluster
-            .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
             .await
             .and_then(|v| redis::from_redis_value(v).map_err(RedisError::from))?;
         let mut keys = Vec::new();
@@ -182,7 +189,12 @@ impl ConnectionLike for ViewConnection {
         }
     }
 
-    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             ViewConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
             ViewConnection::Managed(c) => c.req_packed_commands(cmd, offset, count),

@@ -319,7 +319,12 @@ fn strip_colours(line: &str) -> String {
 
 /// Checks the outcome of a run against the model: the broadcast, Redis,
 /// and, once every job has stopped, the stores.
-pub(crate) async fn assert_exact(topology: &Topology, events: &[(String, RoomEvent)], jobs: Vec<Job>, stores: &[&Path]) {
+pub(crate) async fn assert_exact(
+    topology: &Topology,
+    events: &[(String, RoomEvent)],
+    jobs: Vec<Job>,
+    stores: &[&Path],
+) {
     let started = Instant::now();
     let folder = folder(&["recording", "tags"]);
     let expected = model(&folder, events);

@@ -24,7 +24,8 @@ use crate::common::*;
 
 /// Each partition's leader, by node id, as the cluster's metadata says.
 fn leaders(brokers: &str, topic: &str) -> Vec<i32> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("metadata client");
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("metadata client");
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
     let topic = metadata.topics().first().expect("the topic");
     topic.partitions().iter().map(|p| p.leader()).collect()

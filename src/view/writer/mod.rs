@@ -31,9 +31,9 @@
 //!   rewrites every room from the store, as after a FLUSHALL. Memory stays
 //!   bounded however long Redis is away.
 
-mod slots;
 mod pending;
 mod script;
+mod slots;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -290,8 +290,7 @@ pub fn spawn_writer(
     let (live, live_rx) = mpsc::unbounded_channel();
     let (rewrites, rewrites_rx) = mpsc::channel(REWRITE_QUEUE);
     let losses = Arc::new(AtomicU64::new(0));
-    let pressure =
-        Arc::new(Pressure {
+    let pressure = Arc::new(Pressure {
         bytes: AtomicUsize::new(0),
         queued: AtomicUsize::new(0),
         failing: AtomicBool::new(false),
@@ -513,7 +512,10 @@ impl Writer {
         self.pending = Pending::new(self.pending.bounds());
         self.rewrite_owed = true;
         metrics::counter!("omni_redis_backlog_shed_rooms_total").increment(rooms as u64);
-        tracing::warn!(rooms, "redis is failing and its backlog passed the budget; shed it for a rewrite from the store");
+        tracing::warn!(
+            rooms,
+            "redis is failing and its backlog passed the budget; shed it for a rewrite from the store"
+        );
         self.report_backlog();
     }
 
