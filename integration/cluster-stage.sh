@@ -18,5 +18,5 @@ export OMNI_CLUSTER_SERVICES_DIR="$cluster_dir"
 # test.sh runs this, stay untouched. Run alone, the cluster stands in for them.
 export OMNI_BROKERS="${OMNI_BROKERS:-$OMNI_CLUSTER_BROKERS}" OMNI_REDIS_URL="${OMNI_REDIS_URL:-$OMNI_CLUSTER_REDIS_URL}"
 cargo build --release --locked --bins
-cargo test --release --locked --test e2e cluster:: -- --test-threads=1
+cargo test --release --locked --test e2e cluster:: -- --test-threads=1 "$@"
 echo "test.sh: cluster stage passed in $((SECONDS - started)) s" >&2
