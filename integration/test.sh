@@ -29,6 +29,13 @@ skipped() {
   echo "test.sh: $2 stage skipped ($1=1)" >&2
 }
 
+# The Omni service's clients in the languages that call it: Python (grpcio)
+# and Node (@grpc/grpc-js), each against a job and an `omni serve` of its own,
+# across a kill -9 of the job. Their packages are cached under ~/.cache/omni.
+started=$SECONDS
+bash integration/clients/run.sh
+echo "test.sh: client stage passed in $((SECONDS - started)) s" >&2
+
 # Broker outages (tests/e2e/broker_outage.rs): the broker restarted under
 # load and during restores, a job stopped past its session. They run on a
 # second Kafka and Redis (another state folder, other ports), so the shared

@@ -1,15 +1,23 @@
 //! The generated wire types: Tecate room events (input) and omni's own
 //! messages (paths, broadcast state changes, changelog room state).
 
-/// Tecate room events, the processing job's input.
-pub mod tecate {
-    include!(concat!(env!("OUT_DIR"), "/tecate.v1.rs"));
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/protos.rs"));
 }
 
-/// omni's own messages.
-pub mod omni {
-    include!(concat!(env!("OUT_DIR"), "/omni.v1.rs"));
+/// Tecate room events, the processing job's input.
+pub mod tecate {
+    pub use super::generated::tecate::v1::*;
 }
+
+/// omni's own messages, and the Omni service (`omni serve`): its messages,
+/// its tonic server (`omni_server`) and client (`omni_client`).
+pub mod omni {
+    pub use super::generated::omni::v1::*;
+}
+
+/// Every compiled proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/omni_descriptor.bin"));
 
 pub use prost::Message;
 pub use prost_types::Timestamp;

@@ -1,117 +1,104 @@
-//! The effective configuration of a command: the topology file, then
-//! `OMNI_*` environment variables, then flags (each overriding the one
-//! before), plus secrets read from the environment or files. Secrets are
-//! masked whenever the configuration is shown.
+//! The configuration flags commands share, and how each command gets its
+//! effective configuration: the topology file (`--topology`, else
+//! `OMNI_TOPOLOGY`, else `topologies/room-state.toml`), then `OMNI_*`
+//! environment variables, then the command's flags, validated once, the
+//! same way for every command ([`omni::topology::Topology::load_layered`]).
+//! Secrets are masked whenever the configuration is shown.
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use omni::kafka::SECRET_PROPERTIES;
-use omni::topology::Topology;
+use omni::modules::Registry;
+use omni::topology::{topology_file, Layers, Topology};
 
-/// Connection flags every command takes.
+/// The topology file a command reads.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct Connect {
-    /// Kafka bootstrap servers (host:port,...).
-    #[arg(long, global = true, env = "OMNI_BROKERS")]
+pub struct TopologyArg {
+    /// Topology file (TOML) to take the configuration from: topics, modules, Kafka
+    /// (brokers and [kafka.properties]), Redis (URL and key prefix). OMNI_* variables
+    /// override its values, and flags override those [default: topologies/room-state.toml]
+    #[arg(long, env = "OMNI_TOPOLOGY", value_name = "FILE")]
+    pub topology: Option<PathBuf>,
+}
+
+/// Where Kafka is, for commands that use it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port...]; overrides the topology's [kafka] brokers.
+    #[arg(long, env = "OMNI_BROKERS", value_name = "HOST:PORT,...")]
     pub brokers: Option<String>,
-    /// Redis URL: redis://[user[:password]@]host:port[/db], or rediss:// for TLS.
-    #[arg(long, global = true, env = "OMNI_REDIS_URL")]
+}
+
+/// Where Redis is, for commands that use it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RedisUrlArg {
+    /// Redis URL, redis://[user[:password]@]host:port[/db] (rediss:// for TLS); overrides the
+    /// topology's [redis] url. A password is better given in OMNI_REDIS_PASSWORD.
+    #[arg(long, env = "OMNI_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 }
 
-/// Flags that override the topology file for `omni run`.
+/// Whose keys in Redis, for commands that read or write room state there.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyPrefixArg {
+    /// Prefix of the job's Redis keys (<prefix>:room:{<path>}); overrides the topology's
+    /// [redis] key_prefix.
+    #[arg(long, env = "OMNI_KEY_PREFIX", value_name = "PREFIX")]
+    pub key_prefix: Option<String>,
+}
+
+/// Flags of `omni run` that override the topology file.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
-    /// RocksDB state directory.
-    #[arg(long, env = "OMNI_STATE_DIR")]
+    /// RocksDB state directory; overrides [store] dir.
+    #[arg(long, env = "OMNI_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Stable instance id (transactional id suffix).
-    #[arg(long, env = "OMNI_INSTANCE_ID")]
+    /// Stable instance id (suffix of the transactional ids); overrides [instance] id.
+    #[arg(long, env = "OMNI_INSTANCE_ID", value_name = "ID")]
     pub instance_id: Option<String>,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "OMNI_HTTP_LISTEN")]
+    /// Address of /metrics, /healthz and /readyz (port 0 picks one); overrides [http] listen.
+    #[arg(long, env = "OMNI_HTTP_LISTEN", value_name = "HOST:PORT")]
     pub http_listen: Option<String>,
-    /// Commit interval in milliseconds.
-    #[arg(long, env = "OMNI_COMMIT_INTERVAL_MS")]
+    /// Commit interval in milliseconds; overrides commit_interval_ms.
+    #[arg(long, env = "OMNI_COMMIT_INTERVAL_MS", value_name = "MS")]
     pub commit_interval_ms: Option<u64>,
-    /// Processing threads (Kafka Streams' num.stream.threads).
-    #[arg(long, env = "OMNI_THREADS")]
+    /// Processing threads (Kafka Streams' num.stream.threads); overrides [instance] threads.
+    #[arg(long, env = "OMNI_THREADS", value_name = "N")]
     pub threads: Option<usize>,
 }
 
-/// Loads a topology and applies environment, flags and secrets.
-pub fn effective(path: &std::path::Path, connect: &Connect, overrides: &Overrides) -> anyhow::Result<Topology> {
-    let mut topology = Topology::load(path)?;
-    apply(&mut topology, connect, overrides)?;
-    topology.validate()?;
-    Ok(topology)
+/// The flags a command has, as layers over the environment's.
+#[derive(Debug, Default)]
+pub struct Flags<'a> {
+    pub kafka: Option<&'a KafkaArgs>,
+    pub redis_url: Option<&'a RedisUrlArg>,
+    pub key_prefix: Option<&'a KeyPrefixArg>,
+    pub overrides: Option<&'a Overrides>,
 }
 
-pub fn apply(topology: &mut Topology, connect: &Connect, overrides: &Overrides) -> anyhow::Result<()> {
-    if let Some(brokers) = &connect.brokers {
-        topology.kafka.brokers = brokers.clone();
+/// The effective configuration of a command: the topology file, the
+/// environment, then `flags`, validated against the built-in modules.
+pub fn load(topology: &TopologyArg, flags: Flags<'_>) -> anyhow::Result<Topology> {
+    let file = topology_file(topology.topology.as_deref())?;
+    let mut layers = Layers::from_env()?;
+    let some = |value: &Option<String>| value.clone().filter(|v| !v.is_empty());
+    if let Some(kafka) = flags.kafka {
+        layers.brokers = some(&kafka.brokers).or(layers.brokers);
     }
-    if let Some(url) = &connect.redis_url {
-        topology.redis.url = url.clone();
+    if let Some(redis) = flags.redis_url {
+        layers.redis_url = some(&redis.redis_url).or(layers.redis_url);
     }
-    if let Some(dir) = &overrides.state_dir {
-        topology.store.dir = dir.clone();
+    if let Some(prefix) = flags.key_prefix {
+        layers.key_prefix = some(&prefix.key_prefix).or(layers.key_prefix);
     }
-    if let Some(id) = &overrides.instance_id {
-        topology.instance.id = id.clone();
+    if let Some(o) = flags.overrides {
+        layers.state_dir = o.state_dir.clone().or(layers.state_dir);
+        layers.instance_id = some(&o.instance_id).or(layers.instance_id);
+        layers.http_listen = some(&o.http_listen).or(layers.http_listen);
+        layers.commit_interval_ms = o.commit_interval_ms.or(layers.commit_interval_ms);
+        layers.threads = o.threads.or(layers.threads);
     }
-    if let Some(listen) = &overrides.http_listen {
-        topology.http.listen = listen.clone();
-    }
-    if let Some(ms) = overrides.commit_interval_ms {
-        topology.commit_interval_ms = ms;
-    }
-    if let Some(threads) = overrides.threads {
-        topology.instance.threads = threads;
-    }
-    if let Some(password) = secret("OMNI_REDIS_PASSWORD")? {
-        topology.redis.url = with_redis_password(&topology.redis.url, &password)?;
-    }
-    if let Some(password) = secret("OMNI_KAFKA_SASL_PASSWORD")? {
-        topology.kafka.properties.insert("sasl.password".into(), password);
-    }
-    if let Some(file) = topology.kafka.properties.remove("sasl.password.file") {
-        let password = std::fs::read_to_string(&file).with_context(|| format!("reading sasl.password.file {file}"))?;
-        topology.kafka.properties.insert("sasl.password".into(), password.trim_end().to_owned());
-    }
-    Ok(())
-}
-
-/// A secret from `NAME`, or from the file named by `NAME_FILE`.
-fn secret(name: &str) -> anyhow::Result<Option<String>> {
-    if let Ok(value) = std::env::var(name) {
-        return Ok(Some(value));
-    }
-    match std::env::var(format!("{name}_FILE")) {
-        Ok(file) => {
-            let value = std::fs::read_to_string(&file).with_context(|| format!("reading {name}_FILE {file}"))?;
-            Ok(Some(value.trim_end().to_owned()))
-        }
-        Err(_) => Ok(None),
-    }
-}
-
-fn with_redis_password(url: &str, password: &str) -> anyhow::Result<String> {
-    let (scheme, rest) = url.split_once("://").context("redis url has no scheme")?;
-    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let user =
-        rest.rsplit_once('@').map(|(userinfo, _)| userinfo.split(':').next().unwrap_or_default()).unwrap_or_default();
-    Ok(format!("{scheme}://{user}:{}@{host}", percent_encode(password)))
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    Ok(Topology::load_layered(&file, &layers, &Registry::with_builtins())?)
 }
 
 /// The password in a URL's userinfo replaced by `***`.
@@ -149,12 +136,6 @@ mod tests {
         assert_eq!(mask_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(mask_url("redis://pw@h:1"), "redis://***@h:1");
         assert_eq!(mask_url("redis://h:1"), "redis://h:1");
-    }
-
-    #[test]
-    fn a_password_is_added_encoded_and_keeps_the_user() {
-        assert_eq!(with_redis_password("redis://u@h:1", "p@ss").unwrap(), "redis://u:p%40ss@h:1");
-        assert_eq!(with_redis_password("redis://h:1", "x").unwrap(), "redis://:x@h:1");
     }
 
     #[test]

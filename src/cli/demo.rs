@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use omni::modules::Registry;
+use omni::ops::runner;
 use omni::proto::omni::StateChange;
 use omni::proto::tecate::{room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, TagRemoved, TagSet};
 use omni::proto::Message as _;
@@ -34,6 +35,9 @@ pub struct DemoArgs {
 }
 
 const PARTITIONS: i32 = 4;
+
+/// How long the demo's generator and live view may take to close after the job stopped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mock = MockCluster::new(1)?;
@@ -80,14 +84,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let stop = stop_rx.clone();
         move || live_view(&brokers, &topic, stop)
     });
-    let job = crate::run_job(topology, Registry::with_builtins());
-    let result = job.await;
+    let result = runner::run(topology, Registry::with_builtins(), runner::shutdown_signal()).await;
     let _ = stop_tx.send(true);
-    let _ = generator.await;
-    let _ = view.await;
+    // Redis first: nothing below may leave it running.
     drop(redis);
-    drop(mock);
-    result
+    // The mock cluster's clients can hang in their close; the demo's own
+    // threads get a bounded while, and a mock cluster still in use is left
+    // to the process's exit rather than destroyed under them.
+    let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = generator.await;
+        let _ = view.await;
+    })
+    .await;
+    match closed {
+        Ok(()) => drop(mock),
+        Err(_) => {
+            eprintln!(
+                "demo: the generator or the view did not close within {} s; exiting without them",
+                CLOSE_TIMEOUT.as_secs()
+            );
+            std::mem::forget(mock);
+        }
+    }
+    Ok(result?)
 }
 
 fn generate(

@@ -29,7 +29,7 @@ pub struct HealthArgs {
 
 /// Prints the endpoint's answer and returns the exit code: 0 for a 200, 1 for
 /// any other status. An endpoint that cannot be reached is an error (exit 1).
-pub async fn run(args: HealthArgs) -> anyhow::Result<i32> {
+pub async fn run(args: HealthArgs) -> anyhow::Result<u8> {
     let addr = match args.addr {
         Some(addr) => addr,
         None => endpoint_from_listen(std::env::var("OMNI_HTTP_LISTEN").ok().as_deref())?,
@@ -41,10 +41,10 @@ pub async fn run(args: HealthArgs) -> anyhow::Result<i32> {
         .map_err(|_| anyhow::anyhow!("http://{addr}{path} did not answer within {} s", args.timeout_secs))??;
     if status == 200 {
         println!("{}", body.trim_end());
-        Ok(0)
+        Ok(super::exit::OK)
     } else {
         eprintln!("unhealthy: http://{addr}{path} answered {status}: {}", body.trim_end());
-        Ok(1)
+        Ok(super::exit::ERROR)
     }
 }
 

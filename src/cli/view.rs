@@ -4,11 +4,13 @@ use std::io::IsTerminal;
 use std::io::Write as _;
 use std::time::Duration;
 
-use omni::kafka::KafkaSettings;
+use omni::ops::runner::probe_brokers;
 use omni::path::Path;
 use omni::pubsub::{Follower, Pattern, PubSubError};
-use omni::topology::Topology;
 use omni::view::{snapshot, KeyLayout, RedisTarget, RoomSnapshot};
+
+use super::config::{self, Flags, KafkaArgs, KeyPrefixArg, RedisUrlArg, TopologyArg};
+use super::exit;
 
 #[derive(Debug, clap::Args)]
 pub struct SnapshotArgs {
@@ -17,41 +19,65 @@ pub struct SnapshotArgs {
     /// Print JSON even on a terminal.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "omni")]
-    pub key_prefix: String,
+    #[command(flatten)]
+    pub topology: TopologyArg,
+    #[command(flatten)]
+    pub redis_url: RedisUrlArg,
+    #[command(flatten)]
+    pub key_prefix: KeyPrefixArg,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
     /// Room path or pattern: `*` matches one value, a final `>` everything below.
     pub pattern: String,
-    /// Topology whose broadcast topic and Redis prefix to use.
-    #[arg(long, default_value = "topologies/room-state.toml")]
-    pub topology: std::path::PathBuf,
     /// How far back to read the broadcast topic to cover changes committed but not yet in Redis.
-    #[arg(long, default_value = "60")]
+    #[arg(long, default_value = "60", value_name = "SECS")]
     pub lookback_secs: u64,
+    #[command(flatten)]
+    pub topology: TopologyArg,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis_url: RedisUrlArg,
+    #[command(flatten)]
+    pub key_prefix: KeyPrefixArg,
 }
 
-/// Exit code for a room Redis does not know.
-pub const UNKNOWN_ROOM: i32 = 2;
+/// How long `snapshot` waits for Redis.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn snapshot_command(args: SnapshotArgs, redis_url: &str) -> anyhow::Result<i32> {
+pub async fn snapshot_command(args: SnapshotArgs) -> anyhow::Result<u8> {
+    let flags = Flags { redis_url: Some(&args.redis_url), key_prefix: Some(&args.key_prefix), ..Flags::default() };
+    let topology = config::load(&args.topology, flags)?;
     let path = Path::parse_room(&args.path)?;
-    let mut conn = RedisTarget::open(redis_url)?.connect().await?;
-    let keys = KeyLayout::new(&args.key_prefix);
-    match snapshot(&mut conn, &keys, &path.to_string()).await? {
+    let url = config::mask_url(&topology.redis.url);
+    anyhow::ensure!(
+        !topology.redis.url.is_empty(),
+        "no Redis configured: set [redis] url, OMNI_REDIS_URL or --redis-url"
+    );
+    let client = RedisTarget::open(&topology.redis.url)?;
+    let keys = KeyLayout::new(&topology.redis.key_prefix);
+    let read = async {
+        let mut conn = client.connect().await?;
+        snapshot(&mut conn, &keys, &path.to_string()).await.map_err(anyhow::Error::from)
+    };
+    let room = tokio::time::timeout(REDIS_TIMEOUT, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis at {url} did not answer within {} s", REDIS_TIMEOUT.as_secs()))?
+        .map_err(|e| anyhow::anyhow!("reading {path} from Redis at {url}: {e:#}"))?;
+    match room {
         None => {
             eprintln!("room {path} is not known to Redis (never written, or closed)");
-            Ok(UNKNOWN_ROOM)
+            Ok(exit::UNKNOWN_ROOM)
         }
         Some(room) if std::io::stdout().is_terminal() && !args.json => {
             print!("{}", table(&room));
-            Ok(0)
+            Ok(exit::OK)
         }
         Some(room) => {
             println!("{}", serde_json::to_string(&room)?);
-            Ok(0)
+            Ok(exit::OK)
         }
     }
 }
@@ -67,12 +93,24 @@ fn table(room: &RoomSnapshot) -> String {
     out
 }
 
-pub async fn watch_command(args: WatchArgs, kafka: KafkaSettings, redis_url: &str) -> anyhow::Result<()> {
-    let topology = Topology::load(&args.topology)?;
+pub async fn watch_command(args: WatchArgs) -> anyhow::Result<()> {
+    let flags = Flags {
+        kafka: Some(&args.kafka),
+        redis_url: Some(&args.redis_url),
+        key_prefix: Some(&args.key_prefix),
+        overrides: None,
+    };
+    let topology = config::load(&args.topology, flags)?;
     let pattern = Pattern::parse(&args.pattern)?;
-    let client = RedisTarget::open(redis_url)?;
+    let brokers = topology.kafka.brokers.clone();
+    let probe = {
+        let kafka = topology.kafka.clone();
+        tokio::task::spawn_blocking(move || probe_brokers(&kafka, Duration::from_secs(10))).await?
+    };
+    probe.map_err(|e| anyhow::anyhow!("cannot reach the Kafka brokers {brokers}: {e}"))?;
+    let client = RedisTarget::open(&topology.redis.url)?;
     let mut follower = Follower::start(
-        &kafka,
+        &topology.kafka,
         &topology.broadcast_topic,
         client,
         KeyLayout::new(&topology.redis.key_prefix),

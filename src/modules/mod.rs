@@ -7,10 +7,13 @@
 //!
 //! Adding a state type is one file here with a [`Module`] impl, one line in
 //! [`Registry::with_builtins`], and the module's name in a topology file.
+//! A module may also set timers ([`timers`]): its timer fold is as pure.
 
+mod input;
 mod recording;
 mod room;
 mod tags;
+pub mod timers;
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -19,11 +22,14 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::proto::omni::{Lease, Timer};
 use crate::proto::tecate::RoomEvent;
 
-pub use recording::{Recording, RecordingState};
-pub use room::{Change, FoldOutcome, LiveRoom, RoomFolder, ROOM_MODULE};
+pub use input::{Input, InputHeaders, KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
+pub use recording::{Recording, RecordingState, HEARTBEAT_LOST, LEASE_TIMER};
+pub use room::{Change, Fired, FoldOutcome, LiveRoom, RoomFolder, ROOM_MODULE};
 pub use tags::Tags;
+pub use timers::{TimerOp, TimerSpec};
 
 /// Limits a fold enforces; records that break them are dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -71,7 +77,7 @@ impl Default for Limits {
             // broadcast record at the limit, with its path and event id,
             // fits a topic made with the broker's defaults.
             max_room_state_bytes: 512 * 1024,
-            room_cache_bytes: 32 << 20,
+            room_cache_bytes: 16 << 20,
             redis_backlog_bytes: 32 << 20,
             redis_write_bytes: 4 << 20,
             closed_stream_retention_secs: 24 * 3600,
@@ -151,6 +157,22 @@ pub trait Module: Send + Sync + 'static {
     fn reacts_to(&self, _event: &RoomEvent) -> bool {
         true
     }
+
+    /// The timers `event` sets or cancels for this module, from its state
+    /// before the event; `lease` is the omni lease its record carries, if
+    /// any. Applied only when the event is not rejected, whether or not it
+    /// changed the state. Called only for events it [`reacts_to`](Module::reacts_to);
+    /// a room close cancels every timer by itself. The default sets none.
+    fn timers(&self, _state: &Self::State, _event: &RoomEvent, _lease: Option<&Lease>) -> Vec<TimerOp> {
+        Vec::new()
+    }
+
+    /// The timer fold: what this module's due `timer` does to its state, a
+    /// pure function of the two (`timer.deadline_ms` is when it fell due).
+    /// `None` is a no-op; the timer is gone either way. The default does nothing.
+    fn on_timer(&self, _state: &Self::State, _timer: &Timer) -> Option<Self::State> {
+        None
+    }
 }
 
 /// A module's decoded state, its type erased so the runtime can hold the
@@ -179,6 +201,12 @@ pub trait DynModule: Send + Sync {
 
     /// The JSON of the empty state.
     fn empty_json(&self) -> String;
+
+    /// See [`Module::timers`].
+    fn timers(&self, state: &ModuleState, event: &RoomEvent, lease: Option<&Lease>) -> Vec<TimerOp>;
+
+    /// Runs the timer fold; on an effective change returns the next state and its JSON.
+    fn fire_state(&self, state: &ModuleState, timer: &Timer) -> Result<Option<(ModuleState, String)>, Rejection>;
 }
 
 impl<M: Module> DynModule for M {
@@ -209,23 +237,44 @@ impl<M: Module> DynModule for M {
         event: &RoomEvent,
         limits: &Limits,
     ) -> Result<Option<(ModuleState, String)>, Rejection> {
-        let Some(current) = state.0.downcast_ref::<M::State>() else {
-            return Err(Rejection::new(
-                RejectKind::CorruptState,
-                format!("the state handed to {} is another module's", Module::name(self)),
-            ));
-        };
-        match self.fold(current, event, limits)? {
-            Some(next) if next != *current => {
-                let json = to_json(&next);
-                Ok(Some((ModuleState(Box::new(next)), json)))
-            }
-            _ => Ok(None),
-        }
+        let current = own_state::<M>(self, state)?;
+        Ok(changed(current, self.fold(current, event, limits)?))
     }
 
     fn empty_json(&self) -> String {
         to_json(&M::State::default())
+    }
+
+    fn timers(&self, state: &ModuleState, event: &RoomEvent, lease: Option<&Lease>) -> Vec<TimerOp> {
+        match state.0.downcast_ref::<M::State>() {
+            Some(current) => Module::timers(self, current, event, lease),
+            None => Vec::new(),
+        }
+    }
+
+    fn fire_state(&self, state: &ModuleState, timer: &Timer) -> Result<Option<(ModuleState, String)>, Rejection> {
+        let current = own_state::<M>(self, state)?;
+        Ok(changed(current, self.on_timer(current, timer)))
+    }
+}
+
+fn own_state<'s, M: Module>(module: &M, state: &'s ModuleState) -> Result<&'s M::State, Rejection> {
+    state.0.downcast_ref::<M::State>().ok_or_else(|| {
+        Rejection::new(
+            RejectKind::CorruptState,
+            format!("the state handed to {} is another module's", Module::name(module)),
+        )
+    })
+}
+
+/// An effective change's next state with its JSON; `None` when it equals the current one.
+fn changed<S: Serialize + PartialEq + Send + 'static>(current: &S, next: Option<S>) -> Option<(ModuleState, String)> {
+    match next {
+        Some(next) if next != *current => {
+            let json = to_json(&next);
+            Some((ModuleState(Box::new(next)), json))
+        }
+        _ => None,
     }
 }
 

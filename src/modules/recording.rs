@@ -1,11 +1,14 @@
-//! The `recording` module: whether the room is being recorded, by whom and since when.
+//! The `recording` module: whether the room is being recorded, by whom and
+//! since when. A start may carry a lease: unless kept alive, the recording
+//! stops by itself one TTL after the last keep-alive (`heartbeat_lost`).
 
 use serde::{Deserialize, Serialize};
 
-use super::{Limits, Module, RejectKind, Rejection};
-use crate::proto::rfc3339;
+use super::{Limits, Module, RejectKind, Rejection, TimerOp};
+use crate::proto::omni::{Lease, Timer};
 use crate::proto::tecate::room_event::Kind;
 use crate::proto::tecate::RoomEvent;
+use crate::proto::{rfc3339, timestamp_from_millis};
 
 /// A room's recording state. After a stop it keeps the last recording's id,
 /// when it stopped and why, so a late joiner can show "recording ended".
@@ -25,6 +28,19 @@ pub struct RecordingState {
 }
 
 pub struct Recording;
+
+/// The name of a recording's lease timer.
+pub const LEASE_TIMER: &str = "lease";
+
+/// The stop reason of a recording whose lease expired.
+pub const HEARTBEAT_LOST: &str = "heartbeat_lost";
+
+impl Recording {
+    /// Whether a stop concerns the recording of `state`.
+    fn stops(state: &RecordingState, stop_id: &str) -> bool {
+        state.active && (stop_id.is_empty() || state.recording_id.as_deref() == Some(stop_id))
+    }
+}
 
 impl Module for Recording {
     type State = RecordingState;
@@ -65,9 +81,7 @@ impl Module for Recording {
                 }))
             }
             Some(Kind::RecordingStopped(stop)) => {
-                let matches =
-                    stop.recording_id.is_empty() || state.recording_id.as_deref() == Some(stop.recording_id.as_str());
-                if !state.active || !matches {
+                if !Recording::stops(state, &stop.recording_id) {
                     return Ok(None);
                 }
                 Ok(Some(RecordingState {
@@ -79,6 +93,35 @@ impl Module for Recording {
             }
             _ => Ok(None),
         }
+    }
+
+    /// A start sets its lease, or cancels the one before when it carries
+    /// none; a stop of the recording cancels its lease.
+    fn timers(&self, state: &RecordingState, event: &RoomEvent, lease: Option<&Lease>) -> Vec<TimerOp> {
+        match (&event.kind, lease) {
+            (Some(Kind::RecordingStarted(start)), Some(lease)) if !start.recording_id.is_empty() => {
+                vec![TimerOp::lease(LEASE_TIMER, lease, start.recording_id.clone())]
+            }
+            (Some(Kind::RecordingStarted(_)), _) => vec![TimerOp::cancel(LEASE_TIMER)],
+            (Some(Kind::RecordingStopped(stop)), _) if Recording::stops(state, &stop.recording_id) => {
+                vec![TimerOp::cancel(LEASE_TIMER)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// An expired lease stops the recording it was taken for, if still active.
+    fn on_timer(&self, state: &RecordingState, timer: &Timer) -> Option<RecordingState> {
+        let leased = state.recording_id.as_deref() == Some(timer.payload.as_str());
+        if timer.name != LEASE_TIMER || !state.active || !leased {
+            return None;
+        }
+        Some(RecordingState {
+            active: false,
+            stopped_at: Some(rfc3339(Some(&timestamp_from_millis(timer.deadline_ms)))),
+            reason: Some(HEARTBEAT_LOST.to_owned()),
+            ..state.clone()
+        })
     }
 }
 
@@ -141,6 +184,46 @@ mod tests {
     fn start_with_an_empty_id_is_rejected() {
         let err = Recording.fold(&RecordingState::default(), &start("", "u"), &Limits::default()).unwrap_err();
         assert_eq!(err.kind, RejectKind::InvalidEvent);
+    }
+
+    fn lease(id: &str) -> Lease {
+        Lease { lease_id: id.into(), ttl_ms: 3000 }
+    }
+
+    fn lease_timer(recording: &str, deadline_ms: i64) -> Timer {
+        Timer {
+            module: "recording".into(),
+            name: LEASE_TIMER.into(),
+            deadline_ms,
+            ttl_ms: 3000,
+            lease_id: "l1".into(),
+            payload: recording.into(),
+        }
+    }
+
+    #[test]
+    fn a_leased_start_sets_its_lease_and_a_stop_or_a_plain_start_cancels_it() {
+        let idle = RecordingState::default();
+        let ops = Recording.timers(&idle, &start("r1", "u7"), Some(&lease("l1")));
+        assert_eq!(ops, vec![TimerOp::lease(LEASE_TIMER, &lease("l1"), "r1")]);
+        let active = fold(&idle, &start("r1", "u7")).unwrap();
+        assert_eq!(Recording.timers(&active, &start("r2", "u7"), None), vec![TimerOp::cancel(LEASE_TIMER)]);
+        assert_eq!(Recording.timers(&active, &stop("r1", "done"), None), vec![TimerOp::cancel(LEASE_TIMER)]);
+        assert_eq!(Recording.timers(&active, &stop("", "done"), None), vec![TimerOp::cancel(LEASE_TIMER)]);
+        assert!(Recording.timers(&active, &stop("r9", "done"), None).is_empty(), "another recording's stop");
+        assert!(Recording.timers(&active, &tag_set("k", "v"), None).is_empty());
+    }
+
+    #[test]
+    fn an_expired_lease_stops_its_recording_with_heartbeat_lost() {
+        let active = fold(&RecordingState::default(), &start("r1", "u7")).unwrap();
+        let stopped = Recording.on_timer(&active, &lease_timer("r1", 1_795_773_605_000)).unwrap();
+        assert!(!stopped.active);
+        assert_eq!(stopped.reason.as_deref(), Some(HEARTBEAT_LOST));
+        assert_eq!(stopped.stopped_at.as_deref(), Some("2026-11-27T10:00:05Z"));
+        assert_eq!(stopped.recording_id.as_deref(), Some("r1"));
+        assert_eq!(Recording.on_timer(&active, &lease_timer("r0", 0)), None, "a lease of an earlier recording");
+        assert_eq!(Recording.on_timer(&stopped, &lease_timer("r1", 0)), None, "already stopped");
     }
 
     #[test]

@@ -5,13 +5,14 @@
 
 use std::sync::Arc;
 
-use prost::Message;
-
+use super::input::{Input, InputHeaders};
+use super::timers::{self, TimerOp};
 use super::{DynModule, Limits, ModuleState, RejectKind, Rejection};
 use crate::path::Path;
-use crate::proto::omni::RoomState;
+use crate::proto::omni::{Lease, RoomState, Timer};
 use crate::proto::tecate::room_event::Kind;
 use crate::proto::tecate::RoomEvent;
+use crate::proto::{millis_of, timestamp_from_millis};
 
 /// The module name of the change a room close makes.
 pub const ROOM_MODULE: &str = "room";
@@ -31,6 +32,17 @@ pub struct FoldOutcome {
     pub changes: Vec<Change>,
     /// True when the event closed the room (its state is now empty).
     pub closed: bool,
+    /// True when the room's timers changed (set, replaced or cancelled).
+    pub timers_changed: bool,
+}
+
+/// What firing a due timer did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fired {
+    /// The timer, its deadline the one it fell due at.
+    pub timer: Timer,
+    /// The timer fold's change; `None` for a no-op.
+    pub change: Option<Change>,
 }
 
 /// A room's state with its module states kept decoded, so the events after
@@ -80,8 +92,9 @@ impl RoomFolder {
         &self,
         key: Option<&'k [u8]>,
         value: Option<&[u8]>,
+        headers: InputHeaders<'_>,
         known: impl FnOnce(&str) -> bool,
-    ) -> Result<(&'k str, RoomEvent), Rejection> {
+    ) -> Result<(&'k str, Input), Rejection> {
         let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
         if size > self.limits.max_record_bytes {
             return Err(Rejection::new(
@@ -96,48 +109,81 @@ impl RoomFolder {
             Path::parse_room(key).map_err(|e| Rejection::new(RejectKind::InvalidKey, e.to_string()))?;
         }
         let value = value.ok_or_else(|| Rejection::new(RejectKind::Undecodable, "record has no value"))?;
-        let event = RoomEvent::decode(value)
-            .map_err(|e| Rejection::new(RejectKind::Undecodable, format!("not a Tecate RoomEvent: {e}")))?;
-        if event.kind.is_none() {
-            return Err(Rejection::new(RejectKind::Undecodable, "Tecate RoomEvent has no event kind"));
-        }
-        Ok((key, event))
+        Ok((key, Input::decode(value, headers)?))
     }
 
     /// Folds `event` into `state`. On a rejection `state` is left untouched,
     /// so an event is applied whole or not at all.
     pub fn fold(&self, state: &mut RoomState, event: &RoomEvent) -> Result<FoldOutcome, Rejection> {
         let mut room = LiveRoom::new(std::mem::take(state));
-        let outcome = self.fold_live(&mut room, event);
+        let outcome = self.fold_live(&mut room, event, None, millis_of(event.occurred_at.as_ref()));
         *state = room.state;
         outcome
     }
 
     /// [`RoomFolder::fold`] on a room that keeps its module states decoded
-    /// from one event to the next.
-    pub fn fold_live(&self, room: &mut LiveRoom, event: &RoomEvent) -> Result<FoldOutcome, Rejection> {
+    /// from one event to the next, with the lease its record carries;
+    /// timers it sets fall due counting from `now_ms`.
+    pub fn fold_live(
+        &self,
+        room: &mut LiveRoom,
+        event: &RoomEvent,
+        lease: Option<&Lease>,
+        now_ms: i64,
+    ) -> Result<FoldOutcome, Rejection> {
         if matches!(event.kind, Some(Kind::RoomClosed(_))) {
             return Ok(self.close(room, event));
         }
         room.decoded.resize_with(self.modules.len(), || None);
         let mut next_states = Vec::new();
+        let mut timer_ops: Vec<(usize, Vec<TimerOp>)> = Vec::new();
         for (index, module) in self.modules.iter().enumerate() {
             if !module.reacts_to(event) {
                 continue;
             }
-            let current = match &mut room.decoded[index] {
-                Some(decoded) => decoded,
-                slot => {
-                    let json = room.state.modules.get(module.name()).map(String::as_str);
-                    slot.insert(guarded(module.name(), || module.decode_state(json))?)
-                }
-            };
+            let current = self.decoded(room, index)?;
             let limits = &self.limits;
+            let ops = guarded(module.name(), || Ok(module.timers(current, event, lease)))?;
+            if !ops.is_empty() {
+                timer_ops.push((index, ops));
+            }
             if let Some(next) = guarded(module.name(), || module.fold_state(current, event, limits))? {
                 next_states.push((index, next));
             }
         }
         self.check_state_size(&room.state, &next_states)?;
+        let mut timers = room.state.timers.clone();
+        let mut timers_changed = false;
+        for (index, ops) in &timer_ops {
+            timers_changed |= timers::apply(&mut timers, self.modules[*index].name(), ops, now_ms)?;
+        }
+        if timers_changed {
+            room.state.timers = timers;
+        }
+        let mut outcome = self.apply(room, next_states, event.occurred_at);
+        outcome.timers_changed = timers_changed;
+        Ok(outcome)
+    }
+
+    /// A module's decoded state in `room`, decoded from its JSON when first needed.
+    fn decoded<'r>(&self, room: &'r mut LiveRoom, index: usize) -> Result<&'r mut ModuleState, Rejection> {
+        let module = &self.modules[index];
+        match &mut room.decoded[index] {
+            Some(decoded) => Ok(decoded),
+            slot => {
+                let json = room.state.modules.get(module.name()).map(String::as_str);
+                Ok(slot.insert(guarded(module.name(), || module.decode_state(json))?))
+            }
+        }
+    }
+
+    /// Takes the modules' next states into the room, one version each.
+    fn apply(
+        &self,
+        room: &mut LiveRoom,
+        next_states: Vec<(usize, (ModuleState, String))>,
+        at: Option<crate::proto::Timestamp>,
+    ) -> FoldOutcome {
         let state = &mut room.state;
         let mut changes = Vec::with_capacity(next_states.len());
         for (index, (decoded, json)) in next_states {
@@ -152,10 +198,41 @@ impl RoomFolder {
             changes.push(Change { version: state.version, module: module.name(), state_json: json });
         }
         if !changes.is_empty() {
-            state.updated_at = event.occurred_at;
+            state.updated_at = at;
             state.closed = false;
         }
-        Ok(FoldOutcome { changes, closed: false })
+        FoldOutcome { changes, closed: false, timers_changed: false }
+    }
+
+    /// The timer fold: fires `module`'s timer `name`, which fell due at
+    /// `due_ms`, and removes it from the room. `None` when the room holds no
+    /// such timer. On a rejection (the module panicked, say) the room is
+    /// left as it was; [`RoomFolder::drop_timer`] then gets rid of the timer.
+    pub fn fire(&self, room: &mut LiveRoom, module: &str, name: &str, due_ms: i64) -> Result<Option<Fired>, Rejection> {
+        let Some(position) = room.state.timers.iter().position(|t| t.module == module && t.name == name) else {
+            return Ok(None);
+        };
+        let timer = Timer { deadline_ms: due_ms, ..room.state.timers[position].clone() };
+        let mut next_states = Vec::new();
+        if let Some(index) = self.modules.iter().position(|m| m.name() == module) {
+            room.decoded.resize_with(self.modules.len(), || None);
+            let current = self.decoded(room, index)?;
+            let handler = &self.modules[index];
+            if let Some(next) = guarded(module, || handler.fire_state(current, &timer))? {
+                next_states.push((index, next));
+            }
+            self.check_state_size(&room.state, &next_states)?;
+        }
+        room.state.timers.remove(position);
+        let outcome = self.apply(room, next_states, Some(timestamp_from_millis(due_ms)));
+        Ok(Some(Fired { timer, change: outcome.changes.into_iter().next() }))
+    }
+
+    /// Removes a timer whose fold was refused; true when the room held it.
+    pub fn drop_timer(&self, room: &mut LiveRoom, module: &str, name: &str) -> bool {
+        let before = room.state.timers.len();
+        room.state.timers.retain(|t| t.module != module || t.name != name);
+        room.state.timers.len() != before
     }
 
     /// Refuses changes that would take the room's state past its byte limit.
@@ -187,8 +264,10 @@ impl RoomFolder {
     /// reopened room continues from it. Closing an empty room is a no-op.
     fn close(&self, room: &mut LiveRoom, event: &RoomEvent) -> FoldOutcome {
         let state = &mut room.state;
+        let timers_changed = !state.timers.is_empty();
+        state.timers.clear();
         if state.modules.is_empty() {
-            return FoldOutcome { changes: Vec::new(), closed: false };
+            return FoldOutcome { changes: Vec::new(), closed: false, timers_changed };
         }
         state.modules.clear();
         room.decoded.clear();
@@ -198,6 +277,7 @@ impl RoomFolder {
         FoldOutcome {
             changes: vec![Change { version: state.version, module: ROOM_MODULE, state_json: "{}".to_owned() }],
             closed: true,
+            timers_changed,
         }
     }
 
@@ -258,6 +338,7 @@ mod tests {
     use super::test_events::*;
     use super::*;
     use crate::modules::Registry;
+    use prost::Message;
 
     fn folder() -> RoomFolder {
         let names = vec!["recording".to_owned(), "tags".to_owned()];
@@ -400,16 +481,17 @@ mod tests {
     fn decode_rejects_bad_records_with_the_right_kind() {
         let f = folder();
         let good = tag_set("k", "v").encode_to_vec();
-        let decode = |k: &'static [u8]| f.decode(Some(k), Some(&good), |_| false).map(|(key, _)| key);
+        let none = InputHeaders::default();
+        let decode = |k: &'static [u8]| f.decode(Some(k), Some(&good), none, |_| false).map(|(key, _)| key);
         assert_eq!(decode(b"app/a/room/r").unwrap(), "app/a/room/r");
         assert_eq!(decode(br"app/a\/b/room/r").unwrap(), r"app/a\/b/room/r");
         assert_eq!(decode(b"app/a").unwrap_err().kind, RejectKind::InvalidKey);
         assert_eq!(
-            f.decode(Some(b"app/a"), Some(&good), |key| key == "app/a").unwrap().0,
+            f.decode(Some(b"app/a"), Some(&good), none, |key| key == "app/a").unwrap().0,
             "app/a",
             "a key the caller vouches for is not parsed again"
         );
-        let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v, |_| false).unwrap_err().kind;
+        let kind = |k: Option<&[u8]>, v: Option<&[u8]>| f.decode(k, v, none, |_| false).unwrap_err().kind;
         assert_eq!(kind(None, Some(&good)), RejectKind::InvalidKey);
         assert_eq!(kind(Some(b"app/a"), Some(&good)), RejectKind::InvalidKey);
         assert_eq!(kind(Some(&[0xff, 0xfe]), Some(&good)), RejectKind::InvalidKey);

@@ -1,9 +1,14 @@
-//! The operations endpoint: Prometheus metrics, liveness and readiness.
+//! The operations side of a running job: the endpoint serving Prometheus
+//! metrics, liveness and readiness, and [`runner`], which runs a job with
+//! that endpoint, so a binary of one's own (with modules of its own) keeps
+//! everything `omni run` offers operators.
+
+pub mod runner;
 
 mod process;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use omni::runtime::Health;
+use crate::runtime::Health;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -28,15 +33,33 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What start-up is waiting for, shown by `/readyz` until the job takes over.
+#[derive(Debug, Default)]
+pub struct StartUp {
+    waiting_for: Mutex<Option<String>>,
+}
+
+impl StartUp {
+    /// Says what start-up waits for (`None` once it waits for nothing).
+    pub fn waiting_for(&self, reason: Option<String>) {
+        *self.waiting_for.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.waiting_for.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
 #[derive(Clone)]
 struct Endpoint {
     metrics: PrometheusHandle,
     health: Arc<Health>,
+    start_up: Arc<StartUp>,
 }
 
 /// Binds the endpoint and serves it in the background; returns the bound address.
-pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
-    let endpoint = Endpoint { metrics: metrics_handle(), health };
+pub async fn serve(listen: &str, health: Arc<Health>, start_up: Arc<StartUp>) -> std::io::Result<SocketAddr> {
+    let endpoint = Endpoint { metrics: metrics_handle(), health, start_up };
     describe_metrics();
     let app = Router::new()
         .route("/metrics", get(|State(e): State<Endpoint>| async move { scrape(&e) }))
@@ -56,10 +79,26 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
             }),
         )
         .route(
+            "/readyz/redis",
+            get(|State(e): State<Endpoint>| async move {
+                match e.health.redis_trouble() {
+                    None if e.health.writes_redis() => (StatusCode::OK, "redis: ok\n".to_owned()),
+                    None => (StatusCode::OK, "redis: not configured\n".to_owned()),
+                    Some(trouble) => (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", redis_trouble(&trouble))),
+                }
+            }),
+        )
+        .route(
             "/readyz",
             get(|State(e): State<Endpoint>| async move {
                 if e.health.ready() {
-                    (StatusCode::OK, format!("ready: {} partitions\n", e.health.assigned()))
+                    // Redis trouble does not stop processing (writes wait for it), so
+                    // the job stays ready; the body says so, and /readyz/redis fails.
+                    let redis =
+                        e.health.redis_trouble().map(|t| format!("; {}", redis_trouble(&t))).unwrap_or_default();
+                    (StatusCode::OK, format!("ready: {} partitions{redis}\n", e.health.assigned()))
+                } else if let Some(reason) = e.start_up.reason() {
+                    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
                 } else if let Some(stall) = e.health.stall() {
                     let why = format!(
                         "not ready: processing thread {} has been {} for {} s\n",
@@ -74,7 +113,7 @@ pub async fn serve(listen: &str, health: Arc<Health>) -> anyhow::Result<SocketAd
         .with_state(endpoint);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("binding the HTTP endpoint on {listen}: {e}"))?;
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding the HTTP endpoint on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -91,6 +130,13 @@ fn scrape(endpoint: &Endpoint) -> String {
     process::record();
     metrics::gauge!("omni_ready").set(if endpoint.health.ready() { 1.0 } else { 0.0 });
     endpoint.metrics.render()
+}
+
+fn redis_trouble(trouble: &crate::view::RedisTrouble) -> String {
+    format!(
+        "redis: writes failing for {} s, {} rooms waiting: {}",
+        trouble.for_secs, trouble.backlog_rooms, trouble.error
+    )
 }
 
 /// Shows a progress bar on the terminal while partitions restore from their changelogs.
@@ -147,6 +193,9 @@ fn describe_metrics() {
         ("omni_restored_records_total", "Changelog records restored into the store.", false),
         ("omni_restore_retries_total", "Restore attempts that failed and were retried.", false),
         ("omni_produce_errors_total", "Records Kafka did not accept, by kind (refused, transient).", true),
+        ("omni_keepalives_total", "Lease keep-alives processed, by result (renewed, unknown_lease).", true),
+        ("omni_timer_expiries_total", "Module timers fired (leases expired), per module.", true),
+        ("omni_timer_failures_total", "Module timers dropped because their timer fold failed, per module.", true),
     ];
     for (name, help, labeled) in counters {
         describe_counter!(name, help);
@@ -163,6 +212,8 @@ fn describe_metrics() {
         ("omni_rocksdb_disk_bytes", "RocksDB SST files on disk.", false),
         ("omni_assigned_partitions", "Input partitions assigned to this instance.", false),
         ("omni_ready", "1 when /readyz answers 200: joined, every partition restored, no thread stalled.", false),
+        ("omni_timers_pending", "Module timers pending in the consumed partitions.", false),
+        ("omni_leases_active", "Leases pending (kept alive or not yet expired) in the consumed partitions.", false),
     ];
     for (name, help, labeled) in gauges {
         describe_gauge!(name, help);
@@ -173,6 +224,7 @@ fn describe_metrics() {
     describe_histogram!("omni_commit_seconds", "Time to commit one transaction.");
     describe_histogram!("omni_transaction_seconds", "Time from a transaction's first record to its commit.");
     describe_histogram!("omni_redis_write_seconds", "Time of one Redis pipeline.");
+    describe_histogram!("omni_timer_lag_seconds", "How long after its deadline a module timer fired.");
     describe_gauge!("omni_build_info", "Always 1; the version of omni in its label.");
     metrics::gauge!("omni_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process::describe();

@@ -46,7 +46,7 @@ mod pattern;
 mod publisher;
 mod subscriber;
 
-pub use follow::{change_record, FollowEvent, Follower, DEFAULT_LOOKBACK};
+pub use follow::{change_record, ChangeFeed, FollowEvent, Follower, DEFAULT_LOOKBACK};
 pub use pattern::Pattern;
 pub use publisher::{Publisher, CONTENT_TYPE_HEADER};
 pub use subscriber::{Delivery, QueueSubscriber, StartAt, Subscriber};
@@ -70,6 +70,9 @@ pub enum PubSubError {
     View(#[from] crate::view::ViewError),
     #[error("undecodable record at {topic}/{partition}@{offset}: {reason}")]
     Decode { topic: String, partition: i32, offset: i64, reason: String },
+    /// A [`ChangeFeed`]'s reader fell further behind than its buffer holds.
+    #[error("fell {skipped} changes behind the shared broadcast feed")]
+    Lagged { skipped: u64 },
     #[error("background task failed: {0}")]
     Task(String),
     /// A [`Follower`] room whose gap Redis has not let it bridge for a long

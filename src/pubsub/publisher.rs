@@ -66,7 +66,7 @@ impl Publisher {
     /// Publishes `payload` on subject `path` to the default topic, returning
     /// the partition and offset once the broker has acknowledged it.
     pub async fn publish(&self, path: &Path, payload: &[u8]) -> Result<(i32, i64), PubSubError> {
-        self.send(&self.default_topic, path, payload, None).await
+        self.send(&self.default_topic, path, payload, &[]).await
     }
 
     /// Publishes to `topic`, optionally with a [`CONTENT_TYPE_HEADER`] header.
@@ -78,7 +78,22 @@ impl Publisher {
         content_type: Option<&str>,
     ) -> Result<(i32, i64), PubSubError> {
         check_topic(topic)?;
-        self.send(topic, path, payload, content_type).await
+        let headers: Vec<(&str, &[u8])> =
+            content_type.map(|c| (CONTENT_TYPE_HEADER, c.as_bytes())).into_iter().collect();
+        self.send(topic, path, payload, &headers).await
+    }
+
+    /// Publishes to `topic` with the given headers (omni's own input
+    /// messages, a lease or a keep-alive, travel in headers).
+    pub async fn publish_with_headers(
+        &self,
+        topic: &str,
+        path: &Path,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64), PubSubError> {
+        check_topic(topic)?;
+        self.send(topic, path, payload, headers).await
     }
 
     async fn send(
@@ -86,13 +101,15 @@ impl Publisher {
         topic: &str,
         path: &Path,
         payload: &[u8],
-        content_type: Option<&str>,
+        headers: &[(&str, &[u8])],
     ) -> Result<(i32, i64), PubSubError> {
         let key = path.to_string();
         let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload);
-        if let Some(content_type) = content_type {
-            let header = Header { key: CONTENT_TYPE_HEADER, value: Some(content_type) };
-            record = record.headers(OwnedHeaders::new().insert(header));
+        if !headers.is_empty() {
+            let owned = headers
+                .iter()
+                .fold(OwnedHeaders::new(), |all, &(key, value)| all.insert(Header { key, value: Some(value) }));
+            record = record.headers(owned);
         }
         match self.producer.send(record, QUEUE_TIMEOUT).await {
             Ok(delivery) => {

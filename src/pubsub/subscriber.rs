@@ -334,7 +334,7 @@ async fn wait_for_partitions(consumer: &Arc<StreamConsumer>, topic: &str) -> Res
             }
             Ok(None) => {}
             // Every 20th, so a long outage is visible without flooding the log.
-            Err(error) if polls % 20 == 0 => {
+            Err(error) if polls.is_multiple_of(20) => {
                 tracing::warn!(topic, %error, "cannot read topic metadata; retrying")
             }
             Err(_) => {}

@@ -49,6 +49,7 @@ impl ConsumerContext for JobContext {
             let result = if engine.closing {
                 engine.abort_open()
             } else if consumer.assignment_lost() {
+                engine.mark_left();
                 engine.abort(consumer, &partitions)
             } else {
                 engine.commit(consumer)

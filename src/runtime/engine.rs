@@ -8,6 +8,13 @@
 //! atomic write per partition together with the changelog offset. An
 //! aborted transaction drops the overlays and rewinds to the committed
 //! offsets, so nothing it touched is seen anywhere.
+//!
+//! Module timers fire here too, inside the open transaction like any
+//! event's change ([`timers`]); each partition keeps its pending timers in
+//! a [`DeadlineIndex`], rebuilt from the store after an abort or a restore.
+
+mod rooms;
+mod timers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc;
@@ -33,11 +40,10 @@ use super::reconcile::{Resync, Rewriter};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::kafka::abort_transaction;
-use crate::modules::{LiveRoom, RejectKind, Rejection, RoomFolder, ROOM_MODULE};
-use crate::proto::now;
-use crate::proto::omni::StateChange;
-use crate::store::{PartitionWrite, StateStore, StoreError};
+use crate::modules::{Input, LiveRoom, Rejection, RoomFolder, ROOM_MODULE};
+use crate::store::{DeadlineIndex, PartitionWrite, StateStore};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
+use rooms::{dirty_room, emit, input_headers, Cause};
 
 /// The topics one job reads and writes.
 #[derive(Debug, Clone)]
@@ -57,6 +63,12 @@ struct DirtyRoom {
     room: LiveRoom,
     /// False while every event on it was a no-op: nothing to write then.
     changed: bool,
+    /// Its timers changed: its changelog record and store entry are
+    /// written even without a change of its modules (Redis has nothing new).
+    timers_changed: bool,
+    /// Its committed state held timers, so the store's list of rooms with
+    /// timers may have to lose it.
+    had_timers: bool,
     /// The state as sent to the changelog at commit, then written to the store.
     encoded: Vec<u8>,
     changes: Vec<ChangeEntry>,
@@ -83,6 +95,8 @@ type RoomMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 #[derive(Default)]
 struct Task {
     restoring: bool,
+    /// Its restore finished; it restores until consumption resumed.
+    restored: bool,
     /// First offset that arrived while restoring; consumption resumes from it.
     rewind_to: Option<i64>,
     /// Next input offset to commit, once this partition consumed something in the transaction.
@@ -90,6 +104,8 @@ struct Task {
     dirty: RoomMap<DirtyRoom>,
     /// Committed states of recently touched rooms.
     recent: RoomMap<LiveRoom>,
+    /// Pending timers by deadline, as of the open transaction.
+    deadlines: DeadlineIndex,
 }
 
 pub struct Engine {
@@ -130,6 +146,7 @@ pub struct Engine {
     /// Set when the loop stops on request, before its last commit.
     pub(super) stopping: bool,
     usage_reported: Instant,
+    timer_metrics: timers::TimerMetrics,
 }
 
 impl Engine {
@@ -179,6 +196,7 @@ impl Engine {
             closing: false,
             stopping: false,
             usage_reported: Instant::now() - Duration::from_secs(60),
+            timer_metrics: timers::TimerMetrics::default(),
         }
     }
 
@@ -233,39 +251,41 @@ impl Engine {
 
     /// Folds a record into its room; the inner result is the record's own rejection.
     fn fold(&mut self, source: Source, message: &BorrowedMessage<'_>) -> Result<Result<(), Rejection>, RuntimeError> {
-        let Engine { tasks, store, folder, producer, topics, counters, closes, room_cache_bytes, .. } = self;
+        let Engine {
+            tasks, store, folder, producer, topics, counters, closes, room_cache_bytes, timer_metrics, ..
+        } = self;
         let partition = source.partition;
         let task = tasks.get_mut(&partition).expect("checked by process");
         // Only keys that passed the check become held rooms.
         let held = |path: &str| task.dirty.contains_key(path) || task.recent.contains_key(path);
-        let (path, event) = match folder.decode(message.key(), message.payload(), held) {
+        let headers = input_headers(message);
+        let (path, input) = match folder.decode(message.key(), message.payload(), headers, held) {
             Ok(decoded) => decoded,
             Err(rejection) => return Ok(Err(rejection)),
         };
-        if !task.dirty.contains_key(path) {
-            let room = match task.recent.remove(path) {
-                Some(room) => {
-                    *room_cache_bytes = room_cache_bytes.saturating_sub(cache_weight(path, room.state().encoded_len()));
-                    room
-                }
-                None => match store.get(partition, path) {
-                    Ok(state) => LiveRoom::new(state.unwrap_or_default()),
-                    Err(e @ StoreError::Corrupt(..)) => {
-                        return Ok(Err(Rejection::new(RejectKind::CorruptState, e.to_string())));
-                    }
-                    Err(e) => return Err(e.into()),
-                },
+        let (event, lease) = match input {
+            Input::Event { event, lease } => (event, lease),
+            Input::KeepAlive(keepalive) => {
+                timer_metrics.keep_alive(&mut task.deadlines, path, &keepalive.lease_ids);
+                return Ok(Ok(()));
+            }
+        };
+        let room =
+            match dirty_room((&mut task.dirty, &mut task.recent), store.as_ref(), room_cache_bytes, path, source)? {
+                Ok(room) => room,
+                Err(rejection) => return Ok(Err(rejection)),
             };
-            let dirty =
-                DirtyRoom { room, changed: false, encoded: Vec::new(), changes: Vec::new(), last_source: source };
-            task.dirty.insert(path.to_owned(), dirty);
-        }
-        let room = task.dirty.get_mut(path).expect("inserted above");
         // A rejected event leaves the state as it was, so folding in place is safe.
-        let outcome = match folder.fold_live(&mut room.room, &event) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let outcome = match folder.fold_live(&mut room.room, &event, lease.as_ref(), now_ms) {
             Ok(outcome) => outcome,
             Err(rejection) => return Ok(Err(rejection)),
         };
+        if outcome.timers_changed {
+            room.timers_changed = true;
+            room.last_source = source;
+            task.deadlines.set_room(path, &room.room.state().timers);
+        }
         for (module, counter) in folder.modules().iter().zip(counters.iter_mut()) {
             counter.processed.add(1);
             if outcome.changes.iter().any(|c| c.module == module.name()) {
@@ -280,30 +300,8 @@ impl Engine {
         if outcome.closed {
             closes.add(1);
         }
-        room.changed = true;
-        room.last_source = source;
-        let processed_at = now();
-        for change in outcome.changes {
-            let broadcast = StateChange {
-                path: path.to_owned(),
-                version: change.version,
-                module: change.module.to_owned(),
-                state_json: change.state_json,
-                cause_event_id: event.event_id.clone(),
-                occurred_at: event.occurred_at,
-                processed_at: Some(processed_at),
-            };
-            let payload = broadcast.encode_to_vec();
-            send(producer, record(&topics.broadcast, source).key(path.as_bytes()).payload(&payload[..]))?;
-            room.changes.push(ChangeEntry {
-                version: broadcast.version,
-                module: change.module,
-                state_json: broadcast.state_json,
-                cause_event_id: broadcast.cause_event_id,
-                occurred_at: broadcast.occurred_at,
-                processed_at: broadcast.processed_at,
-            });
-        }
+        let cause = Cause { event_id: &event.event_id, occurred_at: event.occurred_at };
+        emit(producer, &topics.broadcast, path, room, outcome.changes, cause, source)?;
         Ok(Ok(()))
     }
 
@@ -316,6 +314,7 @@ impl Engine {
         }
         self.closes.publish();
         self.consumed.publish();
+        self.publish_timer_metrics();
     }
 
     /// Commits the open transaction, if any, after publishing the counts gathered since the last.
@@ -327,7 +326,7 @@ impl Engine {
         self.commit_clock.began(Instant::now());
         self.check_delivery()?;
         for (&partition, task) in &mut self.tasks {
-            for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed) {
+            for (room, dirty) in task.dirty.iter_mut().filter(|(_, d)| d.changed || d.timers_changed) {
                 let value = dirty.room.state().encode_to_vec();
                 send(
                     &self.producer,
@@ -399,11 +398,16 @@ impl Engine {
                 continue;
             }
             let mut rooms = Vec::with_capacity(dirty.len());
-            for (path, DirtyRoom { room, changed, encoded, changes, .. }) in dirty {
-                let encoded_len = if changed { encoded.len() } else { room.state().encoded_len() };
-                if changed {
-                    if self.redis.is_some() {
-                        writes.push(RoomWrite::from_state(&self.folder, &path, partition, room.state(), changes));
+            let mut timers_cleared = Vec::new();
+            for (path, DirtyRoom { room, changed, timers_changed, had_timers, encoded, changes, .. }) in dirty {
+                let written = changed || timers_changed;
+                let encoded_len = if written { encoded.len() } else { room.state().encoded_len() };
+                if changed && self.redis.is_some() {
+                    writes.push(RoomWrite::from_state(&self.folder, &path, partition, room.state(), changes));
+                }
+                if written {
+                    if had_timers && room.state().timers.is_empty() {
+                        timers_cleared.push(path.as_bytes().to_vec());
                     }
                     rooms.push((path.as_bytes().to_vec(), encoded));
                 }
@@ -415,8 +419,8 @@ impl Engine {
                 }
             }
             if !rooms.is_empty() || ends.contains_key(&partition) {
-                store_writes
-                    .push((partition, PartitionWrite { rooms, changelog_offset: ends.get(&partition).copied() }));
+                let changelog_offset = ends.get(&partition).copied();
+                store_writes.push((partition, PartitionWrite { rooms, changelog_offset, timers_cleared }));
             }
         }
         self.room_cache_bytes = cache_bytes;
@@ -503,13 +507,9 @@ impl Engine {
         if active.count() == 0 {
             return Ok(());
         }
-        let committed = consumer.committed_offsets(active, KAFKA_TIMEOUT)?;
-        for element in committed.elements() {
-            let offset = match element.offset() {
-                Offset::Offset(o) => Offset::Offset(o),
-                _ => Offset::Beginning,
-            };
-            consumer.seek(element.topic(), element.partition(), offset, KAFKA_TIMEOUT)?;
+        for (partition, offset) in committed_positions(consumer, active)? {
+            tracing::info!(partition, ?offset, "rewinding to the committed offset");
+            consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
         }
         Ok(())
     }
@@ -537,6 +537,10 @@ impl Engine {
         for task in self.tasks.values_mut() {
             task.dirty.clear();
             task.next_offset = None;
+        }
+        // Timers the transaction set, fired or cancelled are back as committed.
+        if let Err(error) = self.reload_deadlines() {
+            self.failure.get_or_insert(error);
         }
     }
 
@@ -583,21 +587,53 @@ impl Engine {
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
             let records = done.result?;
             tracing::info!(partition = done.partition, records, "partition restored");
-            if let Some(offset) = task.rewind_to {
-                consumer.seek(&self.topics.input, done.partition, Offset::Offset(offset), KAFKA_TIMEOUT)?;
-            }
-            // Held back for Redis, it resumes with the others.
-            if !self.backpressure.held_back() {
-                let mut resume = TopicPartitionList::new();
-                resume.add_partition(&self.topics.input, done.partition);
-                consumer.resume(&resume)?;
-            }
-            // Only once consuming again: a failed seek or resume must not
-            // leave a partition paused and counted as ready.
-            task.rewind_to = None;
-            task.restoring = false;
-            self.update_health();
+            task.restored = true;
         }
+        // Kept apart from the reports: a resume that fails is tried again.
+        let restored: Vec<i32> =
+            self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
+        for partition in restored {
+            self.resume_restored(consumer, partition)?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming a restored partition from a position set here: the
+    /// first record that arrived while it restored, else its committed
+    /// offset. A seek made before the partition was paused for its restore
+    /// does not always survive the pause: librdkafka then resets the
+    /// position, to the beginning under `auto.offset.reset=earliest`, and
+    /// input the store already holds is folded again.
+    fn resume_restored<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+    ) -> Result<(), RuntimeError> {
+        let offset = match self.tasks.get(&partition).and_then(|task| task.rewind_to) {
+            Some(offset) => Offset::Offset(offset),
+            None => {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&self.topics.input, partition);
+                committed_positions(consumer, list)?.pop().map_or(Offset::Beginning, |(_, offset)| offset)
+            }
+        };
+        tracing::info!(partition, ?offset, "consuming the restored partition");
+        consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
+        // Held back for Redis, it resumes with the others.
+        if !self.backpressure.held_back() {
+            let mut resume = TopicPartitionList::new();
+            resume.add_partition(&self.topics.input, partition);
+            consumer.resume(&resume)?;
+        }
+        let deadlines = timers::load_deadlines(self.store.as_ref(), partition)?;
+        let Some(task) = self.tasks.get_mut(&partition) else { return Ok(()) };
+        task.deadlines = deadlines;
+        // Only once consuming again: a failed seek or resume must not
+        // leave a partition paused and counted as ready.
+        task.rewind_to = None;
+        task.restored = false;
+        task.restoring = false;
+        self.update_health();
         Ok(())
     }
 
@@ -629,9 +665,15 @@ impl Engine {
         self.health.set_partitions(&mut self.thread_health, self.tasks.len(), restoring);
     }
 
-    /// Marks this thread as a member of the group, once it got its first assignment.
+    /// Marks this thread as a member of the group, once it got an assignment.
     pub(super) fn mark_joined(&mut self) {
         self.health.mark_joined(&mut self.thread_health);
+    }
+
+    /// Marks this thread as out of the group: its assignment was lost (its
+    /// session timed out), so it is not ready until it is assigned again.
+    pub(super) fn mark_left(&mut self) {
+        self.health.mark_left(&mut self.thread_health);
     }
 
     /// Publishes the store's memory and disk use every few seconds.
@@ -671,6 +713,33 @@ impl Engine {
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         self.revoke(&partitions);
     }
+}
+
+/// Where each partition of `partitions` resumes: its committed offset, or
+/// its beginning when it never committed. A partition's own error comes
+/// with no offset: right after a fencing the aborted transaction's offsets
+/// stay unstable until its markers are written, and librdkafka gives up on
+/// them after two retries. Taken for "never committed", it would send the
+/// partition back to its beginning, to fold again what the store already
+/// holds; the error goes to the recovery, which asks again.
+fn committed_positions<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: TopicPartitionList,
+) -> Result<Vec<(i32, Offset)>, RuntimeError> {
+    let committed = consumer.committed_offsets(partitions, KAFKA_TIMEOUT)?;
+    let mut positions = Vec::with_capacity(committed.count());
+    for element in committed.elements() {
+        if let Err(e) = element.error() {
+            tracing::warn!(partition = element.partition(), error = %e, "committed offset not readable yet");
+            return Err(e.into());
+        }
+        let offset = match element.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        positions.push((element.partition(), offset));
+    }
+    Ok(positions)
 }
 
 fn requires_abort(e: &RdError) -> bool {

@@ -363,7 +363,10 @@ impl Job {
                 let rooms = std::mem::take(&mut batch);
                 restored += rooms.len() as u64;
                 metrics::counter!("omni_restored_records_total").increment(rooms.len() as u64);
-                self.store.write(self.partition, PartitionWrite { rooms, changelog_offset: Some(position) })?;
+                self.store.write(
+                    self.partition,
+                    PartitionWrite { rooms, changelog_offset: Some(position), ..PartitionWrite::default() },
+                )?;
             }
             if finished {
                 return Ok(restored);

@@ -215,6 +215,7 @@ impl<'a> StreamThread<'a> {
             self.since_housekeeping = 0;
             engine.check_delivery()?;
             engine.finish_restores(&self.consumer)?;
+            engine.fire_due_timers()?;
             engine.resync_if_redis_lost_data();
             engine.apply_backpressure(&self.consumer)?;
             crate::kafka::serve_ready(&engine.producer);

@@ -6,11 +6,17 @@
 //! write, and only after the Kafka transaction that produced them committed,
 //! so a store never holds uncommitted state and never needs a wipe after an
 //! unclean stop.
+//!
+//! Rooms with pending timers are also listed under a key of their own, so
+//! a partition's timers are found without reading every room; the
+//! in-memory [`DeadlineIndex`] orders them by deadline.
 
+mod deadlines;
 mod rocks;
 
 use crate::proto::omni::RoomState;
 
+pub use deadlines::{DeadlineIndex, DueTimer};
 pub use rocks::{RocksStore, StoreOptions};
 
 /// Errors from a state store.
@@ -30,6 +36,9 @@ pub struct PartitionWrite {
     pub rooms: Vec<(Vec<u8>, Vec<u8>)>,
     /// The changelog offset the store has now caught up to (next offset to read).
     pub changelog_offset: Option<i64>,
+    /// Rooms in `rooms` whose timers are all gone, to take off the list of
+    /// rooms with timers (rooms written with timers go on it by themselves).
+    pub timers_cleared: Vec<Vec<u8>>,
 }
 
 /// Memory and disk use, for metrics.
@@ -68,4 +77,9 @@ pub trait StateStore: Send + Sync {
     fn visit_rooms(&self, partition: i32, visit: &mut dyn FnMut(String, RoomState) -> bool) -> Result<(), StoreError>;
 
     fn usage(&self) -> StoreUsage;
+
+    /// The rooms of a partition that hold timers, read through the list of
+    /// such rooms rather than a scan of all of them. Rooms listed that hold
+    /// none any more (a restore overwrote them) leave the list here.
+    fn timer_rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError>;
 }

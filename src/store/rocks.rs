@@ -2,7 +2,8 @@
 //! input partition, a room's canonical path as the key and its encoded
 //! [`RoomState`] as the value. The changelog offset sits in the same column
 //! family under a key no path can take, so a single write batch moves state
-//! and offset together.
+//! and offset together. So does the list of rooms with timers: one key per
+//! such room, its path behind a byte no path starts with.
 
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -14,10 +15,25 @@ use rocksdb::{
 };
 
 use super::{PartitionWrite, StateStore, StoreError, StoreUsage};
-use crate::proto::omni::RoomState;
+use crate::proto::omni::{RoomState, RoomTimers};
 
 /// Paths start with a tag name, never with a NUL byte.
 const CHANGELOG_OFFSET_KEY: &[u8] = b"\0changelog-offset";
+
+/// The prefix of the keys listing rooms with timers (then the room's path).
+const TIMER_ROOM_PREFIX: u8 = 1;
+
+fn timer_room_key(room: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(room.len() + 1);
+    key.push(TIMER_ROOM_PREFIX);
+    key.extend_from_slice(room);
+    key
+}
+
+/// Whether an encoded room state holds timers, decoding only its timers.
+fn has_timers(state: &[u8]) -> bool {
+    RoomTimers::decode(state).is_ok_and(|t| !t.timers.is_empty())
+}
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -33,7 +49,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { block_cache_mib: 64, write_buffer_mib: 32 }
+        StoreOptions { block_cache_mib: 48, write_buffer_mib: 32 }
     }
 }
 
@@ -122,6 +138,12 @@ impl StateStore for RocksStore {
         let mut batch = WriteBatch::default();
         for (room, state) in &write.rooms {
             batch.put_cf(&cf, room, state);
+            if has_timers(state) {
+                batch.put_cf(&cf, timer_room_key(room), []);
+            }
+        }
+        for room in &write.timers_cleared {
+            batch.delete_cf(&cf, timer_room_key(room));
         }
         if let Some(offset) = write.changelog_offset {
             batch.put_cf(&cf, CHANGELOG_OFFSET_KEY, offset.to_be_bytes());
@@ -147,7 +169,7 @@ impl StateStore for RocksStore {
         let cf = self.cf(partition)?;
         for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(backend)?;
-            if key.as_ref() == CHANGELOG_OFFSET_KEY {
+            if key.first().is_some_and(|&b| b <= TIMER_ROOM_PREFIX) {
                 continue;
             }
             let room = String::from_utf8_lossy(&key).into_owned();
@@ -157,6 +179,24 @@ impl StateStore for RocksStore {
             }
         }
         Ok(())
+    }
+
+    fn timer_rooms(&self, partition: i32) -> Result<Vec<(String, RoomState)>, StoreError> {
+        let cf = self.cf(partition)?;
+        let mut rooms = Vec::new();
+        let mut stale = WriteBatch::default();
+        let start = [TIMER_ROOM_PREFIX];
+        for item in self.db.iterator_cf(&cf, rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+            let (key, _) = item.map_err(backend)?;
+            let Some((&TIMER_ROOM_PREFIX, room)) = key.split_first() else { break };
+            let room = String::from_utf8_lossy(room).into_owned();
+            match self.get(partition, &room)? {
+                Some(state) if !state.timers.is_empty() => rooms.push((room, state)),
+                _ => stale.delete_cf(&cf, &key),
+            }
+        }
+        self.db.write_opt(stale, &self.write_options).map_err(backend)?;
+        Ok(rooms)
     }
 
     fn usage(&self) -> StoreUsage {
@@ -173,7 +213,13 @@ mod tests {
     use super::*;
 
     fn room(version: u64, tags: &str) -> RoomState {
-        RoomState { version, modules: [("tags".to_owned(), tags.to_owned())].into(), updated_at: None, closed: false }
+        RoomState {
+            version,
+            modules: [("tags".to_owned(), tags.to_owned())].into(),
+            updated_at: None,
+            closed: false,
+            timers: Vec::new(),
+        }
     }
 
     fn encoded(room: &str, state: RoomState) -> (Vec<u8>, Vec<u8>) {
@@ -189,13 +235,21 @@ mod tests {
             store
                 .write(
                     3,
-                    PartitionWrite { rooms: vec![encoded("app/a/room/r", room(2, "{}"))], changelog_offset: Some(17) },
+                    PartitionWrite {
+                        rooms: vec![encoded("app/a/room/r", room(2, "{}"))],
+                        changelog_offset: Some(17),
+                        ..PartitionWrite::default()
+                    },
                 )
                 .unwrap();
             store
                 .write(
                     5,
-                    PartitionWrite { rooms: vec![encoded("app/a/room/q", room(9, "{}"))], changelog_offset: None },
+                    PartitionWrite {
+                        rooms: vec![encoded("app/a/room/q", room(9, "{}"))],
+                        changelog_offset: None,
+                        ..PartitionWrite::default()
+                    },
                 )
                 .unwrap();
         }
@@ -210,6 +264,43 @@ mod tests {
         assert_eq!(store.get(3, "app/a/room/r").unwrap(), None);
         assert_eq!(store.changelog_offset(3).unwrap(), None);
         assert_eq!(store.get(5, "app/a/room/q").unwrap(), Some(room(9, "{}")), "other partitions stay");
+    }
+
+    #[test]
+    fn rooms_with_timers_are_listed_without_a_scan_and_stale_entries_leave_the_list() {
+        use crate::proto::omni::Timer;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), StoreOptions::default()).unwrap();
+        let timed = |version| RoomState {
+            timers: vec![Timer { module: "m".into(), name: "t".into(), deadline_ms: 5, ..Timer::default() }],
+            ..room(version, "{}")
+        };
+        let rooms = vec![
+            encoded("app/a/room/t1", timed(1)),
+            encoded("app/a/room/t2", timed(1)),
+            encoded("app/a/room/p", room(1, "{}")),
+        ];
+        store.write(0, PartitionWrite { rooms, ..PartitionWrite::default() }).unwrap();
+        let names = |rooms: Vec<(String, RoomState)>| rooms.into_iter().map(|(path, _)| path).collect::<Vec<_>>();
+        assert_eq!(names(store.timer_rooms(0).unwrap()), ["app/a/room/t1", "app/a/room/t2"]);
+        assert_eq!(store.rooms(0).unwrap().len(), 3, "the list is not rooms");
+        // The engine says when a room's timers are gone...
+        let write = PartitionWrite {
+            rooms: vec![encoded("app/a/room/t1", room(2, "{}"))],
+            timers_cleared: vec![b"app/a/room/t1".to_vec()],
+            ..PartitionWrite::default()
+        };
+        store.write(0, write).unwrap();
+        // ...a restore does not, and the listing drops the stale entry itself.
+        store
+            .write(
+                0,
+                PartitionWrite { rooms: vec![encoded("app/a/room/t2", room(2, "{}"))], ..PartitionWrite::default() },
+            )
+            .unwrap();
+        assert!(store.timer_rooms(0).unwrap().is_empty());
+        let cf = store.cf(0).unwrap();
+        assert!(store.db.get_cf(&cf, timer_room_key(b"app/a/room/t2")).unwrap().is_none(), "stale entry deleted");
     }
 
     #[test]

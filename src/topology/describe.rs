@@ -8,7 +8,9 @@ use super::Topology;
 /// Output format of [`describe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// An indented outline.
     Text,
+    /// A Mermaid flowchart, for Markdown.
     Mermaid,
 }
 

@@ -3,6 +3,8 @@
 //! typo never silently falls back to a default.
 
 mod describe;
+mod layers;
+mod service;
 
 use std::path::{Path as FsPath, PathBuf};
 use std::time::Duration;
@@ -14,6 +16,8 @@ use crate::modules::Limits;
 use crate::store::StoreOptions;
 
 pub use describe::{describe, Format};
+pub use layers::{topology_file, Layers, DEFAULT_TOPOLOGY, TOPOLOGY_ENV};
+pub use service::ServiceSettings;
 
 /// Errors loading or validating a topology.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +28,8 @@ pub enum TopologyError {
     Parse(PathBuf, toml::de::Error),
     #[error("invalid topology: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Missing(String),
 }
 
 /// The largest room state a topology may allow: every change to a room at
@@ -75,6 +81,9 @@ pub struct Topology {
     pub instance: InstanceSettings,
     #[serde(default)]
     pub http: HttpSettings,
+    /// `omni serve`, the Omni service.
+    #[serde(default)]
+    pub service: ServiceSettings,
 }
 
 /// Where room state is published for late joiners.
@@ -173,12 +182,18 @@ fn default_true() -> bool {
 }
 
 impl Topology {
-    /// Reads and validates a topology file.
+    /// Reads and validates a topology file, without the environment's
+    /// overrides ([`Topology::load_layered`] adds those).
     pub fn load(path: &FsPath) -> Result<Topology, TopologyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read(path.to_owned(), e))?;
-        let topology: Topology = toml::from_str(&text).map_err(|e| TopologyError::Parse(path.to_owned(), e))?;
+        let topology = Topology::parse_file(path)?;
         topology.validate()?;
         Ok(topology)
+    }
+
+    /// Reads a topology file, strictly, without validating it.
+    fn parse_file(path: &FsPath) -> Result<Topology, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read(path.to_owned(), e))?;
+        toml::from_str(&text).map_err(|e| TopologyError::Parse(path.to_owned(), e))
     }
 
     /// A topology with every default, for the demo and tests.

@@ -89,6 +89,23 @@ impl RedisTarget {
         }
     }
 
+    /// A multiplexed connection made within `timeout`, each reply bounded by it too.
+    pub async fn connect_bounded(&self, timeout: Duration) -> RedisResult<ViewConnection> {
+        match self {
+            RedisTarget::Single(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout));
+                Ok(ViewConnection::Single(client.get_multiplexed_async_connection_with_config(&config).await?))
+            }
+            RedisTarget::Cluster(client) => {
+                let config =
+                    redis::cluster::ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
+                Ok(ViewConnection::Cluster(client.get_async_connection_with_config(config).await?))
+            }
+        }
+    }
+
     /// A connection that reconnects by itself, with every reply bounded by `response_timeout`.
     pub async fn connect_managed(&self, response_timeout: Duration) -> RedisResult<ViewConnection> {
         match self {

@@ -20,7 +20,9 @@ mod writer;
 
 pub use connection::{key_slot, tag_for_slot, RedisTarget, ViewConnection};
 pub use read::{changes_after, room_paths, snapshot, ChangeRecord, RoomSnapshot};
-pub use writer::{spawn_writer, ChangeEntry, RedisWriter, RoomWrite, StoredRooms, WriterOptions};
+pub use writer::{
+    spawn_writer, ChangeEntry, RedisTrouble, RedisWriter, RoomWrite, StoredRooms, WriterOptions, WriterStatus,
+};
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]

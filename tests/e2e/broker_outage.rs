@@ -137,7 +137,7 @@ impl Job {
             let addr = self.addr.clone();
             async move {
                 let (status, text) = http_get(&addr, "/readyz").await?;
-                (status == 200 && body.map_or(true, |b| text.trim() == b)).then_some(())
+                (status == 200 && body.is_none_or(|b| text.trim() == b)).then_some(())
             }
         })
         .await;

@@ -169,7 +169,7 @@ async fn publish_from_flags_and_a_file_then_snapshot_and_watch_show_the_folded_s
         })
     );
 
-    // A closed room and a room never seen are unknown: exit code 2.
+    // A closed room and a room never seen are unknown: exit code 2 (usage errors exit 64).
     let (code, _, err) = snapshot(&topology, "app/cli/room/r3");
     assert_eq!(code, 2, "closed room: {err}");
     assert!(err.contains("not known"), "{err}");

@@ -458,7 +458,7 @@ pub fn assert_store_exact(dirs: &[&FsPath], partitions: i32, expected: &Expected
         for p in 0..partitions {
             use omni::store::StateStore;
             for (room, state) in store.rooms(p).unwrap() {
-                let newer = found.get(&room).map_or(true, |s| s.version < state.version);
+                let newer = found.get(&room).is_none_or(|s| s.version < state.version);
                 if newer {
                     found.insert(room, state);
                 }

@@ -196,7 +196,7 @@ impl LatencyRun<'_> {
             let due = (started.elapsed().as_secs_f64() * self.rate as f64) as u64;
             while sent < due && started.elapsed() < self.duration {
                 let at = now_ms();
-                if sent % 100 == 0 {
+                if sent.is_multiple_of(100) {
                     probe += 1;
                     let room = format!("app/bench/room/probe-{}", probe as usize % PROBE_ROOMS);
                     let event = RoomEvent {

@@ -10,9 +10,11 @@
 //! phases instead ([`memory`]).
 
 mod latency;
+mod leases;
 mod memory;
 mod passthrough;
 mod process;
+mod service;
 mod shapes;
 mod workload;
 
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
 use omni::topology::Topology;
 use serde_json::json;
+
+use super::config::{Flags, KafkaArgs, RedisUrlArg, TopologyArg};
 
 use process::{HistogramTotals, OmniProcess};
 use workload::{Expected, Workload};
@@ -79,11 +83,51 @@ pub struct BenchArgs {
     /// measures the default configuration, and says so.
     #[arg(long, value_name = "KEY=VALUE")]
     pub memory_set: Vec<String>,
+    /// Where Kafka and Redis are: the topology's [kafka] (brokers and properties)
+    /// and [redis] url; the bench uses topics and keys of its own.
+    #[command(flatten)]
+    pub topology: TopologyArg,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub redis_url: RedisUrlArg,
+    /// Run only the service phases: `omni serve` under many single-room
+    /// watchers while the job runs at `--rate`, then `GetSnapshot` latency.
+    #[arg(long)]
+    pub service: bool,
+    /// Watcher counts of the service phases, one phase each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub service_watchers: Vec<usize>,
+    /// Seconds of load per service phase.
+    #[arg(long, default_value = "30")]
+    pub service_secs: u64,
+    /// `GetSnapshot` requests per second in the service phase.
+    #[arg(long, default_value = "5000")]
+    pub service_snapshot_rate: u64,
+    /// Run only the lease phases: the CPU cost of keep-alives and the timer
+    /// lag, with `--lease-count` leases kept alive once a second beside `--rate` events/s.
+    #[arg(long)]
+    pub leases: bool,
+    /// Leases of the lease phases.
+    #[arg(long, default_value = "10000")]
+    pub lease_count: usize,
+    /// Length of each measured lease phase, in seconds.
+    #[arg(long, default_value = "30")]
+    pub lease_phase_secs: u64,
 }
 
-pub async fn run(args: BenchArgs, kafka: KafkaSettings, redis_url: String) -> anyhow::Result<()> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let flags = Flags { kafka: Some(&args.kafka), redis_url: Some(&args.redis_url), ..Flags::default() };
+    let configured = super::config::load(&args.topology, flags)?;
+    let (kafka, redis_url) = (configured.kafka, configured.redis.url);
     if args.memory {
         return memory::run(&args, &kafka, &redis_url).await;
+    }
+    if args.service {
+        return service::run(&args, &kafka, &redis_url).await;
+    }
+    if args.leases {
+        return leases::run(&args, &kafka, &redis_url).await;
     }
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let input = format!("{id}.events");

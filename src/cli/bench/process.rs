@@ -45,6 +45,8 @@ impl OmniProcess {
             .env_remove("OMNI_COMMIT_INTERVAL_MS")
             .env_remove("OMNI_INSTANCE_ID")
             .env_remove("OMNI_THREADS")
+            .env_remove("OMNI_KEY_PREFIX")
+            .env_remove("OMNI_HTTP_LISTEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -90,7 +90,7 @@ pub fn preload(brokers: &str, topic: &str, expected: &mut Expected, events: Even
         expected.apply(&folder, &room, &event);
         send(&producer, topic, &room, &event.encode_to_vec())?;
         count += 1;
-        if count % 10_000 == 0 {
+        if count.is_multiple_of(10_000) {
             omni::kafka::serve_ready(&producer);
         }
     }

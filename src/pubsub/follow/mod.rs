@@ -13,8 +13,10 @@
 //! a room it cannot vouch for waits, its later changes held, and is retried
 //! until Redis catches up; nothing is guessed.
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt as _};
 use prost::Message as _;
 use tokio::time::Instant;
 
@@ -28,6 +30,11 @@ use sequence::{Sequencer, FIRST_RETRY, MAX_RETRY};
 
 mod bridge;
 mod sequence;
+
+/// Broadcast changes decoded once and shared by several followers (the Omni
+/// service's watchers), each with the size of its broadcast record. The feed
+/// reports [`PubSubError::Lagged`] when its reader fell too far behind.
+pub type ChangeFeed = Pin<Box<dyn Stream<Item = Result<(ChangeRecord, usize), PubSubError>> + Send>>;
 
 /// How far back a follower starts reading the broadcast topic, by default.
 /// It must cover the time between a change's commit and its Redis write.
@@ -139,7 +146,8 @@ pub fn change_record(change: StateChange) -> Result<ChangeRecord, serde_json::Er
 /// # }
 /// ```
 pub struct Follower {
-    subscriber: Subscriber,
+    changes: Changes,
+    pattern: Pattern,
     redis: RedisSource,
     sequencer: Sequencer,
 }
@@ -147,7 +155,7 @@ pub struct Follower {
 impl std::fmt::Debug for Follower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Follower")
-            .field("subscriber", &self.subscriber)
+            .field("pattern", &self.pattern.to_string())
             .field("rooms", &self.sequencer.rooms())
             .field("rooms_behind", &self.sequencer.rooms_behind())
             .finish_non_exhaustive()
@@ -173,10 +181,39 @@ impl Follower {
         // Subscribing first fixes the start offsets, so no change can fall
         // between the snapshot and the stream.
         let subscriber = Subscriber::subscribe(settings, broadcast_topic, pattern, StartAt::Timestamp(since)).await?;
-        let mut redis = RedisSource { client: redis.into(), keys, conn: None, failing: false };
-        let snapshots = redis.initial_snapshots(subscriber.pattern()).await?;
-        tracing::debug!(topic = broadcast_topic, pattern = %subscriber.pattern(), rooms = snapshots.len(), "follower started");
-        Ok(Follower { subscriber, redis, sequencer: Sequencer::new(snapshots) })
+        let pattern = subscriber.pattern().clone();
+        let follower = Follower::over(Changes::Broadcast(subscriber), pattern, redis.into(), None, keys).await?;
+        tracing::debug!(topic = broadcast_topic, pattern = %follower.pattern, rooms = follower.sequencer.rooms(), "follower started");
+        Ok(follower)
+    }
+
+    /// A follower over a shared [`ChangeFeed`] instead of a consumer of its
+    /// own. The feed must already be receiving when this is called, and it
+    /// should start with recent changes (as [`start`](Follower::start)'s
+    /// look-back does), since Redis lags the broadcast. Reads the matching
+    /// rooms' snapshots, waiting for Redis like `start`. `connection`, when
+    /// given, is shared with other followers (a multiplexed connection); the
+    /// follower makes one of its own from `redis` only after it fails.
+    pub async fn from_feed(
+        feed: ChangeFeed,
+        redis: RedisTarget,
+        connection: Option<ViewConnection>,
+        keys: KeyLayout,
+        pattern: Pattern,
+    ) -> Result<Follower, PubSubError> {
+        Follower::over(Changes::Feed(feed), pattern, redis, connection, keys).await
+    }
+
+    async fn over(
+        changes: Changes,
+        pattern: Pattern,
+        redis: RedisTarget,
+        conn: Option<ViewConnection>,
+        keys: KeyLayout,
+    ) -> Result<Follower, PubSubError> {
+        let mut redis = RedisSource { client: redis, keys, conn, failing: false };
+        let snapshots = redis.initial_snapshots(&pattern).await?;
+        Ok(Follower { changes, pattern, redis, sequencer: Sequencer::new(snapshots) })
     }
 
     /// The next event: first the snapshots, then changes as they happen.
@@ -197,32 +234,52 @@ impl Follower {
                 continue;
             }
             let retry = self.sequencer.next_retry();
-            let delivery = tokio::select! {
-                delivery = self.subscriber.next() => delivery?,
+            let received = tokio::select! {
+                received = self.changes.next() => received?,
                 () = sleep_until(retry) => continue,
             };
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
-                Err(error) => return Some(Err(error)),
-            };
-            match decode(&delivery) {
-                Ok(change) if self.subscriber.pattern().matches(&change.path) => {
-                    self.sequencer.admit(change, delivery.payload.len(), Instant::now())
+            match received {
+                Ok(Some((change, bytes))) if self.pattern.matches(&change.path) => {
+                    self.sequencer.admit(change, bytes, Instant::now())
                 }
                 Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "skipping an undecodable broadcast record"),
+                Err(error) => return Some(Err(error)),
             }
         }
     }
 
     /// The pattern being followed.
     pub fn pattern(&self) -> &Pattern {
-        self.subscriber.pattern()
+        &self.pattern
     }
 
     /// The version of the last event reported for a room, if any.
     pub fn known_version(&self, path: &str) -> Option<u64> {
         self.sequencer.known_version(path)
+    }
+}
+
+/// Where a follower's changes come from.
+enum Changes {
+    /// A consumer of its own on the broadcast topic.
+    Broadcast(Subscriber),
+    /// Changes decoded elsewhere and shared.
+    Feed(ChangeFeed),
+}
+
+impl Changes {
+    /// The next change with its record's size; `Ok(None)` for a record skipped as undecodable.
+    async fn next(&mut self) -> Option<Result<Option<(ChangeRecord, usize)>, PubSubError>> {
+        match self {
+            Changes::Broadcast(subscriber) => Some(subscriber.next().await?.map(|delivery| match decode(&delivery) {
+                Ok(change) => Some((change, delivery.payload.len())),
+                Err(error) => {
+                    tracing::warn!(%error, "skipping an undecodable broadcast record");
+                    None
+                }
+            })),
+            Changes::Feed(feed) => Some(feed.next().await?.map(Some)),
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 //!   from the store through [`RedisWriter::rewrite`], a lane that yields to
 //!   live writes. On a Redis Cluster each master can lose data on its own (a
 //!   failover to a replica that had not received the last writes, a master
-//!   restarted empty), so the writer keeps one marker per master ([`cluster`]).
+//!   restarted empty), so the writer keeps one marker per master ([`slots`]).
 //! - Redis slower than the job: past its backlog budget the writer asks the
 //!   runtime to pause consumption ([`RedisWriter::should_hold_back`]), as a
 //!   full producer buffer blocks Kafka Streams' `send`, until it drained to
@@ -31,11 +31,13 @@
 //!   rewrites every room from the store, as after a FLUSHALL. Memory stays
 //!   bounded however long Redis is away.
 
+mod marker;
 mod pending;
+mod room_write;
 mod script;
 mod slots;
+mod status;
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,122 +45,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{KeyLayout, RedisTarget, ViewConnection};
-use crate::modules::{RoomFolder, ROOM_MODULE};
-use crate::proto::omni::RoomState;
-use crate::proto::Timestamp;
+use marker::{Markers, MARKER_CHECK};
 use pending::{Bounds, Pending, Place, Waiting};
-
-/// One change, as written to a room's change stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeEntry {
-    pub version: u64,
-    pub module: &'static str,
-    pub state_json: String,
-    pub cause_event_id: String,
-    pub occurred_at: Option<Timestamp>,
-    pub processed_at: Option<Timestamp>,
-}
-
-/// A room's committed state to publish in Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoomWrite {
-    pub path: String,
-    /// The input partition the room belongs to, where the store keeps it.
-    pub partition: i32,
-    pub version: u64,
-    /// A closed room's hash is deleted; its stream stays.
-    pub closed: bool,
-    /// Module name → state JSON.
-    pub modules: Vec<(String, String)>,
-    pub updated_at: Option<Timestamp>,
-    /// The changes since the previous write, oldest first. Empty for a rewrite from the store.
-    pub changes: Vec<ChangeEntry>,
-    /// Versions before the first change (every version, when the write
-    /// carries none) may be missing: entries dropped past a bound, or a room
-    /// rewritten from the store. The stream then gets a marker that sends
-    /// readers back to the hash.
-    pub truncated: bool,
-}
-
-impl RoomWrite {
-    /// The Redis view of a committed room state, with the changes since the
-    /// room's previous write.
-    pub fn from_state(
-        folder: &RoomFolder,
-        path: &str,
-        partition: i32,
-        state: &RoomState,
-        changes: Vec<ChangeEntry>,
-    ) -> RoomWrite {
-        RoomWrite {
-            path: path.to_owned(),
-            partition,
-            version: state.version,
-            closed: state.closed,
-            modules: folder.module_states(state).map(|(name, json)| (name.to_owned(), json)).collect(),
-            updated_at: state.updated_at,
-            changes,
-            truncated: false,
-        }
-    }
-
-    /// A room rewritten from the store: its state, without the changes that led to it.
-    pub fn rewrite(folder: &RoomFolder, path: &str, partition: i32, state: &RoomState) -> RoomWrite {
-        RoomWrite { truncated: true, ..RoomWrite::from_state(folder, path, partition, state, Vec::new()) }
-    }
-
-    /// The newest version the stream may lack before `stream_changes`, or 0.
-    fn newest_missing(&self, stream_changes: &[ChangeEntry]) -> u64 {
-        match (self.truncated, stream_changes.first()) {
-            (false, _) => 0,
-            (true, Some(first)) => first.version.saturating_sub(1),
-            (true, None) => self.version,
-        }
-    }
-
-    /// The changes for the room's stream. A closing write always ends with
-    /// its close, even one that does not carry it (a reconcile from the
-    /// store, or entries dropped past the budget): the stream must end at the
-    /// close, or a replay of an older version could bring the room back.
-    fn stream_changes(&self) -> Cow<'_, [ChangeEntry]> {
-        if !self.closed || self.changes.last().is_some_and(|c| c.version == self.version) {
-            return Cow::Borrowed(&self.changes);
-        }
-        let mut changes = self.changes.clone();
-        changes.push(ChangeEntry {
-            version: self.version,
-            module: ROOM_MODULE,
-            state_json: "{}".to_owned(),
-            cause_event_id: String::new(),
-            occurred_at: self.updated_at,
-            processed_at: self.updated_at,
-        });
-        Cow::Owned(changes)
-    }
-
-    /// When the event behind the oldest change this write carries occurred;
-    /// `None` for a rewrite, which carries none.
-    fn first_occurred(&self) -> Option<(i64, i32)> {
-        self.changes.first().and_then(|c| c.occurred_at.as_ref()).map(|t| (t.seconds, t.nanos))
-    }
-
-    /// Folds a newer write for the same room into this one. A hole before
-    /// the newer write's changes leaves this one's changes on its far side:
-    /// they are dropped, and the hole covers them.
-    fn absorb(&mut self, newer: RoomWrite) {
-        let mut changes = std::mem::take(&mut self.changes);
-        let truncated = self.truncated || newer.truncated;
-        if newer.truncated {
-            changes.clear();
-        }
-        changes.extend(newer.changes);
-        if newer.version >= self.version {
-            *self = RoomWrite { changes: Vec::new(), ..newer };
-        }
-        self.changes = changes;
-        self.truncated = truncated;
-    }
-}
+#[cfg(test)]
+use room_write::test_write;
+pub use room_write::{ChangeEntry, RoomWrite};
+use status::Pressure;
+pub use status::{RedisTrouble, WriterStatus};
 
 /// Tuning of the writer.
 #[derive(Debug, Clone)]
@@ -191,12 +84,6 @@ const PIPELINE_BYTES: usize = 4 << 20;
 /// How long Redis may take to answer one pipeline.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often an idle writer checks that Redis still holds its marker.
-const MARKER_CHECK: Duration = Duration::from_secs(1);
-
-/// How long the marker outlives its writer.
-const MARKER_TTL_SECS: u64 = 24 * 3600;
-
 /// Batches of rewrites queued at most; a rewriting thread waits past that.
 const REWRITE_QUEUE: usize = 2;
 
@@ -208,18 +95,7 @@ pub struct RedisWriter {
     rewrites: mpsc::Sender<Vec<RoomWrite>>,
     losses: Arc<AtomicU64>,
     pressure: Arc<Pressure>,
-}
-
-/// What the writer tells the runtime about its backlog.
-struct Pressure {
-    /// Bytes of writes waiting, as [`Pending`] charges them.
-    bytes: AtomicUsize,
-    /// Bytes of writes sent but not yet taken in: a writer waiting on a
-    /// slow Redis takes in nothing meanwhile.
-    queued: AtomicUsize,
-    /// Whether Redis refuses or cannot be reached now.
-    failing: AtomicBool,
-    budget: usize,
+    status: Arc<WriterStatus>,
 }
 
 impl RedisWriter {
@@ -274,9 +150,10 @@ impl RedisWriter {
     }
 }
 
-impl Pressure {
-    fn total(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+impl RedisWriter {
+    /// How the writer's dealings with Redis go.
+    pub fn status(&self) -> Arc<WriterStatus> {
+        Arc::clone(&self.status)
     }
 }
 
@@ -296,6 +173,7 @@ pub fn spawn_writer(
         failing: AtomicBool::new(false),
         budget: options.backlog_bytes,
     });
+    let status = Arc::new(WriterStatus::default());
     let bounds = Bounds {
         changes_per_room: options.stream_max_len,
         change_bytes_per_room: options.write_bytes,
@@ -303,12 +181,7 @@ pub fn spawn_writer(
         reloadable: stored.is_some(),
     };
     let client = client.into();
-    let writer_id = uuid::Uuid::new_v4().simple().to_string();
-    // A cluster's markers are placed once its masters are known.
-    let markers = match client {
-        RedisTarget::Single(_) => vec![Marker::new(options.keys.writer_marker(&writer_id))],
-        RedisTarget::Cluster(_) => Vec::new(),
-    };
+    let markers = Markers::new(&options.keys, client.is_cluster());
     let writer = Writer {
         client,
         script: redis::Script::new(script::ROOM_CAS),
@@ -318,57 +191,16 @@ pub fn spawn_writer(
         stored,
         connection: None,
         backoff: Duration::from_millis(50),
-        writer_id,
         markers,
-        marker_checked: Instant::now(),
         losses: Arc::clone(&losses),
         pressure: Arc::clone(&pressure),
         rewrite_owed: false,
+        status: Arc::clone(&status),
         live: Some(live_rx),
         rewrites: Some(rewrites_rx),
     };
     let task = tokio::spawn(writer.run());
-    (RedisWriter { live, rewrites, losses, pressure }, task)
-}
-
-/// One of the writer's markers: a key only it writes, advanced on every flush.
-struct Marker {
-    key: String,
-    next: u64,
-    /// The values Redis may hold if it kept its data: the last one
-    /// confirmed, and any sent since whose reply was lost.
-    accepted: Vec<String>,
-}
-
-impl Marker {
-    fn new(key: String) -> Marker {
-        Marker { key, next: 1, accepted: Vec::new() }
-    }
-
-    fn command(&mut self, script: &redis::Script) -> (redis::Cmd, String) {
-        let value = self.next.to_string();
-        self.next += 1;
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(1).arg(&self.key).arg(&value).arg(MARKER_TTL_SECS);
-        for accepted in &self.accepted {
-            cmd.arg(accepted);
-        }
-        (cmd, value)
-    }
-
-    /// Takes the marker's reply; true when it shows that Redis lost data.
-    fn answered(&mut self, value: String, held: bool) -> bool {
-        let judged = !self.accepted.is_empty();
-        self.accepted = vec![value];
-        judged && !held
-    }
-
-    /// The reply was lost: Redis may hold the value sent or the one before.
-    fn unanswered(&mut self, value: String) {
-        if self.accepted.len() < 16 {
-            self.accepted.push(value);
-        }
-    }
+    (RedisWriter { live, rewrites, losses, pressure, status }, task)
 }
 
 struct Writer {
@@ -380,17 +212,13 @@ struct Writer {
     stored: Option<Arc<dyn StoredRooms>>,
     connection: Option<ViewConnection>,
     backoff: Duration,
-    /// Names this writer's markers.
-    writer_id: String,
-    /// One marker, or one per master of a Redis Cluster.
-    markers: Vec<Marker>,
-    /// When the markers were last advanced (and, on a cluster, placed).
-    marker_checked: Instant,
+    markers: Markers,
     losses: Arc<AtomicU64>,
     pressure: Arc<Pressure>,
     /// The backlog was shed while Redis failed: once it takes writes again,
     /// every room is rewritten from the store.
     rewrite_owed: bool,
+    status: Arc<WriterStatus>,
     /// `None` once every handle is dropped.
     live: Option<mpsc::UnboundedReceiver<Vec<RoomWrite>>>,
     rewrites: Option<mpsc::Receiver<Vec<RoomWrite>>>,
@@ -415,14 +243,14 @@ impl Writer {
             self.take_in();
             self.report_backlog();
             if self.idle() {
-                if self.marker_checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
+                if self.markers.checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
                     self.flush(Vec::new()).await;
                 }
                 continue;
             }
             let batch = self.pending.take(self.options.batch_rooms, PIPELINE_BYTES, Instant::now());
             let batch = self.reload(batch);
-            if batch.is_empty() && self.marker_checked.elapsed() < MARKER_CHECK {
+            if batch.is_empty() && self.markers.checked.elapsed() < MARKER_CHECK {
                 continue;
             }
             self.flush(batch).await;
@@ -439,7 +267,7 @@ impl Writer {
 
     /// Waits for new writes, a failing room's retry, or the next marker check.
     async fn wait_for_work(&mut self) {
-        let next_check = self.marker_checked + MARKER_CHECK;
+        let next_check = self.markers.checked + MARKER_CHECK;
         let until = self.pending.next_retry().map_or(next_check, |retry| retry.min(next_check));
         let sleep = tokio::time::sleep_until(until.into());
         let (live_open, rewrites_open) = (self.live.is_some(), self.rewrites.is_some());
@@ -483,15 +311,21 @@ impl Writer {
 
     fn report_backlog(&self) {
         self.pressure.bytes.store(self.pending.bytes(), Ordering::Relaxed);
+        self.status.backlog_rooms.store(self.pending.len(), Ordering::Relaxed);
         metrics::gauge!("omni_redis_backlog_rooms").set(self.pending.len() as f64);
         metrics::gauge!("omni_redis_backlog_bytes").set(self.pending.bytes() as f64);
     }
 
-    /// Records whether Redis takes writes. Back from a failure during which
-    /// the backlog was shed, it owes a rewrite of every room.
-    fn redis_failing(&mut self, failing: bool) {
-        self.pressure.failing.store(failing, Ordering::Relaxed);
-        if !failing && self.rewrite_owed {
+    /// Records whether Redis takes writes (`None`) or why not, for the
+    /// runtime's backpressure and the operations endpoint. Back from a
+    /// failure during which the backlog was shed, it owes a rewrite of every room.
+    fn redis_failing(&mut self, error: Option<&dyn std::fmt::Display>) {
+        self.pressure.failing.store(error.is_some(), Ordering::Relaxed);
+        match error {
+            Some(error) => self.status.failed(error),
+            None => self.status.succeeded(),
+        }
+        if error.is_none() && self.rewrite_owed {
             self.rewrite_owed = false;
             self.losses.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("omni_redis_resyncs_total").increment(1);
@@ -550,18 +384,15 @@ impl Writer {
     async fn flush(&mut self, batch: Vec<RoomWrite>) {
         if self.connect().await.is_none() {
             self.requeue(batch);
-            self.redis_failing(true);
             self.back_off().await;
             return;
         }
-        if self.marker_checked.elapsed() >= MARKER_CHECK || self.markers.is_empty() {
+        if self.markers.placement_due() {
             self.place_markers().await;
         }
-        self.marker_checked = Instant::now();
         let rooms: Vec<redis::Cmd> =
             batch.iter().map(|write| script::room_command(&self.script, &self.options, write)).collect();
-        let (markers, values): (Vec<redis::Cmd>, Vec<String>) =
-            self.markers.iter_mut().map(|marker| marker.command(&self.marker_script)).unzip();
+        let (markers, values) = self.markers.commands(&self.marker_script);
         let started = Instant::now();
         let conn = self.connection.as_mut().expect("connected above");
         let replies = if conn.is_cluster() {
@@ -589,37 +420,25 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
-                for (marker, value) in self.markers.iter_mut().zip(values) {
-                    marker.unanswered(value);
-                }
+                self.redis_failing(Some(&e));
+                self.markers.unanswered(values);
                 if self.connection.as_ref().is_some_and(ViewConnection::is_cluster) {
                     // A cluster connection that failed this way may stay stuck:
                     // the next flush discovers the cluster afresh.
                     self.connection = None;
                 }
                 self.requeue(batch);
-                self.redis_failing(true);
                 self.back_off().await;
             }
         }
     }
 
-    /// On a cluster, one marker per master, in the first slot it serves:
-    /// markers that stay in their slot are kept (a replica that took over
-    /// must still hold its master's marker), others start afresh.
+    /// On a cluster, reads which masters serve slots, for the markers.
     async fn place_markers(&mut self) {
         let Some(conn) = self.connection.as_mut().filter(|c| c.is_cluster()) else { return };
         let read = tokio::time::timeout(RESPONSE_TIMEOUT, slots::marker_slots(conn)).await;
         match read.unwrap_or_else(|_| Err(slots::timed_out("CLUSTER SLOTS"))) {
-            Ok(slots) => {
-                let mut kept: Vec<Marker> = Vec::with_capacity(slots.len());
-                for slot in slots {
-                    let key = self.options.keys.writer_marker_in_slot(&self.writer_id, slot);
-                    let at = self.markers.iter().position(|m| m.key == key);
-                    kept.push(at.map_or_else(|| Marker::new(key), |at| self.markers.swap_remove(at)));
-                }
-                self.markers = kept;
-            }
+            Ok(slots) => self.markers.place(slots),
             // The markers stay where they were; the next check asks again.
             Err(error) => tracing::debug!(%error, "reading the cluster's slots failed"),
         }
@@ -632,21 +451,13 @@ impl Writer {
         values: Vec<String>,
         mut replies: Vec<redis::RedisResult<redis::Value>>,
     ) {
-        let mut missing_script = false;
-        let mut refused_all = None;
         let marker_replies = replies.split_off(replies.len().saturating_sub(values.len()));
-        let mut lost = false;
-        for ((marker, value), reply) in self.markers.iter_mut().zip(values).zip(marker_replies) {
-            match reply {
-                Ok(reply) => lost |= marker.answered(value, matches!(reply, redis::Value::Int(1))),
-                // Not run at all: Redis holds what it held before.
-                Err(e) if is_no_script(&e) => missing_script = true,
-                _ => marker.unanswered(value),
-            }
-        }
-        if lost {
+        let verdict = self.markers.answered(values, marker_replies);
+        if verdict.lost {
             self.data_lost();
         }
+        let mut missing_script = verdict.missing_script;
+        let mut refused_all = None;
         let now = Instant::now();
         let mut written = 0;
         let mut again = Vec::new();
@@ -675,11 +486,14 @@ impl Writer {
             self.load_scripts().await;
         }
         self.requeue(again);
-        self.redis_failing(refused_all.is_some());
-        if let Some(error) = refused_all {
-            tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
-            metrics::counter!("omni_redis_write_errors_total").increment(1);
-            self.back_off().await;
+        match refused_all {
+            Some(error) => {
+                tracing::warn!(%error, backlog = self.pending.len(), "redis refuses writes; holding them");
+                metrics::counter!("omni_redis_write_errors_total").increment(1);
+                self.redis_failing(Some(&error));
+                self.back_off().await;
+            }
+            None => self.redis_failing(None),
         }
     }
 
@@ -724,6 +538,7 @@ impl Writer {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
+                    self.redis_failing(Some(&e));
                     tracing::warn!(error = %e, backlog = self.pending.len(), "redis unreachable; holding writes");
                     return None;
                 }
@@ -789,87 +604,4 @@ fn refuses_every_write(error: &redis::RedisError) -> bool {
 
 fn is_no_script(error: &redis::RedisError) -> bool {
     error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-}
-
-/// A write of room `app/a/room/r` at `version` carrying `changes`, for the writer's tests.
-#[cfg(test)]
-pub(super) fn test_write(version: u64, changes: &[u64]) -> RoomWrite {
-    RoomWrite {
-        path: "app/a/room/r".into(),
-        partition: 0,
-        version,
-        closed: false,
-        modules: vec![("tags".into(), format!("{{\"v\":\"{version}\"}}"))],
-        updated_at: None,
-        changes: changes
-            .iter()
-            .map(|&v| ChangeEntry {
-                version: v,
-                module: "tags",
-                state_json: "{}".into(),
-                cause_event_id: String::new(),
-                occurred_at: None,
-                processed_at: None,
-            })
-            .collect(),
-        truncated: false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::test_write as write;
-    use super::*;
-
-    fn versions(w: &RoomWrite) -> Vec<u64> {
-        w.changes.iter().map(|c| c.version).collect()
-    }
-
-    #[test]
-    fn a_newer_write_takes_over_the_state_and_appends_its_changes() {
-        let mut w = write(2, &[1, 2]);
-        w.absorb(write(4, &[3, 4]));
-        assert_eq!(w.version, 4);
-        assert_eq!(w.modules, write(4, &[]).modules);
-        assert_eq!(versions(&w), vec![1, 2, 3, 4]);
-        assert!(!w.truncated);
-    }
-
-    #[test]
-    fn a_hole_before_the_newer_changes_swallows_the_older_ones() {
-        let mut w = write(2, &[1, 2]);
-        w.absorb(RoomWrite { truncated: true, ..write(6, &[5, 6]) });
-        assert_eq!(versions(&w), vec![5, 6]);
-        assert!(w.truncated);
-        assert_eq!(w.newest_missing(&w.stream_changes()), 4);
-        let mut w = RoomWrite { truncated: true, ..write(2, &[2]) };
-        w.absorb(write(3, &[3]));
-        assert_eq!((versions(&w), w.truncated), (vec![2, 3], true), "an older hole stays in front");
-        let rewrite = RoomWrite { truncated: true, ..write(9, &[]) };
-        assert_eq!(rewrite.newest_missing(&rewrite.stream_changes()), 9);
-        assert_eq!(write(9, &[9]).newest_missing(&write(9, &[9]).changes), 0);
-    }
-
-    #[test]
-    fn a_closing_write_always_ends_its_stream_changes_with_the_close() {
-        let reconcile = RoomWrite { closed: true, ..write(7, &[]) };
-        let changes = reconcile.stream_changes();
-        assert_eq!(changes.iter().map(|c| (c.version, c.module)).collect::<Vec<_>>(), vec![(7, ROOM_MODULE)]);
-        let dropped = RoomWrite { closed: true, ..write(7, &[4, 5]) };
-        assert_eq!(dropped.stream_changes().iter().map(|c| c.version).collect::<Vec<_>>(), vec![4, 5, 7]);
-        let whole = RoomWrite { closed: true, ..write(7, &[6, 7]) };
-        assert!(matches!(whole.stream_changes(), Cow::Borrowed(_)), "a close that carries its change is sent as is");
-        assert!(matches!(write(7, &[]).stream_changes(), Cow::Borrowed(c) if c.is_empty()));
-    }
-
-    #[test]
-    fn the_marker_judges_only_once_it_knows_what_redis_should_hold() {
-        let mut marker = Marker::new(KeyLayout::default().writer_marker("w"));
-        assert!(!marker.answered("1".into(), false), "the first answer sets the marker");
-        assert!(!marker.answered("2".into(), true));
-        marker.unanswered("3".into());
-        assert_eq!(marker.accepted, vec!["2".to_owned(), "3".to_owned()], "a lost reply leaves both possible");
-        assert!(marker.answered("4".into(), false), "a marker Redis no longer holds is a loss");
-        assert!(marker.key.starts_with("omni:writer:"));
-    }
 }

@@ -1,0 +1,120 @@
+//! Between omni's room state (as Redis and the follower hold it) and the
+//! Omni service's messages, and from errors to gRPC statuses.
+
+use std::time::Duration;
+
+use prost_types::Timestamp;
+use tonic::Status;
+
+use crate::proto::omni::{self as pb, watch_event};
+use crate::pubsub::{FollowEvent, PubSubError};
+use crate::view::{ChangeRecord, RoomSnapshot, ViewError};
+
+/// A timestamp from RFC 3339 text; absent when the text is empty or malformed.
+pub fn timestamp(text: &str) -> Option<Timestamp> {
+    let at = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    Some(Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 })
+}
+
+pub fn snapshot_message(snapshot: RoomSnapshot) -> pb::RoomSnapshot {
+    pb::RoomSnapshot {
+        updated_at: timestamp(&snapshot.updated_at),
+        path: snapshot.path,
+        version: snapshot.version,
+        modules: snapshot.modules.into_iter().map(|(name, state)| (name, state.to_string())).collect(),
+    }
+}
+
+pub fn change_message(change: ChangeRecord) -> pb::StateChange {
+    pb::StateChange {
+        occurred_at: timestamp(&change.occurred_at),
+        processed_at: timestamp(&change.processed_at),
+        state_json: change.state.to_string(),
+        path: change.path,
+        version: change.version,
+        module: change.module,
+        cause_event_id: change.cause_event_id,
+    }
+}
+
+pub fn watch_event(event: FollowEvent) -> pb::WatchEvent {
+    let event = match event {
+        FollowEvent::Snapshot(s) => watch_event::Event::Snapshot(snapshot_message(s)),
+        FollowEvent::Change(c) => watch_event::Event::Change(change_message(c)),
+        FollowEvent::Resynchronised(s) => watch_event::Event::Resynchronised(snapshot_message(s)),
+    };
+    pb::WatchEvent { event: Some(event) }
+}
+
+/// `UNAVAILABLE` for a Redis that failed or did not answer in time; the
+/// client may retry.
+pub fn redis_status(error: &ViewError) -> Status {
+    match error {
+        ViewError::Redis(e) => Status::unavailable(format!("redis: {e}")),
+        ViewError::Malformed { .. } => Status::internal(error.to_string()),
+    }
+}
+
+pub fn redis_timeout(waited: Duration) -> Status {
+    Status::unavailable(format!("redis did not answer within {} ms", waited.as_millis()))
+}
+
+/// A publish's failure: the broker did not acknowledge in time, or refused.
+pub fn publish_status(error: &PubSubError) -> Status {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    match error {
+        PubSubError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)) => {
+            Status::deadline_exceeded(format!("kafka did not acknowledge the record in time: {error}"))
+        }
+        PubSubError::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize,
+        )) => Status::invalid_argument(format!("kafka refused the record as too large: {error}")),
+        PubSubError::Kafka(KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+        )) => Status::failed_precondition(format!("the topic does not exist: {error}")),
+        PubSubError::InvalidTopic(_) => Status::invalid_argument(error.to_string()),
+        _ => Status::unavailable(format!("publishing failed: {error}")),
+    }
+}
+
+/// The deadline a client set with `grpc-timeout`, if any.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = text.split_at(text.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_through_rfc3339() {
+        let ts = timestamp("2026-11-27T10:00:00.250Z").unwrap();
+        assert_eq!(crate::proto::rfc3339(Some(&ts)), "2026-11-27T10:00:00.250Z");
+        assert_eq!(timestamp(""), None);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&metadata), None);
+        for (text, expected) in
+            [("5S", Duration::from_secs(5)), ("250m", Duration::from_millis(250)), ("2M", Duration::from_secs(120))]
+        {
+            metadata.insert("grpc-timeout", text.parse().unwrap());
+            assert_eq!(grpc_timeout(&metadata), Some(expected));
+        }
+        metadata.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&metadata), None);
+    }
+}

@@ -1,0 +1,297 @@
+//! `omni serve`, the Omni service: omni's room state and pub/sub layer over
+//! gRPC (tonic, on the project's prost messages) plus a JSON/HTTP/1.1 face
+//! and the operations endpoints, all on one port, so services in any language
+//! publish, read and follow rooms without touching Kafka or Redis.
+//!
+//! The process is stateless: room state comes from Redis and the broadcast
+//! topic, and publishing goes to Kafka; run as many instances as wanted
+//! behind a load balancer. Fan-out is the heart of it: one shared broadcast
+//! consumer per process ([`hub`]) feeds every `Watch`, each a [`Follower`]
+//! over that feed, and each joining watcher reads its snapshots from Redis
+//! once.
+//!
+//! [`Follower`]: crate::pubsub::Follower
+
+mod convert;
+mod http;
+mod hub;
+mod state;
+mod streams;
+mod unary;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::proto::omni::omni_server::{Omni, OmniServer};
+use crate::proto::omni::{self as pb};
+use crate::pubsub::Publisher;
+use crate::topology::Topology;
+use crate::view::RedisTarget;
+use hub::{Hub, HubOptions};
+use state::{Call, Shared};
+
+/// Errors starting or running the service.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("binding {listen}: {source}")]
+    Bind { listen: String, source: std::io::Error },
+    #[error("redis url {0:?} is not usable: {1}")]
+    Redis(String, redis::RedisError),
+    #[error("the service needs redis: set [redis] url or OMNI_REDIS_URL")]
+    NoRedis,
+    #[error("creating the producer: {0}")]
+    Producer(#[from] crate::pubsub::PubSubError),
+    #[error("reading {what} {path}: {source}")]
+    Read { what: &'static str, path: String, source: std::io::Error },
+    #[error("tls: set both service.tls_cert_file and service.tls_key_file, or neither")]
+    HalfTls,
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How to run the service.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// The job's topology: topics, Redis, limits, and `[service]`.
+    pub topology: Topology,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub tokens: Vec<String>,
+    /// Renders the process's metrics for `/metrics`.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+/// Requests up to twice the service's size limits (plus this) reach a
+/// handler, which answers `INVALID_ARGUMENT` naming the limit; larger ones
+/// are refused by the transport (`OUT_OF_RANGE`) before they are read whole.
+const TRANSPORT_SLACK_BYTES: usize = 64 << 10;
+
+/// How long a shutdown waits for calls in flight after telling streams to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Binds the listener; returns it with its address (port 0 picks one).
+pub async fn bind(listen: &str) -> Result<(tokio::net::TcpListener, SocketAddr), ServeError> {
+    let bind_error = |source| ServeError::Bind { listen: listen.to_owned(), source };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, addr))
+}
+
+/// Serves until `stop` resolves, then ends every stream with `UNAVAILABLE`
+/// and returns once calls in flight are done (or after a short grace).
+pub async fn serve(
+    options: ServeOptions,
+    listener: tokio::net::TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let topology = options.topology.clone();
+    let service = &topology.service;
+    if topology.redis.url.is_empty() {
+        return Err(ServeError::NoRedis);
+    }
+    let redis_client =
+        RedisTarget::open(&topology.redis.url).map_err(|e| ServeError::Redis(topology.redis.url.clone(), e))?;
+    let mut producer_settings = topology.kafka.clone();
+    producer_settings.properties.insert("message.timeout.ms".into(), service.publish_timeout_ms.to_string());
+    let publisher = Publisher::new(&producer_settings, topology.input_topic())?;
+    let hub = Hub::start(
+        topology.kafka.clone(),
+        HubOptions {
+            broadcast_topic: topology.broadcast_topic.clone(),
+            buffer: service.watch_buffer,
+            lookback: Duration::from_millis(service.watch_lookback_ms),
+            lookback_bytes: service.watch_lookback_bytes,
+        },
+    );
+    let (stopping, shutdown) = watch::channel(false);
+    let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<OmniServer<OmniService>>().await;
+    let reflection_v1 = reflection().build_v1()?;
+    // grpcurl and Python's grpcio-reflection still ask v1alpha.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let limit = 2 * service.max_message_bytes.max(topology.limits.max_record_bytes) + TRANSPORT_SLACK_BYTES;
+    let omni = OmniServer::new(OmniService { shared: Arc::clone(&shared) })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX);
+    let tokens = Arc::new(options.tokens.clone());
+    let authenticated = tonic::service::interceptor::InterceptedService::new(omni, move |request: Request<()>| {
+        check_token(&tokens, request.metadata().get("authorization").and_then(|v| v.to_str().ok()))?;
+        Ok(request)
+    });
+    let grpc = Routes::new(authenticated)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .into_axum_router();
+    let app = grpc.merge(http::router(Arc::clone(&shared), Arc::clone(&options.metrics), options.tokens.clone()));
+
+    let mut server = Server::builder().accept_http1(true).http2_keepalive_interval(Some(Duration::from_secs(30)));
+    if let Some(tls) = tls_config(&topology)? {
+        server = server.tls_config(tls)?;
+    }
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_on_stop = health.clone();
+    tokio::spawn(async move {
+        stop.await;
+        tracing::info!("shutting down: ending streams with UNAVAILABLE");
+        health_on_stop.set_not_serving::<OmniServer<OmniService>>().await;
+        health_on_stop.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        stopping.send_replace(true);
+        let _ = stopped_tx.send(());
+    });
+    let incoming = TcpListenerStream::new(listener);
+    let running = server.add_routes(Routes::from(app)).serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped_rx.await;
+    });
+    tokio::pin!(running);
+    let mut shutdown = shared.shutdown.clone();
+    tokio::select! {
+        done = &mut running => return done.map_err(ServeError::from),
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, running).await {
+        Ok(done) => done.map_err(ServeError::from),
+        Err(_) => {
+            tracing::warn!("calls still in flight after the shutdown grace; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Server reflection over every proto the service speaks.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+fn tls_config(topology: &Topology) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let service = &topology.service;
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServeError::Read { what, path: path.display().to_string(), source })
+    };
+    match (&service.tls_cert_file, &service.tls_key_file) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let identity = Identity::from_pem(read("service.tls_cert_file", cert)?, read("service.tls_key_file", key)?);
+            Ok(Some(ServerTlsConfig::new().identity(identity)))
+        }
+        _ => Err(ServeError::HalfTls),
+    }
+}
+
+/// `UNAUTHENTICATED` unless tokens are off or the header names one of them.
+/// Compares every byte of every token, so timing says nothing about them.
+pub(crate) fn check_token(tokens: &[String], header: Option<&str>) -> Result<(), Status> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let offered = header.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or_default().as_bytes();
+    let matched = tokens.iter().fold(false, |found, token| {
+        let token = token.as_bytes();
+        let same = token.len() == offered.len() && token.iter().zip(offered).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0;
+        found | same
+    });
+    if matched {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("a valid `authorization: Bearer <token>` is required"))
+    }
+}
+
+/// Reads the accepted tokens: `OMNI_SERVICE_TOKENS` (comma-separated) and
+/// the lines of `service.tokens_file`.
+pub fn load_tokens(topology: &Topology, from_env: Option<&str>) -> Result<Vec<String>, ServeError> {
+    let mut tokens: Vec<String> =
+        from_env.unwrap_or_default().split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
+    if let Some(file) = &topology.service.tokens_file {
+        let text = std::fs::read_to_string(file).map_err(|source| ServeError::Read {
+            what: "service.tokens_file",
+            path: file.display().to_string(),
+            source,
+        })?;
+        tokens.extend(text.lines().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned));
+    }
+    Ok(tokens)
+}
+
+/// The gRPC service `omni.v1.Omni`.
+pub struct OmniService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Omni for OmniService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let call = Call::start("Publish");
+        call.finish(unary::publish(&self.shared, request.into_inner()).await.map(Response::new))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::RoomSnapshot>, Status> {
+        let call = Call::start("GetSnapshot");
+        let deadline = self.shared.deadline(request.metadata());
+        call.finish(unary::get_snapshot(&self.shared, deadline, request.into_inner()).await.map(Response::new))
+    }
+
+    async fn get_deltas(
+        &self,
+        request: Request<pb::GetDeltasRequest>,
+    ) -> Result<Response<pb::GetDeltasResponse>, Status> {
+        let call = Call::start("GetDeltas");
+        let deadline = self.shared.deadline(request.metadata());
+        call.finish(unary::get_deltas(&self.shared, deadline, request.into_inner()).await.map(Response::new))
+    }
+
+    type WatchStream = streams::EventStream<pb::WatchEvent>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let call = Call::start("Watch");
+        let deadline = self.shared.deadline(request.metadata());
+        let peer = request.remote_addr();
+        let opened = streams::watch(Arc::clone(&self.shared), peer, deadline, request.into_inner()).await;
+        call.finish(opened.map(Response::new))
+    }
+
+    type SubscribeStream = streams::EventStream<pb::SubscribeRecord>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let call = Call::start("Subscribe");
+        let peer = request.remote_addr();
+        let opened = streams::subscribe(Arc::clone(&self.shared), peer, request.into_inner()).await;
+        call.finish(opened.map(Response::new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_only_when_configured() {
+        assert!(check_token(&[], None).is_ok());
+        let tokens = vec!["s3cret".to_owned(), "other".to_owned()];
+        assert!(check_token(&tokens, Some("Bearer s3cret")).is_ok());
+        assert!(check_token(&tokens, Some("Bearer other")).is_ok());
+        for wrong in [None, Some("Bearer s3cre"), Some("s3cret"), Some("Bearer s3cretX"), Some("Basic s3cret")] {
+            assert_eq!(check_token(&tokens, wrong).unwrap_err().code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        }
+    }
+}
