@@ -61,7 +61,7 @@ fi
 # Cluster (tests/e2e/cluster.rs): three Kafka nodes and a Redis Cluster,
 # started by integration/cluster-stage.sh in a folder of their own; the
 # Kafka node leading input and changelog partitions killed with -9 under
-# load, a Redis master killed with -9 under load. About 2 minutes.
+# load, a Redis master killed with -9 under load. 2 to 3 minutes.
 # OMNI_SKIP_CLUSTER=1 skips it for a quick local run.
 if ! skipped OMNI_SKIP_CLUSTER cluster; then
   echo "test.sh: cluster stage" >&2

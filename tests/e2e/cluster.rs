@@ -161,4 +161,17 @@ async fn a_redis_master_killed_under_load_fails_over_and_rooms_and_followers_end
     cluster_service("start", &master);
     let store = topology.store.dir.clone();
     assert_exact(&topology, &events, vec![job], &[&store]).await;
+
+    // `omni snapshot` reads rooms from whichever master holds them.
+    for (room, state) in expected.rooms.iter().step_by(expected.rooms.len() / 5 + 1) {
+        let prefix = &topology.redis.key_prefix;
+        let output = omni_cli()
+            .args(["snapshot", room, "--json", "--redis-url", &topology.redis.url, "--key-prefix", prefix])
+            .output();
+        let output = output.expect("running omni snapshot");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "omni snapshot {room}: {}", String::from_utf8_lossy(&output.stderr));
+        let json: serde_json::Value = serde_json::from_str(text.trim()).expect("snapshot prints JSON");
+        assert_eq!(json["version"], serde_json::json!(state.version), "omni snapshot {room} on the cluster");
+    }
 }
