@@ -7,7 +7,7 @@ use std::time::Duration;
 use omni::ops::runner::probe_brokers;
 use omni::path::Path;
 use omni::pubsub::{Follower, Pattern, PubSubError};
-use omni::view::{snapshot, KeyLayout, RoomSnapshot};
+use omni::view::{snapshot, KeyLayout, RedisTarget, RoomSnapshot};
 
 use super::config::{self, Flags, KafkaArgs, KeyPrefixArg, RedisUrlArg, TopologyArg};
 use super::exit;
@@ -56,10 +56,10 @@ pub async fn snapshot_command(args: SnapshotArgs) -> anyhow::Result<u8> {
         !topology.redis.url.is_empty(),
         "no Redis configured: set [redis] url, OMNI_REDIS_URL or --redis-url"
     );
-    let client = redis::Client::open(topology.redis.url.as_str())?;
+    let client = RedisTarget::open(&topology.redis.url)?;
     let keys = KeyLayout::new(&topology.redis.key_prefix);
     let read = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client.connect().await?;
         snapshot(&mut conn, &keys, &path.to_string()).await.map_err(anyhow::Error::from)
     };
     let room = tokio::time::timeout(REDIS_TIMEOUT, read)
@@ -108,7 +108,7 @@ pub async fn watch_command(args: WatchArgs) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || probe_brokers(&kafka, Duration::from_secs(10))).await?
     };
     probe.map_err(|e| anyhow::anyhow!("cannot reach the Kafka brokers {brokers}: {e}"))?;
-    let client = redis::Client::open(topology.redis.url.as_str())?;
+    let client = RedisTarget::open(&topology.redis.url)?;
     let mut follower = Follower::start(
         &topology.kafka,
         &topology.broadcast_topic,

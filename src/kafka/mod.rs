@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientConfig;
 
-pub use admin::{ensure_topics, max_message_bytes, not_served_yet, wait_for_topic, TopicSpec};
+pub use admin::{
+    ensure_topics, ensure_topics_with, max_message_bytes, not_served_yet, wait_for_topic, TopicSettings, TopicSpec,
+};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{
     abort_transaction, commit_transaction, drain, refused_by_broker, send, send_lingering, serve_ready,

@@ -476,12 +476,19 @@ impl Engine {
     /// The producer's fencing, if it was fenced: its transaction outlived
     /// `transaction.timeout.ms` and the coordinator bumped its epoch, or
     /// another producer took its transactional id. Only a new producer can
-    /// go on. Other fatal errors (authorisation, a broken sequence) are not
+    /// go on. So too when the transaction coordinator's broker died during a
+    /// commit and the new coordinator finds the transaction in another state
+    /// than the producer expects (`INVALID_TXN_STATE`: an abort of a commit
+    /// already under way): a new producer's `initTransactions` settles it.
+    /// Other fatal errors (authorisation, a broken sequence) are not
     /// fencings: a new producer would meet them again.
     pub(super) fn producer_fencing(&self) -> Option<String> {
         match self.producer.client().fatal_error()? {
             (
-                RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch,
+                RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidTransactionalState,
                 why,
             ) => Some(why),
             _ => None,

@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::kafka::{ensure_topics, max_message_bytes, wait_for_topic, KafkaError, TopicSpec};
+use crate::kafka::{ensure_topics_with, max_message_bytes, wait_for_topic, KafkaError, TopicSpec};
 use crate::modules::{Registry, RegistryError, RoomFolder};
 use crate::store::{RocksStore, StoreError};
 use crate::topology::Topology;
-use crate::view::{spawn_writer, KeyLayout, WriterOptions};
+use crate::view::{spawn_writer, KeyLayout, RedisTarget, WriterOptions};
 
 pub use output::{
     HEADER_ERROR_KIND, HEADER_ERROR_MESSAGE, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
@@ -229,10 +229,10 @@ async fn watch_for_stalls(health: Arc<Health>) {
 
 /// Opens a Redis client and checks it once: bad credentials fail the start,
 /// while an unreachable server only delays writes until it is back.
-async fn connect_redis(url: &str) -> Result<redis::Client, RuntimeError> {
-    let client = redis::Client::open(url)?;
+async fn connect_redis(url: &str) -> Result<RedisTarget, RuntimeError> {
+    let client = RedisTarget::open(url)?;
     let probe = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = client.connect().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     })
     .await;
@@ -271,8 +271,8 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
     let settings = &topology.kafka;
     let input = topology.input_topic().to_owned();
     if topology.create_topics {
-        ensure_topics(settings, &[TopicSpec { name: input.clone(), partitions: topology.partitions, configs: vec![] }])
-            .await?;
+        let input = TopicSpec { name: input.clone(), partitions: topology.partitions, configs: vec![] };
+        ensure_topics_with(settings, &topology.topics, &[input]).await?;
     }
     // A topic created moments ago may not have leaders yet.
     let partitions = wait_for_topic(settings, &input, TOPIC_WAIT)
@@ -288,14 +288,12 @@ async fn prepare_topics(topology: &Topology) -> Result<Topics, RuntimeError> {
     };
     // A room at every tag limit, its JSON escaped, can pass the broker's 1 MiB default.
     let large_records = vec![("max.message.bytes", "8388608".to_owned())];
-    let changelog_configs = vec![
-        ("cleanup.policy", "compact".to_owned()),
-        ("max.message.bytes", "8388608".to_owned()),
-        ("min.compaction.lag.ms", "0".to_owned()),
-    ];
+    let mut changelog_configs = topology.topics.changelog_configs();
+    changelog_configs.push(("max.message.bytes", "8388608".to_owned()));
     if topology.create_topics {
-        ensure_topics(
+        ensure_topics_with(
             settings,
+            &topology.topics,
             &[
                 TopicSpec { name: topics.changelog.clone(), partitions, configs: changelog_configs },
                 TopicSpec { name: topics.broadcast.clone(), partitions, configs: large_records.clone() },

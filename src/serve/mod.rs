@@ -34,6 +34,7 @@ use crate::proto::omni::omni_server::{Omni, OmniServer};
 use crate::proto::omni::{self as pb};
 use crate::pubsub::Publisher;
 use crate::topology::Topology;
+use crate::view::RedisTarget;
 use hub::{Hub, HubOptions};
 use state::{Call, Shared};
 
@@ -97,8 +98,8 @@ pub async fn serve(
     if topology.redis.url.is_empty() {
         return Err(ServeError::NoRedis);
     }
-    let redis_client = redis::Client::open(topology.redis.url.as_str())
-        .map_err(|e| ServeError::Redis(topology.redis.url.clone(), e))?;
+    let redis_client =
+        RedisTarget::open(&topology.redis.url).map_err(|e| ServeError::Redis(topology.redis.url.clone(), e))?;
     let mut producer_settings = topology.kafka.clone();
     producer_settings.properties.insert("message.timeout.ms".into(), service.publish_timeout_ms.to_string());
     let publisher = Publisher::new(&producer_settings, topology.input_topic())?;

@@ -8,8 +8,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -18,14 +16,14 @@ use super::hub::Hub;
 use crate::kafka::KafkaSettings;
 use crate::pubsub::Publisher;
 use crate::topology::Topology;
-use crate::view::{KeyLayout, ViewError};
+use crate::view::{KeyLayout, RedisTarget, ViewConnection, ViewError};
 
 /// Everything a call needs.
 pub struct Shared {
     pub topology: Topology,
     pub keys: KeyLayout,
-    pub redis_client: redis::Client,
-    redis: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    pub redis_client: RedisTarget,
+    redis: tokio::sync::Mutex<Option<ViewConnection>>,
     pub publisher: Publisher,
     pub kafka: KafkaSettings,
     pub hub: Arc<Hub>,
@@ -36,7 +34,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         topology: Topology,
-        redis_client: redis::Client,
+        redis_client: RedisTarget,
         publisher: Publisher,
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
@@ -66,14 +64,12 @@ impl Shared {
     }
 
     /// The shared Redis connection, made (within the Redis bound) if there is none.
-    pub async fn connection(&self) -> Result<MultiplexedConnection, ViewError> {
+    pub async fn connection(&self) -> Result<ViewConnection, ViewError> {
         let mut slot = self.redis.lock().await;
         if let Some(conn) = slot.as_ref() {
             return Ok(conn.clone());
         }
-        let timeout = Some(self.redis_timeout());
-        let config = AsyncConnectionConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
-        let conn = self.redis_client.get_multiplexed_async_connection_with_config(&config).await?;
+        let conn = self.redis_client.connect_bounded(self.redis_timeout()).await?;
         Ok(slot.insert(conn).clone())
     }
 
@@ -86,7 +82,7 @@ impl Shared {
     /// or does not answer in time.
     pub async fn with_redis<T, F, Fut>(&self, deadline: Duration, read: F) -> Result<T, Status>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(ViewConnection) -> Fut,
         Fut: Future<Output = Result<T, ViewError>>,
     {
         let attempt = async { read(self.connection().await?).await };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kafka::KafkaSettings;
+use crate::kafka::{KafkaSettings, TopicSettings};
 use crate::modules::Limits;
 use crate::store::StoreOptions;
 
@@ -70,6 +70,9 @@ pub struct Topology {
     pub limits: Limits,
     #[serde(default)]
     pub kafka: KafkaSettings,
+    /// Replication and changelog compaction of the topics omni creates.
+    #[serde(default)]
+    pub topics: TopicSettings,
     #[serde(default)]
     pub redis: RedisSettings,
     #[serde(default)]
@@ -239,6 +242,7 @@ impl Topology {
                 "redis.stream_max_len must be at least 1: a closed room's last version lives in its stream",
             );
         }
+        self.topics.validate().map_err(TopologyError::Invalid)?;
         let topics = [&self.inputs[0], &self.broadcast_topic, &self.dead_letter_topic];
         if topics.iter().any(|t| t.is_empty()) {
             return invalid("topic names must not be empty");

@@ -11,11 +11,14 @@
 //!   `stream_max_len` versions. It outlives a close, so it also remembers a
 //!   closed room's last version.
 //!
-//! The braces make both keys of a room hash to one Redis Cluster slot.
+//! The braces make both keys of a room hash to one Redis Cluster slot, so a
+//! room's compare-and-set runs on one master whatever the cluster's shape.
 
+mod connection;
 mod read;
 mod writer;
 
+pub use connection::{key_slot, tag_for_slot, RedisTarget, ViewConnection};
 pub use read::{changes_after, room_paths, snapshot, ChangeRecord, RoomSnapshot};
 pub use writer::{
     spawn_writer, ChangeEntry, RedisTrouble, RedisWriter, RoomWrite, StoredRooms, WriterOptions, WriterStatus,
@@ -60,6 +63,12 @@ impl KeyLayout {
     /// The key of a writer's marker, which tells it when Redis lost data.
     pub fn writer_marker(&self, writer: &str) -> String {
         format!("{}:writer:{writer}", self.prefix)
+    }
+
+    /// The key of a writer's marker on a Redis Cluster, in hash slot `slot`
+    /// (one per master: see the writer).
+    pub fn writer_marker_in_slot(&self, writer: &str, slot: u16) -> String {
+        format!("{}:writer:{writer}:{{{}}}", self.prefix, connection::tag_for_slot(slot))
     }
 
     /// The path inside a room hash key, or `None` for other keys.

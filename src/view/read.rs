@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use redis::aio::ConnectionLike;
 use redis::AsyncCommands;
 
-use super::{KeyLayout, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
+use super::{KeyLayout, ViewConnection, ViewError, UPDATED_AT_FIELD, VERSION_FIELD};
 
 /// A room's state as Redis holds it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -94,28 +94,11 @@ pub async fn changes_after<C: ConnectionLike + Send + Sync>(
     Ok(records)
 }
 
-/// Every room path that has a hash in Redis, found with SCAN (never KEYS).
-pub async fn room_paths<C: ConnectionLike + Send + Sync>(
-    conn: &mut C,
-    keys: &KeyLayout,
-) -> Result<Vec<String>, ViewError> {
-    let mut cursor: u64 = 0;
-    let mut paths = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(keys.scan_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        paths.extend(batch.iter().filter_map(|k| keys.path_of(k)));
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+/// Every room path that has a hash in Redis, found with SCAN (never KEYS),
+/// on every master of a cluster.
+pub async fn room_paths(conn: &mut ViewConnection, keys: &KeyLayout) -> Result<Vec<String>, ViewError> {
+    let found = conn.scan_keys(&keys.scan_pattern()).await?;
+    let mut paths: Vec<String> = found.iter().filter_map(|k| keys.path_of(k)).collect();
     paths.sort();
     paths.dedup();
     Ok(paths)

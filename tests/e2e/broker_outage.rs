@@ -32,14 +32,14 @@ const RECOVERY: Duration = Duration::from_secs(90);
 
 /// A test's scratch folder: state directories, topology files, job logs.
 /// Kept when the test fails (or `OMNI_OUTAGE_KEEP` is set), so the logs can be read.
-struct Scratch(Option<tempfile::TempDir>);
+pub(crate) struct Scratch(Option<tempfile::TempDir>);
 
 impl Scratch {
-    fn new() -> Scratch {
+    pub(crate) fn new() -> Scratch {
         Scratch(Some(tempfile::Builder::new().prefix("omni-outage-").tempdir().unwrap()))
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.0.as_ref().unwrap().path()
     }
 }
@@ -57,14 +57,14 @@ impl Drop for Scratch {
 
 /// An `omni run` process with its operations endpoint on a port of its own.
 /// Killed if the test ends without terminating it.
-struct Job {
+pub(crate) struct Job {
     process: Option<JobProcess>,
     addr: String,
     name: String,
 }
 
 /// Starts `omni run` for `topology` as `instance`, with its store in `store`.
-fn spawn(topology: &Topology, dir: &Path, instance: &str, store: &Path) -> Job {
+pub(crate) fn spawn(topology: &Topology, dir: &Path, instance: &str, store: &Path) -> Job {
     let mut t = topology.clone();
     t.store.dir = store.to_owned();
     let addr = format!("127.0.0.1:{}", pick_free_port());
@@ -81,12 +81,12 @@ impl Job {
         self.process().child.id().to_string()
     }
 
-    fn log_text(&mut self) -> String {
+    pub(crate) fn log_text(&mut self) -> String {
         self.process().log_text()
     }
 
     /// Fails the test if the process exited.
-    fn alive(&mut self, when: &str) {
+    pub(crate) fn alive(&mut self, when: &str) {
         let when = format!("({}) {when}", self.name);
         self.process().assert_running(&when);
     }
@@ -113,7 +113,7 @@ impl Job {
 
     /// Waits until the job has committed after now: it is consuming and
     /// its transactions go through.
-    async fn wait_for_a_commit(&mut self, what: &str) -> Duration {
+    pub(crate) async fn wait_for_a_commit(&mut self, what: &str) -> Duration {
         let started = Instant::now();
         let before = self.commits().await;
         let what = format!("{} to commit {what}", self.name);
@@ -130,7 +130,7 @@ impl Job {
     }
 
     /// Waits until `/readyz` answers 200 with `body`, or any 200 for `None`.
-    async fn wait_ready(&mut self, body: Option<&str>, timeout: Duration) {
+    pub(crate) async fn wait_ready(&mut self, body: Option<&str>, timeout: Duration) {
         let what = format!("{} to be ready ({})", self.name, body.unwrap_or("any partitions"));
         wait_for(timeout, &what, || {
             self.alive("while waiting for it to be ready");
@@ -145,7 +145,7 @@ impl Job {
 
     /// Keeps checking the process is alive for `span`: the deliberate length
     /// of an outage the scenario stages.
-    async fn stays_alive_for(&mut self, span: Duration, when: &str) {
+    pub(crate) async fn stays_alive_for(&mut self, span: Duration, when: &str) {
         let end = Instant::now() + span;
         while Instant::now() < end {
             self.alive(when);
@@ -221,7 +221,7 @@ impl ProducerContext for Deliveries {
 /// time, while the test stages its faults. The producer is idempotent, so
 /// every room's events land in order and once, and it waits out outages
 /// far longer than the tests stage: an event is never given up.
-struct Load {
+pub(crate) struct Load {
     thread: std::thread::JoinHandle<Result<(), String>>,
     /// Events handed to the producer so far.
     handed: Arc<AtomicUsize>,
@@ -233,7 +233,7 @@ struct Load {
 
 impl Load {
     /// Produces `events` to the input of `topology`, `chunk` events every `pace`.
-    fn start(topology: &Topology, events: Vec<(String, RoomEvent)>, chunk: usize, pace: Duration) -> Load {
+    pub(crate) fn start(topology: &Topology, events: Vec<(String, RoomEvent)>, chunk: usize, pace: Duration) -> Load {
         let deliveries = Deliveries::default();
         let producer: BaseProducer<Deliveries> = ClientConfig::new()
             .set("bootstrap.servers", &topology.kafka.brokers)
@@ -277,12 +277,12 @@ impl Load {
         Load { thread, handed, hurry, deliveries, total }
     }
 
-    fn handed(&self) -> usize {
+    pub(crate) fn handed(&self) -> usize {
         self.handed.load(Ordering::Relaxed)
     }
 
     /// Produces the rest at once and waits until every event is acknowledged.
-    fn finish(self) {
+    pub(crate) fn finish(self) {
         self.hurry.store(true, Ordering::Relaxed);
         let outcome = self.thread.join().expect("the load thread");
         let failed = self.deliveries.failed.lock().unwrap().clone();
@@ -295,7 +295,7 @@ impl Load {
 /// The number of log lines after byte `from` that contain `needle`, once
 /// stripped of the colours the job's log has (`lost=true` is written as
 /// `lost\x1b[0m\x1b[2m=\x1b[0mtrue`).
-fn lines_with(text: &str, from: usize, needle: &str) -> usize {
+pub(crate) fn lines_with(text: &str, from: usize, needle: &str) -> usize {
     text.get(from..).unwrap_or_default().lines().filter(|l| strip_colours(l).contains(needle)).count()
 }
 
@@ -319,7 +319,12 @@ fn strip_colours(line: &str) -> String {
 
 /// Checks the outcome of a run against the model: the broadcast, Redis,
 /// and, once every job has stopped, the stores.
-async fn assert_exact(topology: &Topology, events: &[(String, RoomEvent)], jobs: Vec<Job>, stores: &[&Path]) {
+pub(crate) async fn assert_exact(
+    topology: &Topology,
+    events: &[(String, RoomEvent)],
+    jobs: Vec<Job>,
+    stores: &[&Path],
+) {
     let started = Instant::now();
     let folder = folder(&["recording", "tags"]);
     let expected = model(&folder, events);

@@ -423,9 +423,11 @@ pub fn assert_broadcast_exact(changes: &[StateChange], expected: &Expected) {
 }
 
 /// Waits until Redis holds the model's final state for every room, then checks it exactly.
+/// A Redis Cluster (`redis+cluster://`) is read through a cluster connection.
 pub async fn assert_redis_exact(topology: &Topology, folder: &RoomFolder, expected: &Expected) {
-    let client = redis::Client::open(topology.redis.url.as_str()).unwrap();
-    let mut conn = redis_connection(&client).await;
+    let client = omni::view::RedisTarget::open(topology.redis.url.as_str()).unwrap();
+    // Generous bounds: a loaded machine must not fail the check for the code under test.
+    let mut conn = client.connect_bounded(Duration::from_secs(10)).await.unwrap();
     let keys = omni::view::KeyLayout::new(&topology.redis.key_prefix);
     for (room, state) in &expected.rooms {
         let want_version = state.version;
@@ -702,7 +704,8 @@ pub fn outage_services() -> &'static OutageServices {
             .expect("services.sh env");
         let text = String::from_utf8_lossy(&env.stdout).into_owned();
         assert!(
-            env.status.success() && text.lines().any(|l| l == format!("export OMNI_BROKERS={}", outage.brokers)),
+            env.status.success()
+                && text.lines().any(|l| l.trim_start_matches("export ") == format!("OMNI_BROKERS={}", outage.brokers)),
             "OMNI_OUTAGE_SERVICES_DIR={} holds another broker than OMNI_OUTAGE_BROKERS={}: services.sh env says\n{text}{}",
             outage.dir.display(),
             outage.brokers,
@@ -765,4 +768,73 @@ impl JobProcess {
             panic!("omni run ({}) exited with {status} {when}; the end of its log:\n{tail}", self.log.display());
         }
     }
+}
+
+// Helpers for the cluster tests (`cluster.rs`): three Kafka nodes and a Redis
+// Cluster of their own, whose nodes the tests kill and start again.
+
+/// The cluster tests' own services.
+pub struct ClusterServices {
+    pub brokers: String,
+    pub redis_url: String,
+    /// Their `services.sh` state folder: `kill kafka-2` / `start kafka-2` act on it.
+    pub dir: PathBuf,
+}
+
+/// The cluster services from `OMNI_CLUSTER_BROKERS`, `OMNI_CLUSTER_REDIS_URL`
+/// and `OMNI_CLUSTER_SERVICES_DIR`. A test without them fails: a skipped
+/// test would pass unseen.
+pub fn cluster_services() -> &'static ClusterServices {
+    static CLUSTER: OnceLock<ClusterServices> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                panic!(
+                    "{name} is not set. The cluster tests kill Kafka nodes and Redis masters, so they need a \
+                     cluster of their own: they run in the cluster stage of integration/test.sh. By hand: \
+                     `export OMNI_SERVICES_DIR=$PWD/integration/.state-cluster; \
+                     bash integration/services.sh up --kafka-nodes 3 --redis-cluster`, then set \
+                     OMNI_CLUSTER_BROKERS and OMNI_CLUSTER_REDIS_URL to what `services.sh env` prints and \
+                     OMNI_CLUSTER_SERVICES_DIR to that folder"
+                )
+            })
+        };
+        let cluster = ClusterServices {
+            brokers: var("OMNI_CLUSTER_BROKERS"),
+            redis_url: var("OMNI_CLUSTER_REDIS_URL"),
+            dir: PathBuf::from(var("OMNI_CLUSTER_SERVICES_DIR")),
+        };
+        assert!(cluster.redis_url.starts_with("redis+cluster://"), "OMNI_CLUSTER_REDIS_URL is no Redis Cluster");
+        cluster
+    })
+}
+
+/// Runs `services.sh ACTION NAME` (`kill kafka-2`, `start redis-7002`…) on the cluster services.
+pub fn cluster_service(action: &str, name: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(repo_root().join("integration/services.sh"))
+        .args([action, name])
+        .env("OMNI_SERVICES_DIR", &cluster_services().dir)
+        .status()
+        .expect("running services.sh");
+    assert!(status.success(), "services.sh {action} {name} failed");
+}
+
+/// The cluster services' `services.sh status` lines.
+pub fn cluster_status() -> String {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("integration/services.sh"))
+        .arg("status")
+        .env("OMNI_SERVICES_DIR", &cluster_services().dir)
+        .output()
+        .expect("running services.sh status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// As [`fresh_topology`], on the cluster services.
+pub fn cluster_topology(name: &str, partitions: i32, state_dir: &FsPath) -> Topology {
+    let mut t = fresh_topology(name, partitions, state_dir);
+    t.kafka = KafkaSettings::with_brokers(cluster_services().brokers.clone());
+    t.redis.url = cluster_services().redis_url.clone();
+    t
 }

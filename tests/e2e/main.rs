@@ -4,6 +4,7 @@
 
 mod broker_outage;
 mod cli;
+mod cluster;
 mod common;
 mod deploy_files;
 mod extension;

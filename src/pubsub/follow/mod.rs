@@ -18,14 +18,13 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
-use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
 use super::{Delivery, Pattern, PubSubError, StartAt, Subscriber};
 use crate::kafka::KafkaSettings;
 use crate::proto::omni::StateChange;
 use crate::proto::rfc3339;
-use crate::view::{self, ChangeRecord, KeyLayout, RoomSnapshot, ViewError};
+use crate::view::{self, ChangeRecord, KeyLayout, RedisTarget, RoomSnapshot, ViewConnection, ViewError};
 use bridge::RoomSource;
 use sequence::{Sequencer, FIRST_RETRY, MAX_RETRY};
 
@@ -135,6 +134,7 @@ pub fn change_record(change: StateChange) -> Result<ChangeRecord, serde_json::Er
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// let settings = KafkaSettings::with_brokers("localhost:9094");
+/// // or omni::view::RedisTarget::open("redis+cluster://localhost:7000,localhost:7001")?
 /// let redis = redis::Client::open("redis://localhost:6379")?;
 /// let pattern = Pattern::parse("app/a1/room/*")?;
 /// let mut follower =
@@ -166,11 +166,12 @@ impl Follower {
     /// Subscribes to `broadcast_topic` from `lookback` ago, then reads the
     /// matching rooms' snapshots from Redis. Waits for the topic to exist
     /// and for Redis to answer (retrying with back-off, logged once); bound
-    /// it with `tokio::time::timeout`. Must run on a Tokio runtime.
+    /// it with `tokio::time::timeout`. Must run on a Tokio runtime. `redis`
+    /// is a `redis::Client` or a [`RedisTarget`] (which may be a Redis Cluster).
     pub async fn start(
         settings: &KafkaSettings,
         broadcast_topic: &str,
-        redis: redis::Client,
+        redis: impl Into<RedisTarget>,
         keys: KeyLayout,
         pattern: Pattern,
         lookback: Duration,
@@ -181,7 +182,7 @@ impl Follower {
         // between the snapshot and the stream.
         let subscriber = Subscriber::subscribe(settings, broadcast_topic, pattern, StartAt::Timestamp(since)).await?;
         let pattern = subscriber.pattern().clone();
-        let follower = Follower::over(Changes::Broadcast(subscriber), pattern, redis, None, keys).await?;
+        let follower = Follower::over(Changes::Broadcast(subscriber), pattern, redis.into(), None, keys).await?;
         tracing::debug!(topic = broadcast_topic, pattern = %follower.pattern, rooms = follower.sequencer.rooms(), "follower started");
         Ok(follower)
     }
@@ -195,8 +196,8 @@ impl Follower {
     /// follower makes one of its own from `redis` only after it fails.
     pub async fn from_feed(
         feed: ChangeFeed,
-        redis: redis::Client,
-        connection: Option<MultiplexedConnection>,
+        redis: RedisTarget,
+        connection: Option<ViewConnection>,
         keys: KeyLayout,
         pattern: Pattern,
     ) -> Result<Follower, PubSubError> {
@@ -206,8 +207,8 @@ impl Follower {
     async fn over(
         changes: Changes,
         pattern: Pattern,
-        redis: redis::Client,
-        conn: Option<MultiplexedConnection>,
+        redis: RedisTarget,
+        conn: Option<ViewConnection>,
         keys: KeyLayout,
     ) -> Result<Follower, PubSubError> {
         let mut redis = RedisSource { client: redis, keys, conn, failing: false };
@@ -315,20 +316,20 @@ fn is_redis_failure(error: &PubSubError) -> bool {
 }
 
 struct RedisSource {
-    client: redis::Client,
+    client: RedisTarget,
     keys: KeyLayout,
     /// Dropped after a Redis error, because a multiplexed connection does not reconnect by itself.
-    conn: Option<MultiplexedConnection>,
+    conn: Option<ViewConnection>,
     /// Whether the last read failed, so an outage is logged once, not per retry.
     failing: bool,
 }
 
 impl RedisSource {
-    async fn connection(&mut self) -> Result<MultiplexedConnection, PubSubError> {
+    async fn connection(&mut self) -> Result<ViewConnection, PubSubError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        let connected = self.client.get_multiplexed_async_connection().await.map_err(PubSubError::from);
+        let connected = self.client.connect().await.map_err(PubSubError::from);
         let conn = self.observe(connected)?;
         Ok(self.conn.insert(conn).clone())
     }

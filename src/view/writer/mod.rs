@@ -18,7 +18,9 @@
 //!   and checks every second no longer holds what it set last. The writer
 //!   counts a loss, and the runtime rewrites every room of its partitions
 //!   from the store through [`RedisWriter::rewrite`], a lane that yields to
-//!   live writes.
+//!   live writes. On a Redis Cluster each master can lose data on its own (a
+//!   failover to a replica that had not received the last writes, a master
+//!   restarted empty), so the writer keeps one marker per master ([`slots`]).
 //! - Redis slower than the job: past its backlog budget the writer asks the
 //!   runtime to pause consumption ([`RedisWriter::should_hold_back`]), as a
 //!   full producer buffer blocks Kafka Streams' `send`, until it drained to
@@ -33,17 +35,17 @@ mod marker;
 mod pending;
 mod room_write;
 mod script;
+mod slots;
 mod status;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
-use super::KeyLayout;
-use marker::Marker;
+use super::{KeyLayout, RedisTarget, ViewConnection};
+use marker::{Markers, MARKER_CHECK};
 use pending::{Bounds, Pending, Place, Waiting};
 #[cfg(test)]
 use room_write::test_write;
@@ -81,9 +83,6 @@ const PIPELINE_BYTES: usize = 4 << 20;
 
 /// How long Redis may take to answer one pipeline.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often an idle writer checks that Redis still holds its marker.
-const MARKER_CHECK: Duration = Duration::from_secs(1);
 
 /// Batches of rewrites queued at most; a rewriting thread waits past that.
 const REWRITE_QUEUE: usize = 2;
@@ -161,7 +160,7 @@ impl RedisWriter {
 /// Starts the writer task on the current tokio runtime. With `stored`, a
 /// write that waits past the backlog budget keeps only its path.
 pub fn spawn_writer(
-    client: redis::Client,
+    client: impl Into<RedisTarget>,
     options: WriterOptions,
     stored: Option<Arc<dyn StoredRooms>>,
 ) -> (RedisWriter, tokio::task::JoinHandle<()>) {
@@ -181,7 +180,8 @@ pub fn spawn_writer(
         backlog_bytes: options.backlog_bytes,
         reloadable: stored.is_some(),
     };
-    let marker = Marker::new(&options.keys);
+    let client = client.into();
+    let markers = Markers::new(&options.keys, client.is_cluster());
     let writer = Writer {
         client,
         script: redis::Script::new(script::ROOM_CAS),
@@ -191,7 +191,7 @@ pub fn spawn_writer(
         stored,
         connection: None,
         backoff: Duration::from_millis(50),
-        marker,
+        markers,
         losses: Arc::clone(&losses),
         pressure: Arc::clone(&pressure),
         rewrite_owed: false,
@@ -204,15 +204,15 @@ pub fn spawn_writer(
 }
 
 struct Writer {
-    client: redis::Client,
+    client: RedisTarget,
     options: WriterOptions,
     script: redis::Script,
     marker_script: redis::Script,
     pending: Pending,
     stored: Option<Arc<dyn StoredRooms>>,
-    connection: Option<ConnectionManager>,
+    connection: Option<ViewConnection>,
     backoff: Duration,
-    marker: Marker,
+    markers: Markers,
     losses: Arc<AtomicU64>,
     pressure: Arc<Pressure>,
     /// The backlog was shed while Redis failed: once it takes writes again,
@@ -243,14 +243,14 @@ impl Writer {
             self.take_in();
             self.report_backlog();
             if self.idle() {
-                if self.marker.checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
+                if self.markers.checked.elapsed() >= MARKER_CHECK && (self.live.is_some() || self.rewrites.is_some()) {
                     self.flush(Vec::new()).await;
                 }
                 continue;
             }
             let batch = self.pending.take(self.options.batch_rooms, PIPELINE_BYTES, Instant::now());
             let batch = self.reload(batch);
-            if batch.is_empty() && self.marker.checked.elapsed() < MARKER_CHECK {
+            if batch.is_empty() && self.markers.checked.elapsed() < MARKER_CHECK {
                 continue;
             }
             self.flush(batch).await;
@@ -267,7 +267,7 @@ impl Writer {
 
     /// Waits for new writes, a failing room's retry, or the next marker check.
     async fn wait_for_work(&mut self) {
-        let next_check = self.marker.checked + MARKER_CHECK;
+        let next_check = self.markers.checked + MARKER_CHECK;
         let until = self.pending.next_retry().map_or(next_check, |retry| retry.min(next_check));
         let sleep = tokio::time::sleep_until(until.into());
         let (live_open, rewrites_open) = (self.live.is_some(), self.rewrites.is_some());
@@ -384,57 +384,86 @@ impl Writer {
         writes
     }
 
-    /// Writes a batch, with the marker check in front, in one pipeline.
+    /// Writes a batch and then advances the markers: in one pipeline on one
+    /// server; on a cluster, each room's script on its slot's master, all at
+    /// once, and the markers once every room has answered.
     async fn flush(&mut self, batch: Vec<RoomWrite>) {
         if self.connect().await.is_none() {
             self.requeue(batch);
             self.back_off().await;
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for write in &batch {
-            pipe.add_command(script::room_command(&self.script, &self.options, write));
+        if self.markers.placement_due() {
+            self.place_markers().await;
         }
-        // Last: Redis and its persistence keep a prefix of what they ran, so
-        // a marker that survived vouches for every write before it.
-        let (marker, value) = self.marker.command(&self.marker_script);
-        pipe.add_command(marker);
+        let rooms: Vec<redis::Cmd> =
+            batch.iter().map(|write| script::room_command(&self.script, &self.options, write)).collect();
+        let (markers, values) = self.markers.commands(&self.marker_script);
         let started = Instant::now();
         let conn = self.connection.as_mut().expect("connected above");
-        let replies: Result<Vec<redis::RedisResult<redis::Value>>, _> = pipe.query_async(conn).await;
+        let replies = if conn.is_cluster() {
+            // A cluster connection recovering from a dead master can keep
+            // requests waiting past any response timeout: bounded here.
+            tokio::time::timeout(RESPONSE_TIMEOUT, slots::send(conn, rooms, markers))
+                .await
+                .map_err(|_| slots::timed_out("a flush to the cluster"))
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for cmd in rooms.into_iter().chain(markers) {
+                pipe.add_command(cmd);
+            }
+            // Markers last: Redis and its persistence keep a prefix of what
+            // they ran, so a marker that survived vouches for every write before it.
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(conn).await
+        };
         match replies {
             Ok(replies) => {
                 metrics::histogram!("omni_redis_write_seconds").record(started.elapsed().as_secs_f64());
                 self.backoff = Duration::from_millis(50);
-                self.settle(batch, value, replies).await;
+                self.settle(batch, values, replies).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, rooms = batch.len(), "redis write failed; will retry");
                 metrics::counter!("omni_redis_write_errors_total").increment(1);
                 self.redis_failing(Some(&e));
-                self.marker.unanswered(value);
+                self.markers.unanswered(values);
+                if self.connection.as_ref().is_some_and(ViewConnection::is_cluster) {
+                    // A cluster connection that failed this way may stay stuck:
+                    // the next flush discovers the cluster afresh.
+                    self.connection = None;
+                }
                 self.requeue(batch);
                 self.back_off().await;
             }
         }
     }
 
-    /// Sorts out a pipeline's replies: each room's, then the marker's.
+    /// On a cluster, reads which masters serve slots, for the markers.
+    async fn place_markers(&mut self) {
+        let Some(conn) = self.connection.as_mut().filter(|c| c.is_cluster()) else { return };
+        let read = tokio::time::timeout(RESPONSE_TIMEOUT, slots::marker_slots(conn)).await;
+        match read.unwrap_or_else(|_| Err(slots::timed_out("CLUSTER SLOTS"))) {
+            Ok(slots) => self.markers.place(slots),
+            // The markers stay where they were; the next check asks again.
+            Err(error) => tracing::debug!(%error, "reading the cluster's slots failed"),
+        }
+    }
+
+    /// Sorts out the replies: each room's, then each marker's.
     async fn settle(
         &mut self,
         batch: Vec<RoomWrite>,
-        value: String,
+        values: Vec<String>,
         mut replies: Vec<redis::RedisResult<redis::Value>>,
     ) {
-        let mut missing_script = false;
-        let mut refused_all = None;
-        match replies.pop() {
-            Some(Ok(reply)) => self.marker_answered(value, matches!(reply, redis::Value::Int(1))),
-            // Not run at all: Redis holds what it held before.
-            Some(Err(e)) if is_no_script(&e) => missing_script = true,
-            _ => self.marker.unanswered(value),
+        let marker_replies = replies.split_off(replies.len().saturating_sub(values.len()));
+        let verdict = self.markers.answered(values, marker_replies);
+        if verdict.lost {
+            self.data_lost();
         }
+        let mut missing_script = verdict.missing_script;
+        let mut refused_all = None;
         let now = Instant::now();
         let mut written = 0;
         let mut again = Vec::new();
@@ -474,15 +503,13 @@ impl Writer {
         }
     }
 
-    fn marker_answered(&mut self, value: String, held: bool) {
-        if self.marker.answered(value, held) {
-            self.losses.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("omni_redis_resyncs_total").increment(1);
-            tracing::warn!(
-                "redis lost data (FLUSHALL, a restart without persistence, or an older snapshot); \
-                 rewriting every room from the store"
-            );
-        }
+    fn data_lost(&mut self) {
+        self.losses.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("omni_redis_resyncs_total").increment(1);
+        tracing::warn!(
+            "redis lost data (FLUSHALL, a restart without persistence, an older snapshot, or a failover \
+             to a replica that missed writes); rewriting every room from the store"
+        );
     }
 
     fn room_failed(&mut self, write: RoomWrite, error: &redis::RedisError, now: Instant) {
@@ -512,8 +539,8 @@ impl Writer {
 
     async fn connect(&mut self) -> Option<()> {
         if self.connection.is_none() {
-            let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-            match ConnectionManager::new_with_config(self.client.clone(), config).await {
+            let connecting = tokio::time::timeout(RESPONSE_TIMEOUT, self.client.connect_managed(RESPONSE_TIMEOUT));
+            match connecting.await.unwrap_or_else(|_| Err(slots::timed_out("connecting"))) {
                 Ok(conn) => self.connection = Some(conn),
                 Err(e) => {
                     metrics::counter!("omni_redis_write_errors_total").increment(1);
@@ -560,9 +587,24 @@ fn refuses_every_write(error: &redis::RedisError) -> bool {
     matches!(
         error.code(),
         Some(
-            "OOM" | "READONLY" | "LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "NOPERM" | "MISCONF"
+            "OOM"
+                | "READONLY"
+                | "LOADING"
+                | "BUSY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "NOPERM"
+                | "MISCONF"
+                // A slot whose master is failing over, as the cluster client gives up on it.
+                | "MOVED"
+                | "ASK"
         )
     ) || error.is_io_error()
+        // A cluster's master failing over: its slots have no node for a moment.
+        || error.kind() == redis::ErrorKind::ClusterConnectionNotFound
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
         || error.is_timeout()
 }
 
