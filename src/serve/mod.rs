@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
@@ -35,6 +36,7 @@ use crate::proto::omni::{self as pb};
 use crate::pubsub::Publisher;
 use crate::topology::Topology;
 use hub::{Hub, HubOptions};
+pub use state::code_name;
 use state::{Call, Shared};
 
 /// Errors starting or running the service.
@@ -107,6 +109,7 @@ pub async fn serve(
         HubOptions {
             broadcast_topic: topology.broadcast_topic.clone(),
             buffer: service.watch_buffer,
+            buffer_bytes: service.watch_buffer_bytes,
             lookback: Duration::from_millis(service.watch_lookback_ms),
             lookback_bytes: service.watch_lookback_bytes,
         },
@@ -150,7 +153,15 @@ pub async fn serve(
         stopping.send_replace(true);
         let _ = stopped_tx.send(());
     });
-    let incoming = TcpListenerStream::new(listener);
+    // Without TCP_NODELAY a watch event can sit in the kernel waiting for the
+    // client's delayed ACK (40 ms): events are small writes.
+    let incoming = TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        })
+    });
     let running = server.add_routes(Routes::from(app)).serve_with_incoming_shutdown(incoming, async {
         let _ = stopped_rx.await;
     });
