@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -36,6 +36,8 @@ struct Shared {
     change: ChangeRecord,
     /// The broadcast record's size, which the inboxes and the follower's bounds count.
     bytes: usize,
+    /// When the shared consumer received a live change (not a replayed one).
+    received: Option<Instant>,
 }
 
 /// A broadcast record kept for watchers that join. Kept as the record's
@@ -121,6 +123,11 @@ impl Inbox {
                 }
                 if let Some(shared) = queue.changes.pop_front() {
                     queue.bytes -= shared.bytes;
+                    if let Some(received) = shared.received {
+                        // The service's own share of a change's delivery: the
+                        // wait for the watcher's stream to be polled.
+                        metrics::histogram!("omni_service_watch_inbox_seconds").record(received.elapsed().as_secs_f64());
+                    }
                     return Ok(shared);
                 }
             }
@@ -231,7 +238,7 @@ impl Hub {
             let taken = registration.inbox.take().await;
             Some((taken, registration))
         });
-        let stream = futures::stream::iter(backlog.map(|(change, bytes)| Ok(Arc::new(Shared { change, bytes }))))
+        let stream = futures::stream::iter(backlog.map(|(change, bytes)| Ok(Arc::new(Shared { change, bytes, received: None }))))
             .chain(live)
             // A change only this watcher got is handed over rather than copied.
             .map(|item| item.map(|shared| Arc::try_unwrap(shared).map_or_else(|s| (s.change.clone(), s.bytes), |s| (s.change, s.bytes))));
@@ -287,11 +294,17 @@ impl Hub {
                 }
             };
             failing = false;
+            let received = Instant::now();
             match decode(&delivery.payload, &delivery.subject) {
                 Ok((change, bytes)) => {
-                    let at_millis = delivery.timestamp_millis.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                    let now_millis = chrono::Utc::now().timestamp_millis();
+                    let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
+                    // From the job's produce (the record's timestamp, before its
+                    // transaction commits) to this consumer: how fresh the feed is.
+                    let age = now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0;
+                    metrics::histogram!("omni_service_broadcast_age_seconds").record(age);
                     let recent = Recent { path: change.path.clone(), payload: delivery.payload, at_millis };
-                    self.publish(Arc::new(Shared { change, bytes }), recent);
+                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent);
                 }
                 Err(reason) => tracing::warn!(
                     topic,
@@ -363,7 +376,7 @@ mod tests {
             occurred_at: String::new(),
             processed_at: String::new(),
         };
-        Arc::new(Shared { change, bytes })
+        Arc::new(Shared { change, bytes, received: None })
     }
 
     fn inbox(max_changes: usize, max_bytes: usize) -> Inbox {

@@ -54,6 +54,17 @@ struct WatchPhase {
     streams_ended: BTreeMap<String, usize>,
     /// CPU used while the job was fed, in cores.
     cpu: CpuShare,
+    /// The service's own share of the latency: how long live changes waited
+    /// in their watchers' inboxes (hub receipt → the watch stream polled),
+    /// from its `omni_service_watch_inbox_seconds`: the fraction of changes
+    /// within each bucket bound (milliseconds).
+    serve_inbox_wait_within_ms: BTreeMap<String, f64>,
+    /// Record timestamp (the job's produce, before its commit) → received, as
+    /// fractions within each bound (milliseconds): by `omni serve`'s shared
+    /// consumer (its `omni_service_broadcast_age_seconds`), and by the
+    /// reference. The same for both unless serve's consumer falls behind.
+    serve_consumer_age_within_ms: BTreeMap<String, f64>,
+    reference_age_within_ms: BTreeMap<String, f64>,
     serve_rss_mib_before: f64,
     serve_rss_mib_under_load: f64,
     serve_rss_target_mib: f64,
@@ -63,7 +74,8 @@ struct WatchPhase {
 struct SnapshotPhase {
     target_requests_per_s: u64,
     achieved_requests_per_s: f64,
-    /// Failed calls, by status code.
+    /// Failed calls, by status code (NOT_FOUND, the answer for a room the
+    /// workload closed, is an answer, timed with the others).
     errors: BTreeMap<String, usize>,
     latency: Percentiles,
     cpu: CpuShare,
@@ -152,12 +164,17 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
     let serve = Serve { child, addr: topology.service.listen.clone() };
     let mut workload = Workload::new(args.seed, args.rooms, args.zipf);
     let mut phases = Vec::new();
+    // Rooms the job wrote, for GetSnapshot: asking for others would measure NOT_FOUND.
+    let mut rooms = std::collections::BTreeSet::new();
     for &watchers in &args.service_watchers {
         eprintln!("bench {id}: {watchers} watchers at {} events/s for {} s", args.rate, args.service_secs);
-        phases.push(watch_phase(args, &topology, &serve, job.pid(), watchers, &mut workload).await?);
+        let (phase, written) = watch_phase(args, &topology, &serve, job.pid(), watchers, &mut workload).await?;
+        phases.push(phase);
+        rooms.extend(written);
     }
     eprintln!("bench {id}: GetSnapshot at {} requests/s", args.service_snapshot_rate);
-    let snapshots = snapshot_phase(&serve, job.pid(), args.service_snapshot_rate, args.rooms.min(1000)).await?;
+    let rooms: Vec<u32> = rooms.into_iter().take(1000).collect();
+    let snapshots = snapshot_phase(&serve, job.pid(), args.service_snapshot_rate, &rooms).await?;
     drop(serve);
     job.terminate()?;
     super::clean_up(kafka, redis_url, &id, &topology).await;
@@ -226,25 +243,29 @@ async fn watch_connection(
     Ok(watched)
 }
 
+/// When the reference saw each watched room's change, and every record's age.
+type Reference = (HashMap<(u32, u64), Instant>, Vec<f64>);
+
 /// The reference: a read_committed consumer on a thread and runtime of its
 /// own, noting when each watched room's change became readable.
 fn reference_reader(
     topology: &omni::topology::Topology,
     watchers: usize,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<std::thread::JoinHandle<HashMap<(u32, u64), Instant>>> {
+) -> anyhow::Result<std::thread::JoinHandle<Reference>> {
     let (kafka, topic) = (topology.kafka.clone(), topology.broadcast_topic.clone());
     let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         runtime.block_on(async move {
             let mut seen = HashMap::new();
+            let mut ages = Vec::new();
             let pattern = Pattern::parse("app/bench/room/*").expect("a valid pattern");
             let mut reader = match Subscriber::subscribe(&kafka, &topic, pattern, StartAt::Latest).await {
                 Ok(reader) => reader,
                 Err(error) => {
                     let _ = subscribed_tx.send(Err(error.to_string()));
-                    return seen;
+                    return (seen, ages);
                 }
             };
             let _ = subscribed_tx.send(Ok(()));
@@ -256,6 +277,9 @@ fn reference_reader(
                 };
                 let Some(Ok(delivery)) = delivery else { continue };
                 let at = Instant::now();
+                if let Some(stamp) = delivery.timestamp_millis {
+                    ages.push((chrono::Utc::now().timestamp_millis() - stamp).max(0) as f64 / 1000.0);
+                }
                 let rank = delivery.subject.strip_prefix(ROOM_PREFIX).and_then(|r| r.parse::<u32>().ok());
                 if let Some(rank) = rank.filter(|&r| (r as usize) < watchers) {
                     if let Ok(change) = omni::proto::omni::StateChange::decode(delivery.payload.as_slice()) {
@@ -263,7 +287,7 @@ fn reference_reader(
                     }
                 }
             }
-            seen
+            (seen, ages)
         })
     });
     subscribed.recv()?.map_err(anyhow::Error::msg)?;
@@ -277,7 +301,7 @@ async fn watch_phase(
     job_pid: u32,
     watchers: usize,
     workload: &mut Workload,
-) -> anyhow::Result<WatchPhase> {
+) -> anyhow::Result<(WatchPhase, Vec<u32>)> {
     let (stop_tx, stop) = watch::channel(false);
     let mut connections = Vec::new();
     let mut opened = Vec::new();
@@ -295,6 +319,8 @@ async fn watch_phase(
         }
     }
     let rss_before = rss_mib(serve.child.id());
+    let inbox_before = histogram_buckets(&serve.addr, INBOX_WAIT).await?;
+    let age_before = histogram_buckets(&serve.addr, BROADCAST_AGE).await?;
     let reference = reference_reader(topology, watchers, stop.clone())?;
     let rss_peak = Arc::new(Mutex::new(0f64));
     let sampling = {
@@ -327,7 +353,7 @@ async fn watch_phase(
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_tx.send_replace(true);
     sampling.abort();
-    let reference = tokio::task::spawn_blocking(move || reference.join())
+    let (reference, reference_ages) = tokio::task::spawn_blocking(move || reference.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the reference reader panicked"))?;
     let mut received = HashMap::new();
@@ -349,17 +375,72 @@ async fn watch_phase(
         }
     }
     let peak = *rss_peak.lock().expect("peak");
-    Ok(WatchPhase {
+    let inbox_after = histogram_buckets(&serve.addr, INBOX_WAIT).await?;
+    let age_after = histogram_buckets(&serve.addr, BROADCAST_AGE).await?;
+    let reference_age = cumulative(&age_after, &reference_ages);
+    let written = reference.keys().map(|(rank, _)| *rank).collect::<std::collections::BTreeSet<u32>>();
+    let phase = WatchPhase {
         watchers,
         achieved_events_per_s: achieved,
         added_delivery: Percentiles::of(samples),
         missed,
         streams_ended,
         cpu,
+        serve_inbox_wait_within_ms: fractions_within(&inbox_before, &inbox_after),
+        serve_consumer_age_within_ms: fractions_within(&age_before, &age_after),
+        reference_age_within_ms: fractions_within(&[], &reference_age),
         serve_rss_mib_before: rss_before,
         serve_rss_mib_under_load: peak,
         serve_rss_target_mib: 100.0 + watchers as f64 * 16.0 / 1024.0,
-    })
+    };
+    Ok((phase, written.into_iter().collect()))
+}
+
+const INBOX_WAIT: &str = "omni_service_watch_inbox_seconds";
+const BROADCAST_AGE: &str = "omni_service_broadcast_age_seconds";
+
+/// Observations (seconds) as cumulative counts over the bounds of `buckets`.
+fn cumulative(buckets: &[(String, f64)], observed: &[f64]) -> Vec<(String, f64)> {
+    buckets
+        .iter()
+        .map(|(bound, _)| {
+            let limit = bound.parse::<f64>().unwrap_or(f64::INFINITY);
+            (bound.clone(), observed.iter().filter(|&&o| o <= limit).count() as f64)
+        })
+        .collect()
+}
+
+/// A histogram's cumulative bucket counts in serve's `/metrics`, by bound (seconds).
+async fn histogram_buckets(addr: &str, name: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    let prefix = format!("{name}_bucket{{le=\"");
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (bound, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+            Some((bound.to_owned(), count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// The fraction of the observations between two scrapes within each bound, in milliseconds.
+fn fractions_within(before: &[(String, f64)], after: &[(String, f64)]) -> BTreeMap<String, f64> {
+    let earlier: HashMap<&str, f64> = before.iter().map(|(bound, count)| (bound.as_str(), *count)).collect();
+    let delta = |bound: &str, count: f64| count - earlier.get(bound).copied().unwrap_or(0.0);
+    let total = after.iter().find(|(bound, _)| bound == "+Inf").map_or(0.0, |(b, c)| delta(b, *c));
+    after
+        .iter()
+        .filter(|(bound, _)| bound != "+Inf" && total > 0.0)
+        .filter_map(|(bound, count)| {
+            let ms = bound.parse::<f64>().ok()? * 1000.0;
+            Some((format!("{ms:07.1}"), delta(bound, *count) / total))
+        })
+        .collect()
 }
 
 fn produce(brokers: &str, input: &str, rate: u64, duration: Duration, workload: &mut Workload) -> anyhow::Result<f64> {
@@ -387,7 +468,9 @@ fn produce(brokers: &str, input: &str, rate: u64, duration: Duration, workload: 
     Ok(achieved)
 }
 
-async fn snapshot_phase(serve: &Serve, job_pid: u32, rate: u64, rooms: usize) -> anyhow::Result<SnapshotPhase> {
+/// `GetSnapshot` of `rooms` (ranks) in turn at a fixed rate.
+async fn snapshot_phase(serve: &Serve, job_pid: u32, rate: u64, rooms: &[u32]) -> anyhow::Result<SnapshotPhase> {
+    anyhow::ensure!(!rooms.is_empty(), "no watched room was written: no room to ask for");
     let mut clients = Vec::new();
     for _ in 0..SNAPSHOT_CONNECTIONS {
         clients.push(connect(&serve.addr).await?);
@@ -404,12 +487,15 @@ async fn snapshot_phase(serve: &Serve, job_pid: u32, rate: u64, rooms: usize) ->
         while sent < due {
             let mut client = clients[sent as usize % clients.len()].clone();
             let (samples, errors) = (Arc::clone(&samples), Arc::clone(&errors));
-            let path = format!("{ROOM_PREFIX}{}", sent as usize % rooms.max(1));
+            let path = format!("{ROOM_PREFIX}{}", rooms[sent as usize % rooms.len()]);
             calls.push(tokio::spawn(async move {
                 let asked = Instant::now();
-                match client.get_snapshot(pb::GetSnapshotRequest { path }).await {
-                    Ok(_) => samples.lock().expect("samples").push(asked.elapsed().as_secs_f64() * 1000.0),
-                    Err(status) => {
+                match client.get_snapshot(pb::GetSnapshotRequest { path }).await.map_err(|s| (s.code(), s)) {
+                    // A room the workload closed is answered NOT_FOUND, rightly.
+                    Ok(_) | Err((tonic::Code::NotFound, _)) => {
+                        samples.lock().expect("samples").push(asked.elapsed().as_secs_f64() * 1000.0)
+                    }
+                    Err((_, status)) => {
                         let code = omni::serve::code_name(status.code()).to_owned();
                         *errors.lock().expect("errors").entry(code).or_default() += 1;
                     }
