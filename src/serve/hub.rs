@@ -126,7 +126,8 @@ impl Inbox {
                     if let Some(received) = shared.received {
                         // The service's own share of a change's delivery: the
                         // wait for the watcher's stream to be polled.
-                        metrics::histogram!("omni_service_watch_inbox_seconds").record(received.elapsed().as_secs_f64());
+                        metrics::histogram!("omni_service_watch_inbox_seconds")
+                            .record(received.elapsed().as_secs_f64());
                     }
                     return Ok(shared);
                 }
@@ -238,10 +239,16 @@ impl Hub {
             let taken = registration.inbox.take().await;
             Some((taken, registration))
         });
-        let stream = futures::stream::iter(backlog.map(|(change, bytes)| Ok(Arc::new(Shared { change, bytes, received: None }))))
-            .chain(live)
-            // A change only this watcher got is handed over rather than copied.
-            .map(|item| item.map(|shared| Arc::try_unwrap(shared).map_or_else(|s| (s.change.clone(), s.bytes), |s| (s.change, s.bytes))));
+        let stream = futures::stream::iter(
+            backlog.map(|(change, bytes)| Ok(Arc::new(Shared { change, bytes, received: None }))),
+        )
+        .chain(live)
+        // A change only this watcher got is handed over rather than copied.
+        .map(|item| {
+            item.map(|shared| {
+                Arc::try_unwrap(shared).map_or_else(|s| (s.change.clone(), s.bytes), |s| (s.change, s.bytes))
+            })
+        });
         // One lag ends the feed: the follower's place is lost.
         let mut lagged = false;
         Box::pin(stream.take_while(move |item| {

@@ -25,12 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::Routes;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
@@ -250,11 +250,13 @@ fn tls_acceptor(topology: &Topology) -> Result<Option<TlsAcceptor>, ServeError> 
         (Some(cert), Some(key)) => (cert, key),
         _ => return Err(ServeError::HalfTls),
     };
-    let pem_error = |path: &std::path::Path, e: &dyn std::fmt::Display| ServeError::Tls(format!("{}: {e}", path.display()));
+    let pem_error =
+        |path: &std::path::Path, e: &dyn std::fmt::Display| ServeError::Tls(format!("{}: {e}", path.display()));
     let certs = CertificateDer::pem_slice_iter(&read("service.tls_cert_file", cert_file)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(cert_file, &e))?;
-    let key = PrivateKeyDer::from_pem_slice(&read("service.tls_key_file", key_file)?).map_err(|e| pem_error(key_file, &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read("service.tls_key_file", key_file)?).map_err(|e| pem_error(key_file, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -92,7 +92,10 @@ async fn subscribe_is_served_as_server_sent_events() {
         (record["path"].as_str(), record["payload"].as_str(), record["payload_base64"].as_str()),
         (Some(subject.as_str()), Some("hello"), Some("aGVsbG8="))
     );
-    assert_eq!((record["partition"].as_i64(), record["offset"].as_i64()), (Some(sent.partition.into()), Some(sent.offset)));
+    assert_eq!(
+        (record["partition"].as_i64(), record["offset"].as_i64()),
+        (Some(sent.partition.into()), Some(sent.offset))
+    );
     assert_eq!(record["content_type"], "text/plain");
     // Live records follow, binary ones too.
     let later = client.publish(raw_publish(&subject, &chat, &[0xff, 0x00])).await.unwrap().into_inner();
@@ -169,7 +172,11 @@ async fn tls_serves_grpc_and_json_with_a_self_signed_certificate() {
         match endpoint.connect().await {
             Ok(channel) => break channel,
             Err(error) => {
-                assert!(tokio::time::Instant::now() < deadline, "no TLS connection within 30 s: {error}: {}", serve.log_text());
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no TLS connection within 30 s: {error}: {}",
+                    serve.log_text()
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
