@@ -194,18 +194,12 @@ impl Drop for Registration {
 
 impl Hub {
     /// Starts the shared consumer in the background; it reads from `lookback`
-    /// ago so the replay holds recent changes from the start. It runs on a
-    /// thread of its own, so thousands of watch streams on the service's
-    /// runtime do not delay its receipt of a commit's changes.
-    pub fn start(settings: KafkaSettings, options: HubOptions) -> Result<Arc<Hub>, std::io::Error> {
+    /// ago so the replay holds recent changes from the start.
+    pub fn start(settings: KafkaSettings, options: HubOptions) -> Arc<Hub> {
         let (ready, _) = watch::channel(false);
         let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), options, ready });
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let consuming = Arc::clone(&hub);
-        std::thread::Builder::new()
-            .name("omni-serve-hub".into())
-            .spawn(move || runtime.block_on(consuming.consume(settings)))?;
-        Ok(hub)
+        tokio::spawn(Arc::clone(&hub).consume(settings));
+        hub
     }
 
     /// Whether the consumer is subscribed (start offsets fixed).

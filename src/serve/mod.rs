@@ -59,8 +59,6 @@ pub enum ServeError {
     HalfTls,
     #[error("tls: {0}")]
     Tls(String),
-    #[error("starting the shared broadcast consumer's thread: {0}")]
-    Hub(std::io::Error),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("server reflection: {0}")]
@@ -123,8 +121,7 @@ pub async fn serve(
             lookback: Duration::from_millis(service.watch_lookback_ms),
             lookback_bytes: service.watch_lookback_bytes,
         },
-    )
-    .map_err(ServeError::Hub)?;
+    );
     let (stopping, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown));
 
