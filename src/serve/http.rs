@@ -1,8 +1,9 @@
 //! The service's HTTP/1.1 face, on the gRPC port: `/metrics`, `/healthz`,
 //! `/readyz`, and the calls as JSON for `curl` and browsers: unary calls as
-//! `POST /v1/<Method>` with a JSON body, `Watch` as Server-Sent Events on
-//! `GET /v1/Watch?pattern=…`. The JSON mirrors the gRPC messages, with module
-//! states as JSON values rather than text.
+//! `POST /v1/<Method>` with a JSON body, `Watch` and `Subscribe` as
+//! Server-Sent Events on `GET /v1/Watch?pattern=…` and
+//! `GET /v1/Subscribe?topic=…&pattern=…&start=…`. The JSON mirrors the gRPC
+//! messages, with module states as JSON values rather than text.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use tonic::{Code, Status};
 
 use super::state::{Call, Shared};
 use super::{streams, unary};
-use crate::proto::omni::{self as pb, publish_request, watch_event};
+use crate::proto::omni::{self as pb, publish_request, start, watch_event};
 use crate::proto::rfc3339;
 use crate::proto::tecate::{self, room_event};
 
@@ -40,6 +41,7 @@ pub fn router(shared: Arc<Shared>, metrics: Arc<dyn Fn() -> String + Send + Sync
         .route("/v1/Publish", post(publish))
         .route("/v1/KeepAlive", post(keep_alive))
         .route("/v1/Watch", get(watch))
+        .route("/v1/Subscribe", get(subscribe))
         .with_state(Http { shared, metrics, tokens: Arc::new(tokens) })
 }
 
@@ -305,15 +307,68 @@ async fn watch(State(h): State<Http>, headers: HeaderMap, Query(query): Query<Wa
     .await;
     match call.finish(opened) {
         Err(status) => error_response(&status),
-        Ok(events) => {
-            // A stream's final error becomes an `error` event, then the stream ends.
-            let events = events.map(|item| {
-                Ok::<_, Infallible>(match item {
-                    Ok(event) => sse_event(event),
-                    Err(status) => Event::default().event("error").data(status_json(&status).to_string()),
-                })
-            });
-            Sse::new(events).keep_alive(KeepAlive::default()).into_response()
-        }
+        Ok(events) => server_sent(events, sse_event),
+    }
+}
+
+/// A stream as Server-Sent Events; its final error becomes an `error`
+/// event, then the stream ends.
+fn server_sent<T: Send + 'static>(events: streams::EventStream<T>, event: fn(T) -> Event) -> Response {
+    let events = events.map(move |item| {
+        Ok::<_, Infallible>(match item {
+            Ok(item) => event(item),
+            Err(status) => Event::default().event("error").data(status_json(&status).to_string()),
+        })
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeQuery {
+    topic: String,
+    pattern: String,
+    /// `latest` (the default), `earliest`, or a time in milliseconds since the Unix epoch.
+    start: Option<String>,
+}
+
+fn start_of(text: Option<&str>) -> Result<Option<pb::Start>, Status> {
+    let at = match text {
+        None | Some("" | "latest") => start::At::Latest(true),
+        Some("earliest") => start::At::Earliest(true),
+        Some(other) => start::At::TimestampMs(other.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "start {other:?}: `latest`, `earliest`, or milliseconds since the Unix epoch"
+            ))
+        })?),
+    };
+    Ok(Some(pb::Start { at: Some(at) }))
+}
+
+/// A pub/sub record as an SSE `record` event: the payload as text when it
+/// is UTF-8, and always as base64 (`payload_base64`, as proto3 JSON gives bytes).
+fn record_event(record: pb::SubscribeRecord) -> Event {
+    use base64::Engine as _;
+    let data = json!({
+        "path": record.path, "topic": record.topic, "partition": record.partition, "offset": record.offset,
+        "timestamp": rfc3339(record.timestamp.as_ref()), "content_type": record.content_type,
+        "payload": std::str::from_utf8(&record.payload).ok(),
+        "payload_base64": base64::engine::general_purpose::STANDARD.encode(&record.payload),
+    });
+    Event::default().event("record").data(data.to_string())
+}
+
+async fn subscribe(State(h): State<Http>, headers: HeaderMap, Query(query): Query<SubscribeQuery>) -> Response {
+    let call = Call::start("Subscribe");
+    let opened = async {
+        authorize(&h, &headers)?;
+        let start = start_of(query.start.as_deref())?;
+        let request = pb::SubscribeRequest { topic: query.topic, pattern: query.pattern, start };
+        streams::subscribe(Arc::clone(&h.shared), None, request).await
+    }
+    .await;
+    match call.finish(opened) {
+        Err(status) => error_response(&status),
+        Ok(records) => server_sent(records, record_event),
     }
 }

@@ -1,65 +1,150 @@
 //! The one broadcast consumer of an `omni serve` process, shared by every
-//! `Watch`: it decodes each change once, keeps the last minute of them (bounded
-//! in bytes) for watchers that join, and fans them out through bounded rings
-//! (Tokio broadcast channels), so ten thousand watchers cost one Kafka
-//! consumer and one decode per change. Watchers of one room (a pattern with
-//! no wildcard, the common case) share a small ring of that room's own, so a
-//! change wakes only the watchers it concerns; wildcard watchers share one
-//! ring of every change and filter it.
+//! `Watch`: it decodes each change once, keeps the last minute of broadcast
+//! records (bounded in bytes) for watchers that join, and hands each change
+//! to the watchers it concerns, so ten thousand watchers cost one Kafka
+//! consumer and one decode per change.
 //!
-//! A joining watcher takes the replay and a receiver under one lock, so no
-//! change falls between them; its follower then drops what its Redis snapshot
-//! already covers. A watcher that falls `watch_buffer` changes behind the ring
-//! loses its place: its feed reports [`PubSubError::Lagged`] and the watch ends.
+//! Each watcher has an inbox of its own, empty (and costing nothing) while
+//! the watcher keeps up. Watchers of one room (a pattern with no wildcard,
+//! the common case) are found by the room's path, so a change wakes only
+//! them; wildcard watchers are few and each checks its pattern. An inbox is
+//! bounded by `watch_buffer` changes and `watch_buffer_bytes` bytes of
+//! broadcast records: a watcher past either loses its place, its queued
+//! changes are freed at once, and its feed reports [`PubSubError::Lagged`]
+//! so the watch ends.
+//!
+//! A joining watcher takes the replay and registers its inbox under one
+//! lock, so no change falls between them; its follower then drops what its
+//! Redis snapshot already covers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use prost::Message as _;
-use tokio::sync::{broadcast, watch};
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio::sync::{watch, Notify};
 
 use crate::kafka::KafkaSettings;
 use crate::proto::omni::StateChange;
 use crate::pubsub::{change_record, ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
 use crate::view::ChangeRecord;
 
-/// A decoded broadcast change, shared by every watcher it matches.
+/// A decoded broadcast change, shared by every watcher it reaches.
 #[derive(Debug)]
 struct Shared {
     change: ChangeRecord,
-    /// The broadcast record's size, which the follower's bounds count.
+    /// The broadcast record's size, which the inboxes and the follower's bounds count.
     bytes: usize,
-    /// The record's timestamp, for the replay's age bound.
+    /// When the shared consumer received a live change (not a replayed one).
+    received: Option<Instant>,
+}
+
+/// A broadcast record kept for watchers that join. Kept as the record's
+/// bytes, which are several times smaller than the decoded change, and
+/// decoded again only for a joiner it matches.
+#[derive(Debug)]
+struct Recent {
+    path: String,
+    payload: Vec<u8>,
     at_millis: i64,
 }
 
-/// Recent changes, for watchers that join.
+/// What a kept record costs beyond its payload and path (the entry and the
+/// two allocations' headers), so the replay's bound is in real bytes.
+const RECENT_OVERHEAD: usize = 80;
+
+impl Recent {
+    fn cost(&self) -> usize {
+        self.payload.len() + self.path.len() + RECENT_OVERHEAD
+    }
+}
+
+/// Recent broadcast records, for watchers that join.
 #[derive(Debug, Default)]
 struct Replay {
-    changes: VecDeque<Arc<Shared>>,
+    records: VecDeque<Recent>,
     bytes: usize,
 }
 
-/// Slots of one room's ring. A ring allocates its slots up front, so this
-/// stays small (about 16 KiB a watched room); a room's changes arrive at most
-/// a commit's worth at a time.
-const ROOM_RING: usize = 256;
+/// A watcher's queue of changes it has not taken yet.
+#[derive(Debug, Default)]
+struct Queue {
+    changes: VecDeque<Arc<Shared>>,
+    bytes: usize,
+    /// Set once the watcher fell behind: the changes it lost.
+    lagged: Option<u64>,
+}
 
-/// Rooms with a ring before the rings nobody watches any more are dropped.
-const ROOM_RINGS_BEFORE_CLEANUP: usize = 1024;
+/// One watcher's inbox: the pump pushes, the watcher's feed takes.
+#[derive(Debug)]
+struct Inbox {
+    queue: Mutex<Queue>,
+    /// Wakes the feed; a push with nobody waiting leaves a permit.
+    arrived: Notify,
+    max_changes: usize,
+    max_bytes: usize,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, shared: &Arc<Shared>) {
+        {
+            let mut queue = self.lock();
+            if let Some(lost) = &mut queue.lagged {
+                *lost += 1;
+                return;
+            }
+            let full = queue.changes.len() >= self.max_changes
+                || (!queue.changes.is_empty() && queue.bytes + shared.bytes > self.max_bytes);
+            if full {
+                // The watch ends: free what it held now, not when its client goes.
+                queue.lagged = Some(queue.changes.len() as u64 + 1);
+                queue.changes = VecDeque::new();
+                queue.bytes = 0;
+            } else {
+                queue.bytes += shared.bytes;
+                queue.changes.push_back(Arc::clone(shared));
+            }
+        }
+        self.arrived.notify_one();
+    }
+
+    /// The next change, or the lag that ended the feed.
+    async fn take(&self) -> Result<Arc<Shared>, PubSubError> {
+        loop {
+            {
+                let mut queue = self.lock();
+                if let Some(skipped) = queue.lagged {
+                    return Err(PubSubError::Lagged { skipped });
+                }
+                if let Some(shared) = queue.changes.pop_front() {
+                    queue.bytes -= shared.bytes;
+                    if let Some(received) = shared.received {
+                        // The service's own share of a change's delivery: the
+                        // wait for the watcher's stream to be polled.
+                        metrics::histogram!("omni_service_watch_inbox_seconds")
+                            .record(received.elapsed().as_secs_f64());
+                    }
+                    return Ok(shared);
+                }
+            }
+            self.arrived.notified().await;
+        }
+    }
+}
 
 /// What the pump and joining watchers share under one lock.
 #[derive(Debug, Default)]
 struct Fanout {
     replay: Replay,
-    /// The ring of each room watched on its own.
-    rooms: HashMap<String, broadcast::Sender<Arc<Shared>>>,
-    /// Room rings after the last cleanup.
-    rooms_after_cleanup: usize,
+    /// The inboxes of each room watched on its own.
+    rooms: HashMap<String, Vec<Arc<Inbox>>>,
+    /// The inboxes of wildcard watchers, with their patterns.
+    wildcards: Vec<(Pattern, Arc<Inbox>)>,
 }
 
 /// Bounds of the hub.
@@ -68,28 +153,51 @@ pub struct HubOptions {
     pub broadcast_topic: String,
     /// Changes a watcher may fall behind.
     pub buffer: usize,
+    /// Bytes of broadcast records a watcher may fall behind.
+    pub buffer_bytes: usize,
     pub lookback: Duration,
     pub lookback_bytes: usize,
 }
 
-/// The shared consumer's output: a replay and a ring of live changes.
+/// The shared consumer's output: a replay and every watcher's inbox.
 #[derive(Debug)]
 pub struct Hub {
     fanout: Mutex<Fanout>,
-    /// Every change, for wildcard watchers.
-    ring: broadcast::Sender<Arc<Shared>>,
     options: HubOptions,
     /// True once the consumer's start offsets are fixed.
     ready: watch::Sender<bool>,
+}
+
+/// A watcher's place in the hub, given up when its feed is dropped.
+struct Registration {
+    hub: Arc<Hub>,
+    room: Option<String>,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut fanout = self.hub.lock();
+        match &self.room {
+            Some(room) => {
+                if let Some(inboxes) = fanout.rooms.get_mut(room) {
+                    inboxes.retain(|inbox| !Arc::ptr_eq(inbox, &self.inbox));
+                    if inboxes.is_empty() {
+                        fanout.rooms.remove(room);
+                    }
+                }
+            }
+            None => fanout.wildcards.retain(|(_, inbox)| !Arc::ptr_eq(inbox, &self.inbox)),
+        }
+    }
 }
 
 impl Hub {
     /// Starts the shared consumer in the background; it reads from `lookback`
     /// ago so the replay holds recent changes from the start.
     pub fn start(settings: KafkaSettings, options: HubOptions) -> Arc<Hub> {
-        let (ring, _) = broadcast::channel(options.buffer.max(1));
         let (ready, _) = watch::channel(false);
-        let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), ring, options, ready });
+        let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), options, ready });
         tokio::spawn(Arc::clone(&hub).consume(settings));
         hub
     }
@@ -108,30 +216,39 @@ impl Hub {
 
     /// A watcher's feed: the replayed changes matching `pattern`, then every
     /// live one, until the watcher falls too far behind.
-    pub fn feed(&self, pattern: &Pattern) -> ChangeFeed {
-        let (backlog, receiver) = {
-            let mut fanout = self.lock();
-            let receiver = if pattern.is_literal() {
-                fanout.room_ring(&pattern.to_string()).subscribe()
-            } else {
-                self.ring.subscribe()
-            };
-            let backlog: Vec<Arc<Shared>> =
-                fanout.replay.changes.iter().filter(|s| pattern.matches(&s.change.path)).cloned().collect();
-            (backlog, receiver)
-        };
-        let live_pattern = pattern.clone();
-        let live = BroadcastStream::new(receiver).filter_map(move |received| {
-            let item = match received {
-                Ok(shared) if live_pattern.matches(&shared.change.path) => Some(Ok(shared)),
-                Ok(_) => None,
-                Err(BroadcastStreamRecvError::Lagged(skipped)) => Some(Err(PubSubError::Lagged { skipped })),
-            };
-            std::future::ready(item)
+    pub fn feed(self: &Arc<Self>, pattern: &Pattern) -> ChangeFeed {
+        let inbox = Arc::new(Inbox {
+            queue: Mutex::default(),
+            arrived: Notify::new(),
+            max_changes: self.options.buffer.max(1),
+            max_bytes: self.options.buffer_bytes,
         });
-        let stream = futures::stream::iter(backlog.into_iter().map(Ok))
-            .chain(live)
-            .map(|item| item.map(|shared| (shared.change.clone(), shared.bytes)));
+        let room = pattern.is_literal().then(|| pattern.to_string());
+        let kept: Vec<(Vec<u8>, String)> = {
+            let mut fanout = self.lock();
+            match &room {
+                Some(room) => fanout.rooms.entry(room.clone()).or_default().push(Arc::clone(&inbox)),
+                None => fanout.wildcards.push((pattern.clone(), Arc::clone(&inbox))),
+            }
+            let replay = fanout.replay.records.iter().filter(|recent| pattern.matches(&recent.path));
+            replay.map(|recent| (recent.payload.clone(), recent.path.clone())).collect()
+        };
+        let backlog = kept.into_iter().filter_map(|(payload, path)| decode(&payload, &path).ok());
+        let registration = Registration { hub: Arc::clone(self), room, inbox };
+        let live = futures::stream::unfold(registration, |registration| async move {
+            let taken = registration.inbox.take().await;
+            Some((taken, registration))
+        });
+        let stream = futures::stream::iter(
+            backlog.map(|(change, bytes)| Ok(Arc::new(Shared { change, bytes, received: None }))),
+        )
+        .chain(live)
+        // A change only this watcher got is handed over rather than copied.
+        .map(|item| {
+            item.map(|shared| {
+                Arc::try_unwrap(shared).map_or_else(|s| (s.change.clone(), s.bytes), |s| (s.change, s.bytes))
+            })
+        });
         // One lag ends the feed: the follower's place is lost.
         let mut lagged = false;
         Box::pin(stream.take_while(move |item| {
@@ -141,18 +258,22 @@ impl Hub {
         }))
     }
 
-    /// Watchers receiving from the rings now.
+    /// Watchers registered now.
     pub fn watchers(&self) -> usize {
-        let rooms: usize = self.lock().rooms.values().map(broadcast::Sender::receiver_count).sum();
-        self.ring.receiver_count() + rooms
+        let fanout = self.lock();
+        fanout.wildcards.len() + fanout.rooms.values().map(Vec::len).sum::<usize>()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Fanout> {
+    fn lock(&self) -> MutexGuard<'_, Fanout> {
         self.fanout.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn consume(self: Arc<Hub>, settings: KafkaSettings) {
+    async fn consume(self: Arc<Hub>, mut settings: KafkaSettings) {
         let topic = self.options.broadcast_topic.clone();
+        // librdkafka prefetches up to 64 MiB by default, several times that in
+        // memory for small records; the hub keeps up or its watchers lag anyway.
+        settings.properties.entry("queued.max.messages.kbytes".into()).or_insert_with(|| PREFETCH_KIB.to_string());
+        settings.properties.entry("fetch.queue.backoff.ms".into()).or_insert_with(|| "10".into());
         let every = Pattern::parse(">").expect("`>` is a valid pattern");
         let since = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
         // Waits for the topic (and the cluster) as long as it takes, logging in the subscriber.
@@ -180,16 +301,17 @@ impl Hub {
                 }
             };
             failing = false;
-            let decoded = StateChange::decode(delivery.payload.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(|change| change_record(change).map_err(|e| e.to_string()));
-            match decoded {
-                Ok(mut change) => {
-                    if change.path.is_empty() {
-                        change.path.clone_from(&delivery.subject);
-                    }
-                    let at_millis = delivery.timestamp_millis.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-                    self.publish(Arc::new(Shared { change, bytes: delivery.payload.len(), at_millis }));
+            let received = Instant::now();
+            match decode(&delivery.payload, &delivery.subject) {
+                Ok((change, bytes)) => {
+                    let now_millis = chrono::Utc::now().timestamp_millis();
+                    let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
+                    // From the job's produce (the record's timestamp, before its
+                    // transaction commits) to this consumer: how fresh the feed is.
+                    let age = now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0;
+                    metrics::histogram!("omni_service_broadcast_age_seconds").record(age);
+                    let recent = Recent { path: change.path.clone(), payload: delivery.payload, at_millis };
+                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent);
                 }
                 Err(reason) => tracing::warn!(
                     topic,
@@ -207,40 +329,110 @@ impl Hub {
         i64::try_from(self.options.lookback.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Adds a change to the replay and sends it to every watcher, under the
-    /// replay's lock so a joining watcher sees it exactly once.
-    fn publish(&self, shared: Arc<Shared>) {
+    /// Adds a record to the replay and the change to every inbox it
+    /// concerns, under the replay's lock so a joining watcher sees it exactly once.
+    fn publish(&self, shared: Arc<Shared>, recent: Recent) {
         let oldest_kept = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
         let mut fanout = self.lock();
-        if let Some(room) = fanout.rooms.get(&shared.change.path) {
-            if room.send(Arc::clone(&shared)).is_err() {
-                // Nobody watches the room any more.
-                fanout.rooms.remove(&shared.change.path);
+        if let Some(inboxes) = fanout.rooms.get(&shared.change.path) {
+            inboxes.iter().for_each(|inbox| inbox.push(&shared));
+        }
+        for (pattern, inbox) in &fanout.wildcards {
+            if pattern.matches(&shared.change.path) {
+                inbox.push(&shared);
             }
         }
         let replay = &mut fanout.replay;
-        replay.bytes += shared.bytes;
-        replay.changes.push_back(Arc::clone(&shared));
-        while let Some(front) = replay.changes.front() {
+        replay.bytes += recent.cost();
+        replay.records.push_back(recent);
+        while let Some(front) = replay.records.front() {
             if replay.bytes <= self.options.lookback_bytes && front.at_millis >= oldest_kept {
                 break;
             }
-            replay.bytes -= front.bytes;
-            replay.changes.pop_front();
+            replay.bytes -= front.cost();
+            replay.records.pop_front();
         }
-        // No receiver is not an error: nobody is watching.
-        let _ = self.ring.send(shared);
     }
 }
 
-impl Fanout {
-    /// The ring of one room, made on its first watcher. Rings nobody watches
-    /// any more go once the map has doubled since the last cleanup.
-    fn room_ring(&mut self, path: &str) -> &broadcast::Sender<Arc<Shared>> {
-        if self.rooms.len() >= ROOM_RINGS_BEFORE_CLEANUP && self.rooms.len() >= 2 * self.rooms_after_cleanup {
-            self.rooms.retain(|_, ring| ring.receiver_count() > 0);
-            self.rooms_after_cleanup = self.rooms.len();
+/// The hub's prefetch bound, in KiB.
+const PREFETCH_KIB: usize = 2048;
+
+/// A broadcast record's change, with the record's size; a record without a
+/// path in its message takes its key's.
+fn decode(payload: &[u8], subject: &str) -> Result<(ChangeRecord, usize), String> {
+    let mut change = StateChange::decode(payload).map_err(|e| e.to_string())?;
+    if change.path.is_empty() {
+        subject.clone_into(&mut change.path);
+    }
+    let change = change_record(change).map_err(|e| e.to_string())?;
+    Ok((change, payload.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(version: u64, bytes: usize) -> Arc<Shared> {
+        let change = ChangeRecord {
+            path: "app/a/room/r".into(),
+            version,
+            module: "tags".into(),
+            state: serde_json::json!({}),
+            cause_event_id: String::new(),
+            occurred_at: String::new(),
+            processed_at: String::new(),
+        };
+        Arc::new(Shared { change, bytes, received: None })
+    }
+
+    fn inbox(max_changes: usize, max_bytes: usize) -> Inbox {
+        Inbox { queue: Mutex::default(), arrived: Notify::new(), max_changes, max_bytes }
+    }
+
+    #[tokio::test]
+    async fn an_inbox_hands_changes_on_in_order() {
+        let inbox = inbox(4, 1 << 20);
+        for version in 1..=3 {
+            inbox.push(&change(version, 100));
         }
-        self.rooms.entry(path.to_owned()).or_insert_with(|| broadcast::channel(ROOM_RING).0)
+        for version in 1..=3 {
+            assert_eq!(inbox.take().await.unwrap().change.version, version);
+        }
+        assert_eq!(inbox.lock().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn an_inbox_past_its_bound_in_changes_frees_them_and_reports_the_lag() {
+        let inbox = inbox(2, 1 << 20);
+        for version in 1..=4 {
+            inbox.push(&change(version, 10));
+        }
+        assert!(inbox.lock().changes.is_empty());
+        assert!(matches!(inbox.take().await, Err(PubSubError::Lagged { skipped: 4 })));
+    }
+
+    #[tokio::test]
+    async fn an_inbox_past_its_bound_in_bytes_reports_the_lag() {
+        let inbox = inbox(1000, 250);
+        inbox.push(&change(1, 100));
+        inbox.push(&change(2, 100));
+        assert_eq!(inbox.take().await.unwrap().change.version, 1);
+        inbox.push(&change(3, 100));
+        // 200 bytes held: the next one passes 250.
+        inbox.push(&change(4, 100));
+        assert!(matches!(inbox.take().await, Err(PubSubError::Lagged { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_inbox_wakes_on_a_push() {
+        let inbox = Arc::new(inbox(4, 1 << 20));
+        let taking = tokio::spawn({
+            let inbox = Arc::clone(&inbox);
+            async move { inbox.take().await.map(|shared| shared.change.version) }
+        });
+        tokio::task::yield_now().await;
+        inbox.push(&change(7, 10));
+        assert_eq!(taking.await.unwrap().unwrap(), 7);
     }
 }

@@ -24,10 +24,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::proto::omni::omni_server::{Omni, OmniServer};
@@ -36,6 +40,7 @@ use crate::pubsub::Publisher;
 use crate::topology::Topology;
 use crate::view::RedisTarget;
 use hub::{Hub, HubOptions};
+pub use state::code_name;
 use state::{Call, Shared};
 
 /// Errors starting or running the service.
@@ -53,6 +58,8 @@ pub enum ServeError {
     Read { what: &'static str, path: String, source: std::io::Error },
     #[error("tls: set both service.tls_cert_file and service.tls_key_file, or neither")]
     HalfTls,
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("server reflection: {0}")]
@@ -74,6 +81,9 @@ pub struct ServeOptions {
 /// handler, which answers `INVALID_ARGUMENT` naming the limit; larger ones
 /// are refused by the transport (`OUT_OF_RANGE`) before they are read whole.
 const TRANSPORT_SLACK_BYTES: usize = 64 << 10;
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a shutdown waits for calls in flight after telling streams to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -108,6 +118,7 @@ pub async fn serve(
         HubOptions {
             broadcast_topic: topology.broadcast_topic.clone(),
             buffer: service.watch_buffer,
+            buffer_bytes: service.watch_buffer_bytes,
             lookback: Duration::from_millis(service.watch_lookback_ms),
             lookback_bytes: service.watch_lookback_bytes,
         },
@@ -138,9 +149,7 @@ pub async fn serve(
     let app = grpc.merge(http::router(Arc::clone(&shared), Arc::clone(&options.metrics), options.tokens.clone()));
 
     let mut server = Server::builder().accept_http1(true).http2_keepalive_interval(Some(Duration::from_secs(30)));
-    if let Some(tls) = tls_config(&topology)? {
-        server = server.tls_config(tls)?;
-    }
+    let tls = tls_acceptor(&topology)?;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let health_on_stop = health.clone();
     tokio::spawn(async move {
@@ -151,10 +160,14 @@ pub async fn serve(
         stopping.send_replace(true);
         let _ = stopped_tx.send(());
     });
-    let incoming = TcpListenerStream::new(listener);
-    let running = server.add_routes(Routes::from(app)).serve_with_incoming_shutdown(incoming, async {
+    let stopped = async {
         let _ = stopped_rx.await;
-    });
+    };
+    let router = server.add_routes(Routes::from(app));
+    let running: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+        Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(tls_incoming(listener, acceptor), stopped)),
+        None => Box::pin(router.serve_with_incoming_shutdown(plain_incoming(listener), stopped)),
+    };
     tokio::pin!(running);
     let mut shutdown = shared.shutdown.clone();
     tokio::select! {
@@ -177,19 +190,83 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-fn tls_config(topology: &Topology) -> Result<Option<ServerTlsConfig>, ServeError> {
+/// Without TCP_NODELAY a watch event can sit in the kernel waiting for the
+/// client's delayed ACK (40 ms): events are small writes.
+fn no_delay(stream: &TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "could not set TCP_NODELAY");
+    }
+}
+
+fn plain_incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| accepted.inspect(no_delay))
+}
+
+/// TLS connections, each handshake in a task of its own so a slow client
+/// holds up nobody else's.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> impl futures::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while !tx.is_closed() {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            no_delay(&tcp);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, %peer, "a TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "a TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS acceptor of `service.tls_cert_file` and `tls_key_file`. It offers
+/// HTTP/2 (gRPC) and HTTP/1.1 (the JSON calls and Server-Sent Events, for
+/// `curl --http1.1` and clients that speak only HTTP/1.1).
+fn tls_acceptor(topology: &Topology) -> Result<Option<TlsAcceptor>, ServeError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let service = &topology.service;
     let read = |what: &'static str, path: &std::path::Path| {
         std::fs::read(path).map_err(|source| ServeError::Read { what, path: path.display().to_string(), source })
     };
-    match (&service.tls_cert_file, &service.tls_key_file) {
-        (None, None) => Ok(None),
-        (Some(cert), Some(key)) => {
-            let identity = Identity::from_pem(read("service.tls_cert_file", cert)?, read("service.tls_key_file", key)?);
-            Ok(Some(ServerTlsConfig::new().identity(identity)))
-        }
-        _ => Err(ServeError::HalfTls),
-    }
+    let (cert_file, key_file) = match (&service.tls_cert_file, &service.tls_key_file) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => return Err(ServeError::HalfTls),
+    };
+    let pem_error =
+        |path: &std::path::Path, e: &dyn std::fmt::Display| ServeError::Tls(format!("{}: {e}", path.display()));
+    let certs = CertificateDer::pem_slice_iter(&read("service.tls_cert_file", cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(cert_file, &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&read("service.tls_key_file", key_file)?).map_err(|e| pem_error(key_file, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
 /// `UNAUTHENTICATED` unless tokens are off or the header names one of them.

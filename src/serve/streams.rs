@@ -1,8 +1,10 @@
 //! The server streams: `Watch` (a follower over the shared broadcast hub)
-//! and `Subscribe` (raw pub/sub records). Each runs as a task feeding a small
-//! channel, so a client that does not read pushes back on its task, which
-//! then falls behind the hub and ends with `RESOURCE_EXHAUSTED`. Both end
-//! with `UNAVAILABLE` when the service shuts down.
+//! and `Subscribe` (raw pub/sub records). A watch is polled directly by its
+//! connection, so a client that does not read leaves its changes in its hub
+//! inbox, falls behind and ends with `RESOURCE_EXHAUSTED`. A subscription
+//! runs as a task feeding a small channel, so a client that does not read
+//! pushes back on its Kafka consumer. Both end with `UNAVAILABLE` when the
+//! service shuts down.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -85,53 +87,61 @@ pub async fn watch(
     };
     let follower = tokio::time::timeout(deadline, start).await.map_err(|_| redis_timeout(deadline))?;
     let follower = follower.map_err(|e| Status::unavailable(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-    tokio::spawn(follow(shared, slot, follower, tx));
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    let shutdown = shared.shutdown.clone();
+    let watcher = Watcher { _slot: slot, _watching: Watching::new(), follower, shutdown, ended: false };
+    // The stream is the follower itself, polled by the connection as the
+    // client reads (no task or queue of its own): a client that does not read
+    // leaves its changes in its hub inbox, which bounds them.
+    Ok(Box::pin(futures::stream::unfold(watcher, |mut watcher| async move {
+        if watcher.ended {
+            return None;
+        }
+        let event = watcher.next_event().await;
+        watcher.ended = event.is_err();
+        Some((event, watcher))
+    })))
 }
 
-async fn follow(
-    shared: Arc<Shared>,
+/// One `Watch` stream's state.
+struct Watcher {
     _slot: StreamSlot,
-    mut follower: Follower,
-    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
-) {
-    let _watching = Watching::new();
-    let mut shutdown = shared.shutdown.clone();
-    loop {
-        let next = tokio::select! {
-            next = follower.next() => next,
-            _ = shutdown.wait_for(|stop| *stop) => {
-                let _ = tx.try_send(Err(shutting_down()));
-                return;
-            }
-            () = tx.closed() => return,
-        };
-        let item = match next {
-            Some(Ok(event)) => Ok(watch_event(event)),
-            Some(Err(PubSubError::Lagged { skipped })) => {
-                metrics::counter!("omni_service_watchers_dropped_total", "reason" => "lagged").increment(1);
-                tracing::info!(pattern = %follower.pattern(), skipped, "a watcher fell behind; ending its stream");
-                Err(Status::resource_exhausted(format!(
-                    "this watcher fell further behind than its buffer holds (service.watch_buffer changes, \
-                     256 for a single-room watch; {skipped} skipped); watch again, or resume each room with \
-                     GetDeltas from its last version"
-                )))
-            }
-            Some(Err(error @ PubSubError::RedisBehind { .. })) => {
-                // The follower keeps waiting for Redis; the room's next event is its catch-up.
-                tracing::warn!(%error, "a watched room waits for redis");
-                continue;
-            }
-            Some(Err(error)) => {
-                tracing::warn!(%error, "a watcher's follower failed; going on");
-                continue;
-            }
-            None => Err(Status::unavailable("the shared broadcast feed ended; reconnect")),
-        };
-        let last = item.is_err();
-        if !deliver(&tx, &shared, item).await || last {
-            return;
+    _watching: Watching,
+    follower: Follower,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The stream ended with an error status.
+    ended: bool,
+}
+
+impl Watcher {
+    /// The next event, or the status that ends the stream.
+    async fn next_event(&mut self) -> Result<pb::WatchEvent, Status> {
+        loop {
+            let next = tokio::select! {
+                next = self.follower.next() => next,
+                _ = self.shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
+            };
+            return match next {
+                Some(Ok(event)) => Ok(watch_event(event)),
+                Some(Err(PubSubError::Lagged { skipped })) => {
+                    metrics::counter!("omni_service_watchers_dropped_total", "reason" => "lagged").increment(1);
+                    tracing::info!(pattern = %self.follower.pattern(), skipped, "a watcher fell behind; ending its stream");
+                    Err(Status::resource_exhausted(format!(
+                        "this watcher fell further behind than its buffer holds (service.watch_buffer changes or \
+                         service.watch_buffer_bytes bytes; {skipped} skipped); watch again, or resume each room \
+                         with GetDeltas from its last version"
+                    )))
+                }
+                Some(Err(error @ PubSubError::RedisBehind { .. })) => {
+                    // The follower keeps waiting for Redis; the room's next event is its catch-up.
+                    tracing::warn!(%error, "a watched room waits for redis");
+                    continue;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "a watcher's follower failed; going on");
+                    continue;
+                }
+                None => Err(Status::unavailable("the shared broadcast feed ended; reconnect")),
+            };
         }
     }
 }

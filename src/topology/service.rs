@@ -18,10 +18,12 @@ pub struct ServiceSettings {
     pub pubsub_topics: Vec<String>,
     /// Largest request (and raw payload) accepted, in bytes.
     pub max_message_bytes: usize,
-    /// How many broadcast changes a wildcard watcher may fall behind the
-    /// shared consumer before its stream ends with `RESOURCE_EXHAUSTED` (a
-    /// single-room watcher has a ring of 256 of its room's changes).
+    /// How many broadcast changes a watcher may fall behind the shared
+    /// consumer before its stream ends with `RESOURCE_EXHAUSTED`.
     pub watch_buffer: usize,
+    /// How many bytes of broadcast records a watcher may fall behind before
+    /// its stream ends with `RESOURCE_EXHAUSTED` (whichever bound comes first).
+    pub watch_buffer_bytes: usize,
     /// How far back (milliseconds) the shared consumer's replay reaches for a
     /// joining watcher, covering changes committed but not yet in Redis.
     pub watch_lookback_ms: u64,
@@ -52,6 +54,7 @@ impl Default for ServiceSettings {
             pubsub_topics: Vec::new(),
             max_message_bytes: 1 << 20,
             watch_buffer: 4096,
+            watch_buffer_bytes: 256 << 10,
             watch_lookback_ms: 60_000,
             watch_lookback_bytes: 16 << 20,
             max_streams_per_connection: 100,

@@ -23,4 +23,5 @@ mod redis_backlog;
 mod redis_view;
 mod serve;
 mod serve_faults;
+mod serve_transports;
 mod view_faults;

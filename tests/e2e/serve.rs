@@ -199,6 +199,14 @@ fn status_of<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Statu
     result.expect_err("the call fails")
 }
 
+/// Creates the topology's (first) pub/sub topic; its name.
+pub(crate) async fn create_pubsub_topic(t: &Topology) -> String {
+    let chat = t.service.pubsub_topics[0].clone();
+    let spec = omni::kafka::TopicSpec { name: chat.clone(), partitions: 2, configs: vec![] };
+    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    chat
+}
+
 pub(crate) fn topology_for(name: &str, dir: &FsPath) -> Topology {
     let mut t = fresh_topology(name, 4, &dir.join("state"));
     t.service.pubsub_topics = vec![format!("{}.chat", t.application_id)];
@@ -258,9 +266,7 @@ async fn serve_answers_every_rpc() {
     assert_eq!(rooms[&room].modules["tags"]["topic"], "chemistry");
 
     // Subscribe and a raw publish on an allowed topic.
-    let chat = t.service.pubsub_topics[0].clone();
-    let spec = omni::kafka::TopicSpec { name: chat.clone(), partitions: 2, configs: vec![] };
-    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    let chat = create_pubsub_topic(&t).await;
     let subject = format!("app/{}/channel/c1", t.application_id);
     let raw = pb::PublishRequest {
         path: subject.clone(),
