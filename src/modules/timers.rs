@@ -67,13 +67,19 @@ impl TimerOp {
 
 /// Checks a lease an input record carries.
 pub fn check_lease(lease: &Lease) -> Result<(), Rejection> {
-    if lease.lease_id.is_empty() || lease.lease_id.len() > MAX_LEASE_ID_BYTES {
+    check_lease_id(&lease.lease_id)?;
+    check_ttl(lease.ttl_ms)
+}
+
+/// Checks a lease id, as a lease or a keep-alive names it.
+pub fn check_lease_id(lease_id: &str) -> Result<(), Rejection> {
+    if lease_id.is_empty() || lease_id.len() > MAX_LEASE_ID_BYTES {
         return Err(Rejection::new(
             RejectKind::InvalidEvent,
             format!("a lease id must be 1 to {MAX_LEASE_ID_BYTES} bytes"),
         ));
     }
-    check_ttl(lease.ttl_ms)
+    Ok(())
 }
 
 fn check_ttl(ttl_ms: i64) -> Result<(), Rejection> {

@@ -5,7 +5,7 @@ use tonic::Status;
 
 use super::convert::{change_message, publish_status, snapshot_message};
 use super::state::Shared;
-use crate::modules::timers::{check_lease, MAX_LEASE_ID_BYTES};
+use crate::modules::timers::{check_lease, check_lease_id};
 use crate::modules::{KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
 use crate::path::Path;
 use crate::proto::omni::{self as pb, publish_request::Body, KeepAlive, Lease};
@@ -128,10 +128,9 @@ pub async fn keep_alive(shared: &Shared, request: pb::KeepAliveRequest) -> Resul
             request.lease_ids.len()
         )));
     }
-    if let Some(bad) = request.lease_ids.iter().find(|id| id.is_empty() || id.len() > MAX_LEASE_ID_BYTES) {
-        return Err(Status::invalid_argument(format!(
-            "lease id {bad:?}: a lease id is 1 to {MAX_LEASE_ID_BYTES} bytes"
-        )));
+    for lease_id in &request.lease_ids {
+        check_lease_id(lease_id)
+            .map_err(|rejection| Status::invalid_argument(format!("lease id {lease_id:?}: {rejection}")))?;
     }
     let payload = KeepAlive { lease_ids: request.lease_ids }.encode_to_vec();
     let headers: [(&str, &[u8]); 1] = [(TYPE_HEADER, KEEPALIVE_TYPE.as_bytes())];

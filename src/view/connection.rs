@@ -88,34 +88,25 @@ impl RedisTarget {
     /// A multiplexed connection (to every master, for a cluster), made
     /// within 5 s, each reply bounded by 5 s.
     pub async fn connect(&self) -> RedisResult<ViewConnection> {
-        match self {
-            RedisTarget::Single(client) => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(READ_TIMEOUT));
-                Ok(ViewConnection::Single(client.get_multiplexed_async_connection_with_config(&config).await?))
-            }
-            RedisTarget::Cluster(client) => {
-                let config = redis::cluster::ClusterConfig::new()
-                    .set_connection_timeout(CONNECT_TIMEOUT)
-                    .set_response_timeout(READ_TIMEOUT);
-                Ok(ViewConnection::Cluster(client.get_async_connection_with_config(config).await?))
-            }
-        }
+        self.connect_within(CONNECT_TIMEOUT, READ_TIMEOUT).await
     }
 
     /// A multiplexed connection made within `timeout`, each reply bounded by it too.
     pub async fn connect_bounded(&self, timeout: Duration) -> RedisResult<ViewConnection> {
+        self.connect_within(timeout, timeout).await
+    }
+
+    async fn connect_within(&self, connect: Duration, reply: Duration) -> RedisResult<ViewConnection> {
         match self {
             RedisTarget::Single(client) => {
                 let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout));
+                    .set_connection_timeout(Some(connect))
+                    .set_response_timeout(Some(reply));
                 Ok(ViewConnection::Single(client.get_multiplexed_async_connection_with_config(&config).await?))
             }
             RedisTarget::Cluster(client) => {
                 let config =
-                    redis::cluster::ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
+                    redis::cluster::ClusterConfig::new().set_connection_timeout(connect).set_response_timeout(reply);
                 Ok(ViewConnection::Cluster(client.get_async_connection_with_config(config).await?))
             }
         }

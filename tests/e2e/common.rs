@@ -196,6 +196,12 @@ impl Drop for JobProcess {
     }
 }
 
+/// Waits for the job whose operations endpoint is at `addr` to answer `/readyz` with 200.
+pub async fn wait_ready(addr: &str, timeout: Duration) {
+    wait_for(timeout, "the job ready", || async move { (http_get(addr, "/readyz").await?.0 == 200).then_some(()) })
+        .await;
+}
+
 /// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

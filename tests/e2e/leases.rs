@@ -43,6 +43,46 @@ fn keep_alive(producer: &BaseProducer, topic: &str, room: &str, lease_ids: &[&st
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
+/// Keep-alives sent every `every` from a task of their own, until stopped,
+/// as a live recorder sends them.
+struct Keeper {
+    keeping: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Keeper {
+    fn start<F, Fut>(every: Duration, mut send: F) -> Keeper
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let keeping = Arc::new(AtomicBool::new(true));
+        let running = Arc::clone(&keeping);
+        let task = tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                send().await;
+                tokio::time::sleep(every).await;
+            }
+        });
+        Keeper { keeping, task }
+    }
+
+    /// Keeps `lease_id` of `room` alive with keep-alive records on `topic`.
+    fn over_kafka(topic: &str, room: &str, lease_id: &str, every: Duration) -> Keeper {
+        let producer = crate::common::producer();
+        let (topic, room, lease_id) = (topic.to_owned(), room.to_owned(), lease_id.to_owned());
+        Keeper::start(every, move || {
+            keep_alive(&producer, &topic, &room, &[&lease_id]);
+            std::future::ready(())
+        })
+    }
+
+    async fn stop(self) {
+        self.keeping.store(false, Ordering::Relaxed);
+        self.task.await.unwrap();
+    }
+}
+
 fn plain(producer: &BaseProducer, topic: &str, room: &str, kind: Kind) {
     let value = event(0, chrono::Utc::now().timestamp_millis(), kind).encode_to_vec();
     produce_raw(producer, topic, Some(room.as_bytes()), Some(&value));
@@ -116,18 +156,7 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
     plain(&producer, &topic, &closed, Kind::RoomClosed(RoomClosed {}));
 
     // Keep one lease alive all along the checks; the others expire or are cancelled meanwhile.
-    let keeping = Arc::new(AtomicBool::new(true));
-    let keeper = {
-        let (keeping, topic, kept, kept_lease) =
-            (Arc::clone(&keeping), topic.clone(), kept.clone(), kept_lease.clone());
-        tokio::spawn(async move {
-            let producer = crate::common::producer();
-            while keeping.load(Ordering::Relaxed) {
-                keep_alive(&producer, &topic, &kept, &[&kept_lease]);
-                tokio::time::sleep(ttl / 4).await;
-            }
-        })
-    };
+    let keeper = Keeper::over_kafka(&topic, &kept, &kept_lease, ttl / 4);
     let started = Instant::now();
     wait_for(3 * ttl, "three TTLs of keep-alives", || {
         let done = started.elapsed() >= 3 * ttl;
@@ -177,20 +206,10 @@ async fn a_kept_alive_lease_does_not_fire_and_one_left_alone_fires_once_within_t
     assert_eq!(stream, 1, "keep-alives add no Redis stream entry");
 
     // Left alone now, the kept lease fires too, once.
-    keeping.store(false, Ordering::Relaxed);
-    keeper.await.unwrap();
+    keeper.stop().await;
     let by_room = broadcast_by_room(&topology.broadcast_topic, 10);
     assert_expired_once(&by_room[&kept], &kept_lease);
     job.stop().await;
-}
-
-/// Waits for `omni run` at `addr` to be ready; returns when it was seen ready, in wall-clock ms.
-async fn ready_at(addr: &str) -> i64 {
-    wait_for(Duration::from_secs(90), "the job ready", || async move {
-        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
-    chrono::Utc::now().timestamp_millis()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +237,8 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_right_aft
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
-    let ready = ready_at(&addr).await;
+    wait_ready(&addr, Duration::from_secs(90)).await;
+    let ready = chrono::Utc::now().timestamp_millis();
     let by_room = broadcast_by_room(&topology.broadcast_topic, 2000);
     assert_each_expired_once(&by_room, &leases);
     // Right after the restore, not one more TTL from it: the committed
@@ -257,24 +277,14 @@ async fn keep_alives_sent_while_the_job_was_down_count_before_overdue_leases_fir
 
     // The live recorder keeps its lease alive all along: the keep-alives
     // wait in the topic while the job is down, two TTLs.
-    let keeping = Arc::new(AtomicBool::new(true));
-    let keeper = {
-        let (keeping, topic, alive, alive_lease) =
-            (Arc::clone(&keeping), topic.clone(), alive.clone(), alive_lease.clone());
-        tokio::spawn(async move {
-            let producer = crate::common::producer();
-            while keeping.load(Ordering::Relaxed) {
-                keep_alive(&producer, &topic, &alive, &[&alive_lease]);
-                tokio::time::sleep(ttl / 4).await;
-            }
-        })
-    };
+    let keeper = Keeper::over_kafka(&topic, &alive, &alive_lease, ttl / 4);
     let down_until = Instant::now() + 2 * ttl;
     while Instant::now() < down_until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let job = JobProcess::spawn(&topology, dir.path(), "i1");
-    let ready = ready_at(&addr).await;
+    wait_ready(&addr, Duration::from_secs(90)).await;
+    let ready = chrono::Utc::now().timestamp_millis();
     // The dead recorder's lease fires once, right after the restore...
     let by_room = broadcast_by_room(&topology.broadcast_topic, 3);
     assert_expired_once(&by_room[&dead], &dead_lease);
@@ -290,8 +300,7 @@ async fn keep_alives_sent_while_the_job_was_down_count_before_overdue_leases_fir
     .await;
     let by_room = broadcast_by_room(&topology.broadcast_topic, 3);
     assert_eq!(by_room[&alive].len(), 1, "the lease kept alive across the outage fired");
-    keeping.store(false, Ordering::Relaxed);
-    keeper.await.unwrap();
+    keeper.stop().await;
     let by_room = broadcast_by_room(&topology.broadcast_topic, 4);
     assert_expired_once(&by_room[&alive], &alive_lease);
     job.terminate();
@@ -420,23 +429,21 @@ async fn leases_taken_and_kept_alive_through_omni_serve_fire_once_left_alone() {
     let json_lease = reply["lease_id"].as_str().expect("the JSON answer names the lease").to_owned();
 
     // Kept alive through either transport, all along the check: neither fires.
-    let keeping = Arc::new(AtomicBool::new(true));
-    let keeper = {
-        let (keeping, addr, partitions) = (Arc::clone(&keeping), serve.addr.clone(), topology.partitions);
-        let (mut client, grpc_room, json_room) = (client.clone(), grpc_room.clone(), json_room.clone());
-        let (grpc_lease, json_lease) = (grpc_lease.clone(), json_lease.clone());
-        tokio::spawn(async move {
-            while keeping.load(Ordering::Relaxed) {
-                let kept = pb::KeepAliveRequest { path: grpc_room.clone(), lease_ids: vec![grpc_lease.clone()] };
-                let placed = client.keep_alive(kept).await.unwrap().into_inner();
-                assert_eq!(placed.partition, omni::kafka::partition_for(grpc_room.as_bytes(), partitions));
-                let body = serde_json::json!({"path": json_room, "lease_ids": [json_lease]});
-                let (status, reply) = http_request(&addr, "POST", "/v1/KeepAlive", &body.to_string()).await;
-                assert_eq!(status, 200, "{reply}");
-                tokio::time::sleep(ttl / 4).await;
-            }
-        })
-    };
+    let (addr, partitions) = (serve.addr.clone(), topology.partitions);
+    let (grpc_path, json_path) = (grpc_room.clone(), json_room.clone());
+    let (grpc_id, json_id) = (grpc_lease.clone(), json_lease.clone());
+    let keeper = Keeper::start(ttl / 4, move || {
+        let (mut client, addr) = (client.clone(), addr.clone());
+        let kept = pb::KeepAliveRequest { path: grpc_path.clone(), lease_ids: vec![grpc_id.clone()] };
+        let body = serde_json::json!({"path": json_path, "lease_ids": [json_id]});
+        let at = omni::kafka::partition_for(grpc_path.as_bytes(), partitions);
+        async move {
+            let placed = client.keep_alive(kept).await.unwrap().into_inner();
+            assert_eq!(placed.partition, at);
+            let (status, reply) = http_request(&addr, "POST", "/v1/KeepAlive", &body.to_string()).await;
+            assert_eq!(status, 200, "{reply}");
+        }
+    });
     let started = Instant::now();
     wait_for(4 * ttl, "three TTLs of keep-alives", || {
         let done = started.elapsed() >= 3 * ttl;
@@ -449,8 +456,7 @@ async fn leases_taken_and_kept_alive_through_omni_serve_fire_once_left_alone() {
         (1, 1),
         "a kept-alive lease fired: {by_room:#?}"
     );
-    keeping.store(false, Ordering::Relaxed);
-    keeper.await.unwrap();
+    keeper.stop().await;
 
     // Left alone, each fires once.
     let by_room = broadcast_by_room(&topology.broadcast_topic, 4);

@@ -12,26 +12,10 @@ use crate::common::*;
 const BUDGET: usize = 64 << 10;
 
 /// Starts `omni run` on `topology` with its operations endpoint; returns it and the endpoint's address.
-fn spawn_job(topology: &omni::topology::Topology, dir: &std::path::Path) -> (JobProcess, String) {
-    let file = dir.join("topology.toml");
-    write_topology(topology, &file);
+fn spawn_job(topology: &mut omni::topology::Topology, dir: &std::path::Path) -> (JobProcess, String) {
     let addr = format!("127.0.0.1:{}", pick_free_port());
-    let log = dir.join("omni.log");
-    let child = omni_cli()
-        .args(["run", "--topology", file.to_str().unwrap(), "--http-listen", &addr])
-        .env("OMNI_REDIS_URL", &topology.redis.url)
-        .stdout(std::fs::File::create(dir.join("stdout.log")).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawning omni run");
-    (JobProcess { child, log }, addr)
-}
-
-async fn wait_ready(addr: &str) {
-    wait_for(Duration::from_secs(60), "the job ready", || async move {
-        (http_get(addr, "/readyz").await?.0 == 200).then_some(())
-    })
-    .await;
+    topology.http.listen = addr.clone();
+    (JobProcess::spawn(topology, dir, "i1"), addr)
 }
 
 async fn gauge(addr: &str, name: &str) -> Option<f64> {
@@ -50,8 +34,8 @@ async fn a_redis_slower_than_the_job_holds_consumption_back_within_the_backlog_b
     let events = generate(71, 6000, 3000);
     let folder = folder(&["recording", "tags"]);
     let expected = model(&folder, &events);
-    let (job, addr) = spawn_job(&topology, dir.path());
-    wait_ready(&addr).await;
+    let (job, addr) = spawn_job(&mut topology, dir.path());
+    wait_ready(&addr, Duration::from_secs(60)).await;
 
     // Redis holds every write for 6 s (well under the writer's 10 s
     // response timeout even on a loaded machine, so to the writer it is
@@ -98,8 +82,8 @@ async fn a_redis_away_past_the_backlog_budget_holds_nothing_back_and_gets_every_
     let events = generate(72, 6000, 3000);
     let folder = folder(&["recording", "tags"]);
     let expected = model(&folder, &events);
-    let (job, addr) = spawn_job(&topology, dir.path());
-    wait_ready(&addr).await;
+    let (job, addr) = spawn_job(&mut topology, dir.path());
+    wait_ready(&addr, Duration::from_secs(60)).await;
 
     drop(redis);
     produce(&producer(), topology.input_topic(), &events);
