@@ -138,12 +138,24 @@ pub struct InstanceSettings {
     /// group member with its own consumer, transactional producer and share
     /// of the partitions, over the instance's one store and Redis writer.
     pub threads: usize,
+    /// Warm copies kept of each partition besides its owner, as Kafka
+    /// Streams' `num.standby.replicas`: this instance follows the changelog
+    /// of the partitions it stands by for, so taking one over restores only
+    /// the last records. Costs each standby its share of disk and of
+    /// changelog reading. 0 turns standbys off.
+    pub standby_replicas: usize,
 }
 
 impl Default for InstanceSettings {
     fn default() -> Self {
         // Kafka Streams' exactly-once default: short, so a crash stalls readers briefly.
-        InstanceSettings { id: String::new(), static_membership: false, transaction_timeout_ms: 10_000, threads: 1 }
+        InstanceSettings {
+            id: String::new(),
+            static_membership: false,
+            transaction_timeout_ms: 10_000,
+            threads: 1,
+            standby_replicas: 0,
+        }
     }
 }
 
