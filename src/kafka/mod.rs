@@ -1,7 +1,9 @@
 //! Kafka client setup: connection and security settings shared by every
-//! client omni makes, the Java-compatible partitioner, and topic creation.
+//! client omni makes, the Java-compatible partitioner, topic creation, and
+//! reading a consumer group's assignment.
 
 mod admin;
+mod group;
 mod partitioner;
 mod producer;
 
@@ -13,6 +15,7 @@ use rdkafka::ClientConfig;
 pub use admin::{
     ensure_topics, ensure_topics_with, max_message_bytes, not_served_yet, wait_for_topic, TopicSettings, TopicSpec,
 };
+pub use group::{group_assignment, MemberAssignment};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{
     abort_transaction, commit_transaction, drain, refused_by_broker, send, send_lingering, serve_ready,

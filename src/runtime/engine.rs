@@ -582,7 +582,7 @@ impl Engine {
     /// Gives up partitions: their work is already in the committed transaction.
     pub(super) fn revoke(&mut self, partitions: &[i32]) {
         self.health.positions.revoked(self.progress.thread(), partitions);
-        self.restores.cancel_all(partitions);
+        self.restores.revoke(partitions);
         for partition in partitions {
             self.refusals.forget(*partition, None);
             if let Some(task) = self.tasks.remove(partition) {

@@ -6,6 +6,7 @@
 //! folds in [`crate::modules`] stay pure.
 
 mod backpressure;
+mod changelog;
 mod clock;
 mod context;
 mod counters;
@@ -18,6 +19,7 @@ mod output;
 mod progress;
 mod reconcile;
 mod restore;
+mod standby;
 mod thread;
 
 use std::future::Future;
@@ -38,9 +40,11 @@ pub use output::{
 pub use health::Health;
 pub use progress::{Stall, STALL_AFTER};
 
+use changelog::Claims;
 use engine::Topics;
 use health::ThreadHealth;
 use reconcile::{Rewriter, StoreRooms};
+use standby::Standby;
 use thread::{Member, Shared, StreamThread};
 
 /// Why the job stopped with an error.
@@ -131,6 +135,8 @@ pub async fn run(
         id => id.to_owned(),
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let claims = Arc::new(Claims::default());
+    let standby = spawn_standby(&topology, &topics, &instance_id, &store, &claims, &stop)?;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     health.threads.store(topology.instance.threads, Ordering::Relaxed);
     let mut spawned = Ok(());
@@ -144,6 +150,7 @@ pub async fn run(
             redis: redis_writer.clone(),
             rewriter: rewriter.clone(),
             health: Arc::clone(&health),
+            claims: Arc::clone(&claims),
         };
         let (stop, done) = (Arc::clone(&stop), done_tx.clone());
         spawned = std::thread::Builder::new()
@@ -195,7 +202,7 @@ pub async fn run(
     }
 
     watchdog.abort();
-    let _ = tokio::task::spawn_blocking(move || lag_watcher.join()).await;
+    let _ = tokio::task::spawn_blocking(move || (lag_watcher.join(), standby.map(|s| s.join()))).await;
     if let Some(task) = redis_task {
         // The writer drains what it holds once the threads dropped their handles.
         if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
@@ -203,6 +210,38 @@ pub async fn run(
         }
     }
     result
+}
+
+/// Starts following the partitions this instance stands by for, when
+/// `instance.standby_replicas` asks for copies.
+fn spawn_standby(
+    topology: &Topology,
+    topics: &Topics,
+    instance_id: &str,
+    store: &Arc<RocksStore>,
+    claims: &Arc<Claims>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<std::thread::JoinHandle<()>>, RuntimeError> {
+    let replicas = topology.instance.standby_replicas;
+    if replicas == 0 {
+        return Ok(None);
+    }
+    let standby = Standby::new(
+        &topology.kafka,
+        topology.application_id.clone(),
+        topics.input.clone(),
+        topics.changelog.clone(),
+        format!("{}-{instance_id}", topology.application_id),
+        replicas,
+        store.clone(),
+        Arc::clone(claims),
+    )?;
+    let stop = Arc::clone(stop);
+    std::thread::Builder::new()
+        .name("omni-standby".into())
+        .spawn(move || standby.run(&stop))
+        .map(Some)
+        .map_err(|e| RuntimeError::Invalid(format!("spawning the standby thread: {e}")))
 }
 
 /// Logs a processing thread that is stuck in one step, once per stall.

@@ -19,10 +19,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::changelog::{changelog_write, resume_offset, Claims};
 use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
-use crate::store::{PartitionWrite, StateStore};
+use crate::store::StateStore;
 
 const BATCH: usize = 10_000;
 
@@ -102,6 +103,8 @@ pub struct Restores {
     /// Where a restored partition's rooms are written again, when Redis is on.
     reconcile: Option<Rewriter>,
     done: mpsc::Sender<RestoreDone>,
+    /// The partitions this instance owns, kept from its standby.
+    claims: Arc<Claims>,
     running: HashMap<i32, Running>,
     generations: u64,
     slots: Arc<Slots>,
@@ -116,6 +119,7 @@ impl Restores {
         health: Arc<Health>,
         reconcile: Option<Rewriter>,
         done: mpsc::Sender<RestoreDone>,
+        claims: Arc<Claims>,
     ) -> Result<Restores, RuntimeError> {
         let watermarks = Arc::new(settings.client_config().create()?);
         Ok(Restores {
@@ -127,15 +131,18 @@ impl Restores {
             health,
             reconcile,
             done,
+            claims,
             running: HashMap::new(),
             generations: 0,
             slots: Arc::default(),
         })
     }
 
-    /// Starts restoring `partition` from the changelog offset its store reached.
+    /// Starts restoring `partition` from the changelog offset its store
+    /// reached, claimed first so a standby stops writing it.
     pub fn start(&mut self, partition: i32) {
         self.cancel(partition);
+        self.claims.claim(partition);
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
             settings: self.settings.clone(),
@@ -179,9 +186,16 @@ impl Restores {
         self.cancel_all(&[partition]);
     }
 
+    /// This instance gave these partitions up: their restores stop, and a
+    /// standby may follow them again.
+    pub fn revoke(&mut self, partitions: &[i32]) {
+        self.cancel_all(partitions);
+        self.claims.release(partitions);
+    }
+
     /// Stops these partitions' restores, every one told before any is
     /// waited for: a revoke then waits for the slowest alone, not their sum.
-    pub fn cancel_all(&mut self, partitions: &[i32]) {
+    fn cancel_all(&mut self, partitions: &[i32]) {
         let stopping: Vec<Running> = partitions.iter().filter_map(|p| self.running.remove(p)).collect();
         for running in &stopping {
             running.cancel.store(true, Ordering::Relaxed);
@@ -282,30 +296,13 @@ impl Job {
     }
 
     fn run(&self) -> Result<u64, Interrupted> {
-        let from = self.store.changelog_offset(self.partition)?;
-        let (low, high) = self.watermarks()?;
+        let watermarks = self.watermarks()?;
         if self.cancel.load(Ordering::Relaxed) {
             // Watermarks asked for in vain must never pass for a truncated changelog.
             return Err(Interrupted::Cancelled);
         }
-        let start = match from {
-            // A checkpoint past the end (the changelog was recreated or truncated)
-            // or before its start (records the store has not seen were deleted)
-            // means the store no longer matches the changelog: start afresh.
-            Some(from) if from > high || from < low => {
-                tracing::warn!(
-                    partition = self.partition,
-                    from,
-                    low,
-                    high,
-                    "store checkpoint outside the changelog; rebuilding the partition"
-                );
-                self.store.clear(self.partition)?;
-                low
-            }
-            Some(from) => from,
-            None => low,
-        };
+        let start = resume_offset(self.store.as_ref(), self.partition, watermarks)?;
+        let high = watermarks.1;
         let gauge = metrics::gauge!("omni_restore_remaining_records", "partition" => self.partition.to_string());
         if start >= high {
             gauge.set(0.0);
@@ -363,10 +360,7 @@ impl Job {
                 let rooms = std::mem::take(&mut batch);
                 restored += rooms.len() as u64;
                 metrics::counter!("omni_restored_records_total").increment(rooms.len() as u64);
-                self.store.write(
-                    self.partition,
-                    PartitionWrite { rooms, changelog_offset: Some(position), ..PartitionWrite::default() },
-                )?;
+                self.store.write(self.partition, changelog_write(rooms, position))?;
             }
             if finished {
                 return Ok(restored);

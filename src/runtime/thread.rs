@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::Producer;
 
+use super::changelog::Claims;
 use super::context::{self, JobContext};
 use super::engine::{Engine, Topics};
 use super::fencing::FencingBudget;
@@ -64,6 +65,8 @@ pub(super) struct Shared {
     /// Rewrites rooms from the store to Redis, when Redis is on.
     pub rewriter: Option<Rewriter>,
     pub health: Arc<Health>,
+    /// The partitions this instance owns, kept from its standby.
+    pub claims: Arc<Claims>,
 }
 
 pub(super) struct StreamThread<'a> {
@@ -100,6 +103,7 @@ impl<'a> StreamThread<'a> {
             Arc::clone(&shared.health),
             shared.rewriter.clone(),
             restore_tx,
+            Arc::clone(&shared.claims),
         )?;
         let engine = Engine::new(
             shared.folder.clone(),
@@ -423,6 +427,9 @@ fn consumer_config(topology: &Topology, member: &Member) -> rdkafka::ClientConfi
         config.set(key, value);
     }
     config
+        // Names the member's instance in the group's description, where
+        // standby replicas look for who owns what.
+        .set("client.id", &member.id)
         .set("group.id", &topology.application_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

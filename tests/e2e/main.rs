@@ -24,4 +24,5 @@ mod redis_view;
 mod serve;
 mod serve_faults;
 mod serve_transports;
+mod standby;
 mod view_faults;

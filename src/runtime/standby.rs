@@ -1,0 +1,324 @@
+//! Standby replicas, as Kafka Streams' standby tasks: warm copies of
+//! partitions another instance owns, so taking one over restores only the
+//! records since the copy's last write instead of the whole changelog.
+//!
+//! One thread per instance follows, with one consumer of its own, the
+//! changelog partitions this instance stands by for, and writes their
+//! records to the store as a restore would, checkpoint included. It never
+//! writes a partition this instance owns ([`Claims`]): when a rebalance
+//! hands one over, its restore claims it first and goes on from the
+//! standby's checkpoint.
+//!
+//! librdkafka has no pluggable assignor, so standbys cannot steer where a
+//! partition goes. Instead every instance reads the group's assignment every
+//! few seconds and places the copies by a rule all instances agree on
+//! ([`standby_partitions`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::changelog::{changelog_write, resume_offset, Claims};
+use super::RuntimeError;
+use crate::kafka::{group_assignment, KafkaSettings};
+use crate::store::StateStore;
+
+/// How often the group's assignment is read again.
+const PLAN_EVERY: Duration = Duration::from_secs(2);
+
+/// How long one ask to the coordinator or for watermarks may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Records, and bytes, gathered before they are written to the store.
+const BATCH_RECORDS: usize = 10_000;
+const BATCH_BYTES: usize = 16 << 20;
+
+/// The instance a group member belongs to: its `client.id` is
+/// `<application_id>-<instance id>-<thread>`, so the instance is all but the
+/// last part.
+fn instance_of(client_id: &str) -> &str {
+    client_id.rsplit_once('-').map_or(client_id, |(instance, _)| instance)
+}
+
+/// The partitions `me` keeps standby copies of. The group's `instances`
+/// (`me` among them) are ranked for each partition starting after its
+/// owner, in sorted order, and rotated by the partition number, so one
+/// owner's partitions spread over the others; the first `replicas` of them,
+/// never the owner, stand by. Every instance computes the same placement
+/// from the same assignment.
+pub fn standby_partitions(
+    instances: &BTreeSet<String>,
+    owners: &BTreeMap<i32, String>,
+    me: &str,
+    replicas: usize,
+) -> BTreeSet<i32> {
+    let instances: Vec<&str> = instances.iter().map(String::as_str).chain([me]).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut standbys = BTreeSet::new();
+    for (&partition, owner) in owners {
+        let Some(at) = instances.iter().position(|i| i == owner) else { continue };
+        let others: Vec<&str> = (1..instances.len()).map(|k| instances[(at + k) % instances.len()]).collect();
+        if others.is_empty() {
+            continue;
+        }
+        let rotation = partition.unsigned_abs() as usize % others.len();
+        let chosen = (0..replicas.min(others.len())).map(|k| others[(rotation + k) % others.len()]);
+        if chosen.into_iter().any(|i| i == me) {
+            standbys.insert(partition);
+        }
+    }
+    standbys
+}
+
+/// Where the copies are, and what reads them.
+pub struct Standby {
+    consumer: BaseConsumer,
+    group: String,
+    input: String,
+    changelog: String,
+    /// `<application_id>-<instance id>`: this instance in [`instance_of`]'s terms.
+    me: String,
+    replicas: usize,
+    store: Arc<dyn StateStore>,
+    claims: Arc<Claims>,
+    /// Partitions followed, and the next changelog offset of each.
+    following: BTreeMap<i32, i64>,
+    planned: Option<Instant>,
+}
+
+impl Standby {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: &KafkaSettings,
+        group: String,
+        input: String,
+        changelog: String,
+        me: String,
+        replicas: usize,
+        store: Arc<dyn StateStore>,
+        claims: Arc<Claims>,
+    ) -> Result<Standby, RuntimeError> {
+        let mut config = settings.client_config();
+        config
+            .set("group.id", format!("{group}-standby"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "100");
+        crate::kafka::bound_prefetch(&mut config, 4096);
+        let consumer = config.create()?;
+        Ok(Standby {
+            consumer,
+            group,
+            input,
+            changelog,
+            me,
+            replicas,
+            store,
+            claims,
+            following: BTreeMap::new(),
+            planned: None,
+        })
+    }
+
+    /// Follows the standby partitions until `stop` is set. A failure is
+    /// logged and tried again: a standby is an optimisation, never a reason
+    /// to stop processing.
+    pub fn run(mut self, stop: &AtomicBool) {
+        let gauge = metrics::gauge!("omni_standby_partitions");
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(error) = self.run_once() {
+                tracing::warn!(%error, "standby replicas: retrying");
+                self.following.clear();
+                let _ = self.consumer.unassign();
+                self.planned = None;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            gauge.set(self.following.len() as f64);
+        }
+        gauge.set(0.0);
+        metrics::gauge!("omni_standby_lag_records").set(0.0);
+    }
+
+    fn run_once(&mut self) -> Result<(), RuntimeError> {
+        if self.planned.is_none_or(|at| at.elapsed() >= PLAN_EVERY) {
+            self.planned = Some(Instant::now());
+            self.plan()?;
+        } else {
+            // A partition this instance took over leaves at once, not at the next plan.
+            let owned = self.claims.owned();
+            if self.following.keys().any(|p| owned.contains(p)) {
+                let keep = self.following.keys().copied().filter(|p| !owned.contains(p)).collect();
+                self.follow(keep)?;
+            }
+        }
+        self.copy_a_batch()
+    }
+
+    /// Reads the group's assignment and follows what the rule gives this
+    /// instance, less what it owns. A group with no assignment to read (a
+    /// rebalance under way) leaves the copies as they are.
+    fn plan(&mut self) -> Result<(), RuntimeError> {
+        let members = group_assignment(&self.consumer, &self.group, &self.input, ASK_TIMEOUT)?;
+        let owners: BTreeMap<i32, String> = members
+            .iter()
+            .flat_map(|m| m.partitions.iter().map(|&p| (p, instance_of(&m.client_id).to_owned())))
+            .collect();
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let instances = members.iter().map(|m| instance_of(&m.client_id).to_owned()).collect();
+        let owned = self.claims.owned();
+        let wanted: BTreeSet<i32> = standby_partitions(&instances, &owners, &self.me, self.replicas)
+            .into_iter()
+            .filter(|p| !owned.contains(p))
+            .collect();
+        if wanted != self.following.keys().copied().collect() {
+            tracing::info!(partitions = ?wanted, "standby replicas follow");
+            self.follow(wanted)?;
+        }
+        metrics::gauge!("omni_standby_lag_records").set(self.lag()? as f64);
+        Ok(())
+    }
+
+    /// Records the copies are behind their changelogs, by the consumer's
+    /// position, which moves past transaction markers as records do.
+    fn lag(&self) -> Result<i64, RuntimeError> {
+        let positions = self.consumer.position()?;
+        let mut lag = 0;
+        for (&partition, &next) in &self.following {
+            let position = match positions.find_partition(&self.changelog, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(p)) => p.max(next),
+                _ => next,
+            };
+            let (_, high) = self.consumer.fetch_watermarks(&self.changelog, partition, ASK_TIMEOUT)?;
+            lag += (high - position).max(0);
+        }
+        Ok(lag)
+    }
+
+    /// Assigns the consumer to `partitions`, each from where its copy got to.
+    fn follow(&mut self, partitions: BTreeSet<i32>) -> Result<(), RuntimeError> {
+        let mut following = BTreeMap::new();
+        for partition in partitions {
+            let next = match self.following.get(&partition) {
+                Some(&next) => next,
+                None => match self.resume(partition)? {
+                    Some(next) => next,
+                    None => continue,
+                },
+            };
+            following.insert(partition, next);
+        }
+        let mut assignment = TopicPartitionList::new();
+        for (&partition, &next) in &following {
+            assignment.add_partition_offset(&self.changelog, partition, Offset::Offset(next))?;
+        }
+        self.consumer.assign(&assignment)?;
+        self.following = following;
+        Ok(())
+    }
+
+    /// Where a copy resumes; `None` if this instance owns the partition now.
+    fn resume(&self, partition: i32) -> Result<Option<i64>, RuntimeError> {
+        let watermarks = self.consumer.fetch_watermarks(&self.changelog, partition, ASK_TIMEOUT)?;
+        let mut next = None;
+        // Under the claim's lock: clearing an owned partition would lose its state.
+        self.claims.unless_owned(partition, || {
+            next = Some(resume_offset(self.store.as_ref(), partition, watermarks)?);
+            Ok(())
+        })?;
+        Ok(next)
+    }
+
+    /// Polls what has arrived and writes it to the copies, each partition
+    /// with its checkpoint, in one store write per partition.
+    fn copy_a_batch(&mut self) -> Result<(), RuntimeError> {
+        if self.following.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok(());
+        }
+        let mut batches: BTreeMap<i32, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        let (mut records, mut bytes) = (0, 0);
+        let mut timeout = Duration::from_millis(100);
+        while records < BATCH_RECORDS && bytes < BATCH_BYTES {
+            let Some(polled) = self.consumer.poll(timeout) else { break };
+            let message = polled?;
+            timeout = Duration::ZERO;
+            let partition = message.partition();
+            let Some(next) = self.following.get_mut(&partition) else { continue };
+            *next = message.offset() + 1;
+            if let (Some(key), Some(value)) = (message.key(), message.payload()) {
+                bytes += key.len() + value.len();
+                records += 1;
+                batches.entry(partition).or_default().push((key.to_vec(), value.to_vec()));
+            }
+        }
+        for (partition, rooms) in batches {
+            let (count, next) = (rooms.len() as u64, self.following[&partition]);
+            let store = &self.store;
+            if self.claims.unless_owned(partition, || store.write(partition, changelog_write(rooms, next)))? {
+                metrics::counter!("omni_standby_records_total").increment(count);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(pairs: &[(i32, &str)]) -> BTreeMap<i32, String> {
+        pairs.iter().map(|&(p, o)| (p, o.to_owned())).collect()
+    }
+
+    fn group(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_member_belongs_to_the_instance_its_client_id_names() {
+        assert_eq!(instance_of("app-omni-0-1"), "app-omni-0");
+        assert_eq!(instance_of("app-3f2a-0"), "app-3f2a");
+    }
+
+    #[test]
+    fn each_partition_gets_the_asked_copies_never_on_its_owner_and_spread_over_the_others() {
+        let owned = owners(&[(0, "a"), (1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "c"), (6, "c"), (7, "c")]);
+        for replicas in 0..=3 {
+            let mut copies = BTreeMap::<i32, usize>::new();
+            for me in ["a", "b", "c"] {
+                for partition in standby_partitions(&group(&["a", "b", "c"]), &owned, me, replicas) {
+                    assert_ne!(owned[&partition], me, "{me} stands by for its own partition {partition}");
+                    *copies.entry(partition).or_default() += 1;
+                }
+            }
+            for partition in 0..8 {
+                assert_eq!(copies.get(&partition).copied().unwrap_or(0), replicas.min(2), "partition {partition}");
+            }
+        }
+        // One owner's partitions go to both others, not all to its successor.
+        let of_a_on_b = standby_partitions(&group(&["a", "b", "c"]), &owned, "b", 1).into_iter().filter(|p| owned[p] == "a").count();
+        let of_a_on_c = standby_partitions(&group(&["a", "b", "c"]), &owned, "c", 1).into_iter().filter(|p| owned[p] == "a").count();
+        assert!(of_a_on_b > 0 && of_a_on_c > 0, "{of_a_on_b} and {of_a_on_c}");
+    }
+
+    #[test]
+    fn instances_that_own_nothing_take_their_share_and_all_agree() {
+        let owned = owners(&[(0, "a"), (1, "b")]);
+        let everyone = group(&["a", "b", "c", "d"]);
+        let mut copies = BTreeMap::<i32, usize>::new();
+        for me in ["a", "b", "c", "d"] {
+            for partition in standby_partitions(&everyone, &owned, me, 2) {
+                *copies.entry(partition).or_default() += 1;
+            }
+        }
+        assert_eq!(copies, BTreeMap::from([(0, 2), (1, 2)]));
+        assert!(!standby_partitions(&everyone, &owned, "c", 2).is_empty(), "an idle instance stands by too");
+    }
+}
