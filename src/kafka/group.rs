@@ -33,9 +33,12 @@ pub fn group_assignment<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         .iter()
         .map(|member| {
             let partitions = match member.assignment() {
-                Some(bytes) if !bytes.is_empty() => assigned_partitions(bytes, topic).ok_or_else(|| {
-                    KafkaError::Topic { topic: topic.to_owned(), reason: format!("group {group}: an assignment does not parse") }
-                })?,
+                Some(bytes) if !bytes.is_empty() => {
+                    assigned_partitions(bytes, topic).ok_or_else(|| KafkaError::Topic {
+                        topic: topic.to_owned(),
+                        reason: format!("group {group}: an assignment does not parse"),
+                    })?
+                }
                 _ => Vec::new(),
             };
             Ok(MemberAssignment { client_id: member.client_id().to_owned(), partitions })

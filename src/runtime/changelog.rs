@@ -8,9 +8,23 @@
 //! from the store's checkpoint, judged the same way by [`resume_offset`].
 
 use std::collections::BTreeSet;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::kafka::KafkaSettings;
 use crate::store::{PartitionWrite, StateStore, StoreError};
+
+/// Changelog records as the store takes them: room key and encoded state.
+pub type ChangelogRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What restores and standbys read and write: the changelog topic, and
+/// the store and its claims.
+#[derive(Clone)]
+pub struct Changelog {
+    pub settings: KafkaSettings,
+    pub topic: String,
+    pub store: Arc<dyn StateStore>,
+    pub claims: Arc<Claims>,
+}
 
 /// The partitions this instance owns, which no standby may write.
 #[derive(Debug, Default)]
@@ -66,7 +80,13 @@ impl Claims {
 pub fn resume_offset(store: &dyn StateStore, partition: i32, (low, high): (i64, i64)) -> Result<i64, StoreError> {
     match store.changelog_offset(partition)? {
         Some(from) if from > high || from < low => {
-            tracing::warn!(partition, from, low, high, "store checkpoint outside the changelog; rebuilding the partition");
+            tracing::warn!(
+                partition,
+                from,
+                low,
+                high,
+                "store checkpoint outside the changelog; rebuilding the partition"
+            );
             store.clear(partition)?;
             Ok(low)
         }
@@ -76,7 +96,7 @@ pub fn resume_offset(store: &dyn StateStore, partition: i32, (low, high): (i64, 
 }
 
 /// A store write of changelog records as they are, caught up to `next`.
-pub fn changelog_write(rooms: Vec<(Vec<u8>, Vec<u8>)>, next: i64) -> PartitionWrite {
+pub fn changelog_write(rooms: ChangelogRecords, next: i64) -> PartitionWrite {
     PartitionWrite { rooms, changelog_offset: Some(next), ..PartitionWrite::default() }
 }
 
@@ -84,16 +104,21 @@ pub fn changelog_write(rooms: Vec<(Vec<u8>, Vec<u8>)>, next: i64) -> PartitionWr
 mod tests {
     use super::*;
 
+    fn count(writes: &mut usize) -> Result<(), StoreError> {
+        *writes += 1;
+        Ok(())
+    }
+
     #[test]
     fn a_standby_write_runs_only_while_the_partition_is_not_owned_here() {
         let claims = Claims::default();
         let mut writes = 0;
-        assert!(claims.unless_owned(3, || Ok(writes += 1)).unwrap());
+        assert!(claims.unless_owned(3, || count(&mut writes)).unwrap());
         claims.claim(3);
-        assert!(!claims.unless_owned(3, || Ok(writes += 1)).unwrap(), "a claimed partition is not written");
-        assert!(claims.unless_owned(4, || Ok(writes += 1)).unwrap());
+        assert!(!claims.unless_owned(3, || count(&mut writes)).unwrap(), "a claimed partition is not written");
+        assert!(claims.unless_owned(4, || count(&mut writes)).unwrap());
         claims.release(&[3]);
-        assert!(claims.unless_owned(3, || Ok(writes += 1)).unwrap());
+        assert!(claims.unless_owned(3, || count(&mut writes)).unwrap());
         assert_eq!(writes, 3);
     }
 }

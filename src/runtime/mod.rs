@@ -40,7 +40,7 @@ pub use output::{
 pub use health::Health;
 pub use progress::{Stall, STALL_AFTER};
 
-use changelog::Claims;
+use changelog::{Changelog, Claims};
 use engine::Topics;
 use health::ThreadHealth;
 use reconcile::{Rewriter, StoreRooms};
@@ -226,15 +226,18 @@ fn spawn_standby(
     if replicas == 0 {
         return Ok(None);
     }
+    let changelog = Changelog {
+        settings: topology.kafka.clone(),
+        topic: topics.changelog.clone(),
+        store: store.clone(),
+        claims: Arc::clone(claims),
+    };
     let standby = Standby::new(
-        &topology.kafka,
+        changelog,
         topology.application_id.clone(),
         topics.input.clone(),
-        topics.changelog.clone(),
         format!("{}-{instance_id}", topology.application_id),
         replicas,
-        store.clone(),
-        Arc::clone(claims),
     )?;
     let stop = Arc::clone(stop);
     std::thread::Builder::new()

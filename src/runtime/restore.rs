@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{changelog_write, resume_offset, Claims};
+use super::changelog::{changelog_write, resume_offset, Changelog};
 use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
@@ -93,18 +93,14 @@ struct Running {
 
 /// The restores in flight.
 pub struct Restores {
-    settings: KafkaSettings,
+    changelog: Changelog,
     /// Asks the changelog's watermarks for every restore.
     watermarks: Arc<BaseConsumer>,
     group_id: String,
-    changelog: String,
-    store: Arc<dyn StateStore>,
     health: Arc<Health>,
     /// Where a restored partition's rooms are written again, when Redis is on.
     reconcile: Option<Rewriter>,
     done: mpsc::Sender<RestoreDone>,
-    /// The partitions this instance owns, kept from its standby.
-    claims: Arc<Claims>,
     running: HashMap<i32, Running>,
     generations: u64,
     slots: Arc<Slots>,
@@ -112,26 +108,20 @@ pub struct Restores {
 
 impl Restores {
     pub fn new(
-        settings: KafkaSettings,
+        changelog: Changelog,
         group_id: String,
-        changelog: String,
-        store: Arc<dyn StateStore>,
         health: Arc<Health>,
         reconcile: Option<Rewriter>,
         done: mpsc::Sender<RestoreDone>,
-        claims: Arc<Claims>,
     ) -> Result<Restores, RuntimeError> {
-        let watermarks = Arc::new(settings.client_config().create()?);
+        let watermarks = Arc::new(changelog.settings.client_config().create()?);
         Ok(Restores {
-            settings,
+            changelog,
             watermarks,
             group_id,
-            changelog,
-            store,
             health,
             reconcile,
             done,
-            claims,
             running: HashMap::new(),
             generations: 0,
             slots: Arc::default(),
@@ -142,14 +132,14 @@ impl Restores {
     /// reached, claimed first so a standby stops writing it.
     pub fn start(&mut self, partition: i32) {
         self.cancel(partition);
-        self.claims.claim(partition);
+        self.changelog.claims.claim(partition);
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job {
-            settings: self.settings.clone(),
+            settings: self.changelog.settings.clone(),
             watermarks: Arc::clone(&self.watermarks),
             group_id: self.group_id.clone(),
-            changelog: self.changelog.clone(),
-            store: Arc::clone(&self.store),
+            changelog: self.changelog.topic.clone(),
+            store: Arc::clone(&self.changelog.store),
             health: Arc::clone(&self.health),
             reconcile: self.reconcile.clone(),
             partition,
@@ -190,7 +180,7 @@ impl Restores {
     /// standby may follow them again.
     pub fn revoke(&mut self, partitions: &[i32]) {
         self.cancel_all(partitions);
-        self.claims.release(partitions);
+        self.changelog.claims.release(partitions);
     }
 
     /// Stops these partitions' restores, every one told before any is

@@ -23,9 +23,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{changelog_write, resume_offset, Claims};
+use super::changelog::{changelog_write, resume_offset, Changelog, ChangelogRecords, Claims};
 use super::RuntimeError;
-use crate::kafka::{group_assignment, KafkaSettings};
+use crate::kafka::group_assignment;
 use crate::store::StateStore;
 
 /// How often the group's assignment is read again.
@@ -33,6 +33,9 @@ const PLAN_EVERY: Duration = Duration::from_secs(2);
 
 /// How long one ask to the coordinator or for watermarks may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest pause between two attempts after a failure (brokers away).
+const MOST_RETRY_PAUSE: Duration = Duration::from_secs(30);
 
 /// Records, and bytes, gathered before they are written to the store.
 const BATCH_RECORDS: usize = 10_000;
@@ -57,7 +60,8 @@ pub fn standby_partitions(
     me: &str,
     replicas: usize,
 ) -> BTreeSet<i32> {
-    let instances: Vec<&str> = instances.iter().map(String::as_str).chain([me]).collect::<BTreeSet<_>>().into_iter().collect();
+    let instances: Vec<&str> =
+        instances.iter().map(String::as_str).chain([me]).collect::<BTreeSet<_>>().into_iter().collect();
     let mut standbys = BTreeSet::new();
     for (&partition, owner) in owners {
         let Some(at) = instances.iter().position(|i| i == owner) else { continue };
@@ -91,17 +95,15 @@ pub struct Standby {
 }
 
 impl Standby {
-    #[allow(clippy::too_many_arguments)]
+    /// A standby for `group`'s partitions of `input`, as instance `me`.
     pub fn new(
-        settings: &KafkaSettings,
+        changelog: Changelog,
         group: String,
         input: String,
-        changelog: String,
         me: String,
         replicas: usize,
-        store: Arc<dyn StateStore>,
-        claims: Arc<Claims>,
     ) -> Result<Standby, RuntimeError> {
+        let Changelog { settings, topic, store, claims } = changelog;
         let mut config = settings.client_config();
         config
             .set("group.id", format!("{group}-standby"))
@@ -115,7 +117,7 @@ impl Standby {
             consumer,
             group,
             input,
-            changelog,
+            changelog: topic,
             me,
             replicas,
             store,
@@ -130,13 +132,21 @@ impl Standby {
     /// to stop processing.
     pub fn run(mut self, stop: &AtomicBool) {
         let gauge = metrics::gauge!("omni_standby_partitions");
+        let mut pause = Duration::from_secs(1);
         while !stop.load(Ordering::Relaxed) {
-            if let Err(error) = self.run_once() {
-                tracing::warn!(%error, "standby replicas: retrying");
-                self.following.clear();
-                let _ = self.consumer.unassign();
-                self.planned = None;
-                std::thread::sleep(Duration::from_secs(1));
+            match self.run_once() {
+                Ok(()) => pause = Duration::from_secs(1),
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?pause, "standby replicas: retrying from the store's checkpoints");
+                    self.following.clear();
+                    let _ = self.consumer.unassign();
+                    self.planned = None;
+                    let until = Instant::now() + pause;
+                    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    pause = (pause * 2).min(MOST_RETRY_PAUSE);
+                }
             }
             gauge.set(self.following.len() as f64);
         }
@@ -185,8 +195,10 @@ impl Standby {
         Ok(())
     }
 
-    /// Records the copies are behind their changelogs, by the consumer's
-    /// position, which moves past transaction markers as records do.
+    /// Records the copies are behind what their changelogs let a
+    /// read_committed reader see (the consumer asks for the last stable
+    /// offset), by the consumer's position, which moves past transaction
+    /// markers as records do. One request per partition, once a plan.
     fn lag(&self) -> Result<i64, RuntimeError> {
         let positions = self.consumer.position()?;
         let mut lag = 0;
@@ -195,8 +207,8 @@ impl Standby {
                 Some(Offset::Offset(p)) => p.max(next),
                 _ => next,
             };
-            let (_, high) = self.consumer.fetch_watermarks(&self.changelog, partition, ASK_TIMEOUT)?;
-            lag += (high - position).max(0);
+            let (_, end) = self.consumer.fetch_watermarks(&self.changelog, partition, ASK_TIMEOUT)?;
+            lag += (end - position).max(0);
         }
         Ok(lag)
     }
@@ -242,7 +254,7 @@ impl Standby {
             std::thread::sleep(Duration::from_millis(200));
             return Ok(());
         }
-        let mut batches: BTreeMap<i32, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+        let mut batches: BTreeMap<i32, ChangelogRecords> = BTreeMap::new();
         let (mut records, mut bytes) = (0, 0);
         let mut timeout = Duration::from_millis(100);
         while records < BATCH_RECORDS && bytes < BATCH_BYTES {
@@ -303,8 +315,14 @@ mod tests {
             }
         }
         // One owner's partitions go to both others, not all to its successor.
-        let of_a_on_b = standby_partitions(&group(&["a", "b", "c"]), &owned, "b", 1).into_iter().filter(|p| owned[p] == "a").count();
-        let of_a_on_c = standby_partitions(&group(&["a", "b", "c"]), &owned, "c", 1).into_iter().filter(|p| owned[p] == "a").count();
+        let of_a_on_b = standby_partitions(&group(&["a", "b", "c"]), &owned, "b", 1)
+            .into_iter()
+            .filter(|p| owned[p] == "a")
+            .count();
+        let of_a_on_c = standby_partitions(&group(&["a", "b", "c"]), &owned, "c", 1)
+            .into_iter()
+            .filter(|p| owned[p] == "a")
+            .count();
         assert!(of_a_on_b > 0 && of_a_on_c > 0, "{of_a_on_b} and {of_a_on_c}");
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::Producer;
 
-use super::changelog::Claims;
+use super::changelog::{Changelog, Claims};
 use super::context::{self, JobContext};
 use super::engine::{Engine, Topics};
 use super::fencing::FencingBudget;
@@ -95,15 +95,18 @@ impl<'a> StreamThread<'a> {
         let producer = new_producer(&shared, &member)?;
         let (restore_tx, restore_rx) = mpsc::channel();
         let store: Arc<dyn StateStore> = shared.store.clone();
+        let changelog = Changelog {
+            settings: topology.kafka.clone(),
+            topic: shared.topics.changelog.clone(),
+            store: Arc::clone(&store),
+            claims: Arc::clone(&shared.claims),
+        };
         let restores = Restores::new(
-            topology.kafka.clone(),
+            changelog,
             format!("{}-restore", topology.application_id),
-            shared.topics.changelog.clone(),
-            Arc::clone(&store),
             Arc::clone(&shared.health),
             shared.rewriter.clone(),
             restore_tx,
-            Arc::clone(&shared.claims),
         )?;
         let engine = Engine::new(
             shared.folder.clone(),

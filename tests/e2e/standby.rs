@@ -88,7 +88,9 @@ async fn a_standby_follows_the_owner_and_takes_over_after_a_kill_9_with_next_to_
     })
     .await;
     let restored = metric(&b_addr, "omni_restored_records_total").await.unwrap_or(0.0) - restored_before;
-    eprintln!("taking over {a_partitions:?} restored {restored} records; their changelog holds {changelog_held} offsets");
+    eprintln!(
+        "taking over {a_partitions:?} restored {restored} records; their changelog holds {changelog_held} offsets"
+    );
     assert!(
         restored * 10.0 <= changelog_held as f64,
         "the takeover restored {restored} records of the {changelog_held} its copies should already have held"
