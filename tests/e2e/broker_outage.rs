@@ -101,7 +101,7 @@ impl Job {
     }
 
     /// A metric summed over its label sets, 0 when absent.
-    async fn metric(&mut self, name: &str) -> f64 {
+    pub(crate) async fn metric(&mut self, name: &str) -> f64 {
         let text = self.metrics().await.unwrap_or_else(|| panic!("{}: /metrics did not answer", self.name));
         metric_sum(&text, name).unwrap_or(0.0)
     }
@@ -169,7 +169,7 @@ impl Job {
     }
 
     /// kill -9.
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let process = self.process.take().expect("the job runs");
         let log = process.log.clone();
         process.kill9();

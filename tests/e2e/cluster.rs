@@ -2,16 +2,21 @@
 //! controller) and a Redis Cluster of three masters with a replica each.
 //! Under load, the Kafka node leading input and changelog partitions is
 //! killed with -9 and started again; a Redis master is killed with -9 and
-//! its replica takes over. Every run must end exact: the broadcast holds each
-//! room's changes once, contiguous, as the model computes them, Redis holds
-//! every room's final state, and the store too.
+//! its replica takes over; one of three omni instances is killed with -9,
+//! its state directory deleted, and it starts again empty. Every run must
+//! end exact: the broadcast holds each room's changes once, contiguous, as
+//! the model computes them, Redis holds every room's final state (and never
+//! went back a version meanwhile), and the stores too.
 //!
 //! These tests kill nodes, so they run against services of their own
 //! ([`cluster_services`]), in the cluster stage of `integration/test.sh`,
 //! one at a time.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use omni::pubsub::{Follower, Pattern};
 use omni::topology::Topology;
@@ -19,7 +24,7 @@ use omni::view::{KeyLayout, RedisTarget};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
-use crate::broker_outage::{assert_exact, spawn, Load, Scratch};
+use crate::broker_outage::{assert_exact, spawn, Job, Load, Scratch};
 use crate::common::*;
 
 /// Each partition's leader, by node id, as the cluster's metadata says.
@@ -174,4 +179,119 @@ async fn a_redis_master_killed_under_load_fails_over_and_rooms_and_followers_end
         let json: serde_json::Value = serde_json::from_str(text.trim()).expect("snapshot prints JSON");
         assert_eq!(json["version"], serde_json::json!(state.version), "omni snapshot {room} on the cluster");
     }
+}
+
+/// Each job's `omni_assigned_partitions`.
+async fn assigned(jobs: &mut [Job]) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for job in jobs {
+        counts.push(job.metric("omni_assigned_partitions").await);
+    }
+    counts
+}
+
+/// Waits until every job owns partitions and together they own all `partitions`.
+async fn wait_for_split(jobs: &mut [Job], partitions: i32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let counts = assigned(jobs).await;
+        if counts.iter().all(|&c| c > 0.0) && counts.iter().sum::<f64>() == f64::from(partitions) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: partitions per instance still {counts:?} after 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads every room's version from Redis over and over until stopped,
+/// failing if one ever goes back (a takeover writing an older state over a
+/// newer one); returns how many sweeps it made.
+fn watch_redis_versions(topology: &Topology, rooms: Vec<String>) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let keys = KeyLayout::new(&topology.redis.key_prefix);
+    let redis = RedisTarget::open(&topology.redis.url).unwrap();
+    let watching = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut conn = redis.connect_bounded(Duration::from_secs(10)).await.expect("a Redis connection");
+            let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut sweeps = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for room in &rooms {
+                    // A read failed over a Redis hiccup is read again in the next sweep.
+                    let Ok(version) =
+                        redis::AsyncCommands::hget::<_, _, Option<u64>>(&mut conn, keys.room(room), "version").await
+                    else {
+                        continue;
+                    };
+                    // No hash: the room is not written yet, or closed (a reopened room goes on from its version).
+                    let Some(version) = version else { continue };
+                    let before = seen.insert(room, version).unwrap_or(0);
+                    assert!(version >= before, "Redis went from version {before} to {version} of {room}");
+                }
+                sweeps += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sweeps
+        })
+    };
+    (stop, watching)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_instances_killed_with_its_state_directory_under_load_loses_nothing() {
+    let scratch = Scratch::new();
+    let dir = scratch.path();
+    let mut topology = cluster_topology("cluster-instances", 6, &dir.join("state"));
+    topology.instance.standby_replicas = 1;
+    create_input(&topology).await;
+    let events = generate(73, 12_000, 300);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+
+    let names = ["i1", "i2", "i3"];
+    let stores: Vec<PathBuf> = names.iter().map(|name| dir.join(format!("{name}-state"))).collect();
+    let mut jobs: Vec<Job> =
+        names.iter().zip(&stores).map(|(name, store)| spawn(&topology, dir, name, store)).collect();
+    for job in &mut jobs {
+        job.wait_ready(None, Duration::from_secs(90)).await;
+    }
+    wait_for_split(&mut jobs, topology.partitions, "before the load").await;
+    let (stop_watching, watching) = watch_redis_versions(&topology, expected.rooms.keys().cloned().collect());
+
+    // About 200 events a second for 60 s: enough to outlast the session
+    // timeout (10 s) the survivors wait for, their takeover, and the restart.
+    let load = Load::start(&topology, events.clone(), 10, Duration::from_millis(50));
+    let mut victim = jobs.remove(1);
+    victim.wait_for_a_commit("before the kill").await;
+    let handed = load.handed();
+    victim.kill9();
+    std::fs::remove_dir_all(&stores[1]).unwrap();
+    eprintln!("killed i2 with -9 and deleted its state directory");
+
+    // The survivors take its partitions once its session times out, restore
+    // them (from their standby copies or the changelog) and commit.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while assigned(&mut jobs).await.iter().sum::<f64>() < f64::from(topology.partitions) {
+        assert!(Instant::now() < deadline, "the survivors did not take i2's partitions within 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for job in &mut jobs {
+        job.wait_for_a_commit("after i2's partitions moved").await;
+    }
+    assert!(load.handed() > handed, "events were produced while i2 was away");
+
+    // i2 starts again with an empty state directory and takes its share back.
+    jobs.insert(1, spawn(&topology, dir, "i2", &stores[1]));
+    jobs[1].wait_ready(None, Duration::from_secs(90)).await;
+    wait_for_split(&mut jobs, topology.partitions, "after i2 started again").await;
+    jobs[1].wait_for_a_commit("after it started again").await;
+    assert!(load.handed() < events.len(), "the load outlasted the kill and the restart");
+    load.finish();
+
+    let store_dirs: Vec<&std::path::Path> = stores.iter().map(PathBuf::as_path).collect();
+    assert_exact(&topology, &events, jobs, &store_dirs).await;
+    stop_watching.store(true, Ordering::Relaxed);
+    let sweeps = watching.await.expect("the Redis watcher");
+    assert!(sweeps > 10, "Redis versions were read all along ({sweeps} sweeps)");
 }

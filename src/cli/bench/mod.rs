@@ -7,8 +7,10 @@
 //! (latency to the broadcast topic and to Redis), then a restore from the
 //! changelog with the state directory deleted. It prints a table and, last,
 //! one JSON object with every figure. `--memory` runs only the memory
-//! phases instead ([`memory`]).
+//! phases instead ([`memory`]), `--failover` only the failover of an
+//! instance lost with its disk ([`failover`]).
 
+mod failover;
 mod latency;
 mod leases;
 mod memory;
@@ -114,6 +116,21 @@ pub struct BenchArgs {
     /// Length of each measured lease phase, in seconds.
     #[arg(long, default_value = "30")]
     pub lease_phase_secs: u64,
+    /// Run only the failover: three `omni run` instances, one killed with -9
+    /// and its state directory deleted under load; times until every
+    /// partition it owned processes again on the others.
+    #[arg(long)]
+    pub failover: bool,
+    /// Rooms of the failover, each given an event before the kill.
+    #[arg(long, default_value = "1000000")]
+    pub failover_rooms: u64,
+    /// `instance.standby_replicas` of each failover scenario, one scenario each.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    pub failover_standbys: Vec<usize>,
+    /// Events per second of the steady load around the kill (beside 50 a
+    /// second to a probe room of each partition).
+    #[arg(long, default_value = "2000")]
+    pub failover_rate: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -128,6 +145,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.leases {
         return leases::run(&args, &kafka, &redis_url).await;
+    }
+    if args.failover {
+        return failover::run(&args, &kafka, &redis_url).await;
     }
     let id = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let input = format!("{id}.events");

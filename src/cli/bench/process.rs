@@ -142,6 +142,13 @@ impl OmniProcess {
         }
     }
 
+    /// kill -9, then reaps the process.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM, then waits for the clean exit.
     pub fn terminate(mut self) -> anyhow::Result<()> {
         Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
