@@ -18,18 +18,33 @@ pub struct MemberAssignment {
     pub partitions: Vec<i32>,
 }
 
+/// A consumer group as its coordinator describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupAssignment {
+    /// `Stable` when no rebalance is under way.
+    pub state: String,
+    pub members: Vec<MemberAssignment>,
+}
+
+impl GroupAssignment {
+    pub fn stable(&self) -> bool {
+        self.state == "Stable"
+    }
+}
+
 /// The members of `group` and what each owns of `topic`. A group in the
 /// middle of a rebalance shows its members with what they held last, or
-/// nothing.
+/// nothing; an unknown group shows no member.
 pub fn group_assignment<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     client: &C,
     group: &str,
     topic: &str,
     timeout: std::time::Duration,
-) -> Result<Vec<MemberAssignment>, KafkaError> {
+) -> Result<GroupAssignment, KafkaError> {
     let list = client.fetch_group_list(Some(group), timeout)?;
-    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(Vec::new()) };
-    info.members()
+    let Some(info) = list.groups().iter().find(|g| g.name() == group) else { return Ok(GroupAssignment::default()) };
+    let members = info
+        .members()
         .iter()
         .map(|member| {
             let partitions = match member.assignment() {
@@ -43,7 +58,8 @@ pub fn group_assignment<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
             };
             Ok(MemberAssignment { client_id: member.client_id().to_owned(), partitions })
         })
-        .collect()
+        .collect::<Result<_, KafkaError>>()?;
+    Ok(GroupAssignment { state: info.state().to_owned(), members })
 }
 
 /// The partitions of `topic` in a consumer protocol assignment; `None`

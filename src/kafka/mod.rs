@@ -15,7 +15,7 @@ use rdkafka::ClientConfig;
 pub use admin::{
     ensure_topics, ensure_topics_with, max_message_bytes, not_served_yet, wait_for_topic, TopicSettings, TopicSpec,
 };
-pub use group::{group_assignment, MemberAssignment};
+pub use group::{group_assignment, GroupAssignment, MemberAssignment};
 pub use partitioner::{murmur2, partition_for};
 pub use producer::{
     abort_transaction, commit_transaction, drain, refused_by_broker, send, send_lingering, serve_ready,

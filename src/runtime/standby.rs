@@ -173,7 +173,7 @@ impl Standby {
     /// instance, less what it owns. A group with no assignment to read (a
     /// rebalance under way) leaves the copies as they are.
     fn plan(&mut self) -> Result<(), RuntimeError> {
-        let members = group_assignment(&self.consumer, &self.group, &self.input, ASK_TIMEOUT)?;
+        let members = group_assignment(&self.consumer, &self.group, &self.input, ASK_TIMEOUT)?.members;
         let owners: BTreeMap<i32, String> = members
             .iter()
             .flat_map(|m| m.partitions.iter().map(|&p| (p, instance_of(&m.client_id).to_owned())))

@@ -19,7 +19,7 @@ fn owned_by(group: &str, input: &str, instance: &str) -> Vec<i32> {
     let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &services().brokers).create().unwrap();
     let members = group_assignment(&client, group, input, Duration::from_secs(10)).expect("describing the group");
     let prefix = format!("{group}-{instance}-");
-    members.into_iter().filter(|m| m.client_id.starts_with(&prefix)).flat_map(|m| m.partitions).collect()
+    members.members.into_iter().filter(|m| m.client_id.starts_with(&prefix)).flat_map(|m| m.partitions).collect()
 }
 
 /// Offsets the changelog holds in `partitions`: records and transaction markers.

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use omni::kafka::{ensure_topics, partition_for, KafkaSettings, TopicSpec};
+use omni::kafka::{ensure_topics, group_assignment, partition_for, KafkaSettings, TopicSpec};
 use omni::proto::tecate::{room_event::Kind, RoomEvent, TagSet};
 use omni::proto::{timestamp_from_millis, Message as _};
 use omni::topology::Topology;
@@ -94,7 +94,7 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
 /// One `omni run` of the group, with a state directory of its own.
 struct Instance {
     name: String,
-    /// The `client.id` its clients give the broker, so the group's description tells whose partitions are whose.
+    /// The `client.id` of its processing thread in the group's description.
     client_id: String,
     dir: tempfile::TempDir,
     process: Option<OmniProcess>,
@@ -140,7 +140,8 @@ impl<'a> Scenario<'a> {
         let mut instances = Vec::new();
         for i in 1..=INSTANCES {
             let name = format!("i{i}");
-            let client_id = format!("{id}-{name}");
+            // The member id omni gives its one processing thread.
+            let client_id = format!("{}-{name}-0", topology.application_id);
             instances.push(Instance { name, client_id, dir: tempfile::tempdir()?, process: None });
         }
         let group = group_reader(kafka, &topology.application_id)?;
@@ -152,7 +153,6 @@ impl<'a> Scenario<'a> {
         let mut topology = self.topology.clone();
         topology.store.dir = instance.dir.path().join("state");
         topology.instance.id = instance.name.clone();
-        topology.kafka.properties.insert("client.id".into(), instance.client_id.clone());
         topology
     }
 
@@ -564,52 +564,10 @@ struct Membership {
 }
 
 fn membership(reader: &BaseConsumer, group: &str, topic: &str) -> anyhow::Result<Membership> {
-    let list = reader.fetch_group_list(Some(group), Duration::from_secs(5))?;
-    let Some(info) = list.groups().iter().find(|g| g.name() == group) else {
-        return Ok(Membership { stable: false, members: 0, owners: BTreeMap::new() });
-    };
-    let mut owners = BTreeMap::new();
-    for member in info.members() {
-        for (t, partitions) in decode_assignment(member.assignment().unwrap_or_default()) {
-            if t == topic {
-                owners.extend(partitions.into_iter().map(|p| (p, member.client_id().to_owned())));
-            }
-        }
-    }
-    Ok(Membership { stable: info.state() == "Stable", members: info.members().len(), owners })
-}
-
-/// Decodes a consumer-protocol assignment (version, then each topic's name
-/// and partitions, big-endian); whatever does not parse is left out.
-fn decode_assignment(bytes: &[u8]) -> Vec<(String, Vec<i32>)> {
-    struct Reader<'b>(&'b [u8]);
-    impl Reader<'_> {
-        fn take(&mut self, n: usize) -> Option<&[u8]> {
-            let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
-            self.0 = rest;
-            Some(head)
-        }
-        fn i16(&mut self) -> Option<i16> {
-            Some(i16::from_be_bytes(self.take(2)?.try_into().ok()?))
-        }
-        fn i32(&mut self) -> Option<i32> {
-            Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-        }
-    }
-    let mut r = Reader(bytes);
-    let mut topics = Vec::new();
-    let mut parse = || -> Option<()> {
-        r.i16()?;
-        for _ in 0..r.i32()? {
-            let len = r.i16()?;
-            let name = String::from_utf8(r.take(usize::try_from(len).ok()?)?.to_vec()).ok()?;
-            let partitions = (0..r.i32()?).map(|_| r.i32()).collect::<Option<Vec<i32>>>()?;
-            topics.push((name, partitions));
-        }
-        Some(())
-    };
-    parse();
-    topics
+    let described = group_assignment(reader, group, topic, Duration::from_secs(5))?;
+    let owners =
+        described.members.iter().flat_map(|m| m.partitions.iter().map(|&p| (p, m.client_id.clone()))).collect();
+    Ok(Membership { stable: described.stable(), members: described.members.len(), owners })
 }
 
 fn print_table(report: &Value) {
@@ -635,21 +593,6 @@ fn print_table(report: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_assignment_decodes_to_its_topics_and_partitions() {
-        let mut bytes = vec![0, 1, 0, 0, 0, 2];
-        for (name, partitions) in [("in", vec![0, 5]), ("other", vec![3])] {
-            bytes.extend((name.len() as i16).to_be_bytes());
-            bytes.extend(name.as_bytes());
-            bytes.extend((partitions.len() as i32).to_be_bytes());
-            partitions.iter().for_each(|p: &i32| bytes.extend(p.to_be_bytes()));
-        }
-        bytes.extend([0, 0, 0, 0]);
-        assert_eq!(decode_assignment(&bytes), vec![("in".into(), vec![0, 5]), ("other".into(), vec![3])]);
-        assert_eq!(decode_assignment(&[]), vec![]);
-        assert_eq!(decode_assignment(&bytes[..9]), vec![], "a cut topic is left out");
-    }
 
     #[test]
     fn each_partition_gets_a_probe_room_of_its_own() {
