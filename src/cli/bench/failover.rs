@@ -94,8 +94,9 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
 /// One `omni run` of the group, with a state directory of its own.
 struct Instance {
     name: String,
-    /// The `client.id` of its processing thread in the group's description.
-    client_id: String,
+    /// `<application_id>-<name>`: its members' `client.id` in the group's
+    /// description, less the processing thread's number.
+    in_group: String,
     dir: tempfile::TempDir,
     process: Option<OmniProcess>,
 }
@@ -140,9 +141,8 @@ impl<'a> Scenario<'a> {
         let mut instances = Vec::new();
         for i in 1..=INSTANCES {
             let name = format!("i{i}");
-            // The member id omni gives its one processing thread.
-            let client_id = format!("{}-{name}-0", topology.application_id);
-            instances.push(Instance { name, client_id, dir: tempfile::tempdir()?, process: None });
+            let in_group = format!("{}-{name}", topology.application_id);
+            instances.push(Instance { name, in_group, dir: tempfile::tempdir()?, process: None });
         }
         let group = group_reader(kafka, &topology.application_id)?;
         let probes = probe_rooms(args.failover_rooms, args.partitions);
@@ -228,9 +228,9 @@ impl<'a> Scenario<'a> {
         let owners = self.membership_now()?.owners;
         let counts = count_by_owner(&owners);
         let victim = (0..self.instances.len())
-            .max_by_key(|&i| (counts.get(&self.instances[i].client_id).copied().unwrap_or(0), std::cmp::Reverse(i)))
+            .max_by_key(|&i| (counts.get(&self.instances[i].in_group).copied().unwrap_or(0), std::cmp::Reverse(i)))
             .expect("instances");
-        let victim_client = self.instances[victim].client_id.clone();
+        let victim_client = self.instances[victim].in_group.clone();
         let lost: Vec<i32> = owners.iter().filter(|(_, c)| **c == victim_client).map(|(p, _)| *p).collect();
         let survivors: Vec<usize> = (0..self.instances.len()).filter(|&i| i != victim).collect();
         let restored_before = self.sum_metric(&survivors, "omni_restored_records_total").await;
@@ -335,6 +335,11 @@ impl<'a> Scenario<'a> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The instance a member's `client.id` (`<application_id>-<instance>-<thread>`) names.
+fn instance_of(client_id: &str) -> String {
+    client_id.rsplit_once('-').map_or(client_id, |(instance, _)| instance).to_owned()
 }
 
 fn count_by_owner(owners: &BTreeMap<i32, String>) -> BTreeMap<String, usize> {
@@ -559,14 +564,14 @@ fn committed(reader: &BaseConsumer, topic: &str, partitions: i32) -> anyhow::Res
 struct Membership {
     stable: bool,
     members: usize,
-    /// Each assigned partition of the input and its owner's client id.
+    /// Each assigned partition of the input and its owner instance.
     owners: BTreeMap<i32, String>,
 }
 
 fn membership(reader: &BaseConsumer, group: &str, topic: &str) -> anyhow::Result<Membership> {
     let described = group_assignment(reader, group, topic, Duration::from_secs(5))?;
     let owners =
-        described.members.iter().flat_map(|m| m.partitions.iter().map(|&p| (p, m.client_id.clone()))).collect();
+        described.members.iter().flat_map(|m| m.partitions.iter().map(|&p| (p, instance_of(&m.client_id)))).collect();
     Ok(Membership { stable: described.stable(), members: described.members.len(), owners })
 }
 
