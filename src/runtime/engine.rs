@@ -13,6 +13,8 @@
 //! event's change ([`timers`]); each partition keeps its pending timers in
 //! a [`DeadlineIndex`], rebuilt from the store after an abort or a restore.
 
+mod partitions;
+mod recovery;
 mod resume;
 mod rooms;
 mod timers;
@@ -23,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::error::KafkaError as RdError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
@@ -33,14 +35,11 @@ use super::backpressure::Backpressure;
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::dead_letters::{dead_letter, Refusals};
-use super::output::{
-    finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source, KAFKA_TIMEOUT,
-};
+use super::output::{finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source};
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::{Resync, Rewriter};
 use super::restore::{RestoreDone, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
-use crate::kafka::abort_transaction;
 use crate::modules::{Input, LiveRoom, Rejection, RoomFolder, ROOM_MODULE};
 use crate::store::{DeadlineIndex, PartitionWrite, StateStore};
 use crate::view::{ChangeEntry, RedisWriter, RoomWrite};
@@ -460,201 +459,6 @@ impl Engine {
             self.store.write(partition, write)?;
         }
         Ok(())
-    }
-
-    /// Aborts the open transaction and rewinds every active partition, except
-    /// those in `leaving` (being given up), to its committed offset.
-    pub(super) fn abort<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        leaving: &[i32],
-    ) -> Result<(), RuntimeError> {
-        self.abort_open()?;
-        self.rewind(consumer, leaving)
-    }
-
-    /// The producer's fencing, if it was fenced: its transaction outlived
-    /// `transaction.timeout.ms` and the coordinator bumped its epoch, or
-    /// another producer took its transactional id. Only a new producer can
-    /// go on. So too when the transaction coordinator's broker died during a
-    /// commit and the new coordinator finds the transaction in another state
-    /// than the producer expects (`INVALID_TXN_STATE`: an abort of a commit
-    /// already under way): a new producer's `initTransactions` settles it.
-    /// Other fatal errors (authorisation, a broken sequence) are not
-    /// fencings: a new producer would meet them again.
-    pub(super) fn producer_fencing(&self) -> Option<String> {
-        match self.producer.client().fatal_error()? {
-            (
-                RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-                | RDKafkaErrorCode::InvalidTransactionalState,
-                why,
-            ) => Some(why),
-            _ => None,
-        }
-    }
-
-    /// Puts a new producer, its transactions initialised, in place of a
-    /// fenced one, and starts every active partition over as if it had just
-    /// been assigned: back to its committed offset, then restored from the
-    /// changelog before it is consumed, as Kafka Streams re-initialises its
-    /// tasks after a fencing. A commit cut short by the fencing may still
-    /// have committed (its reply lost): its offsets then cover records whose
-    /// state only the changelog holds, so neither the open overlays nor the
-    /// cached states can be trusted.
-    pub(super) fn replace_producer<C: ConsumerContext>(
-        &mut self,
-        producer: JobProducer,
-        consumer: &BaseConsumer<C>,
-    ) -> Result<(), RuntimeError> {
-        self.producer = producer;
-        self.discard_open();
-        self.rewind(consumer, &[])?;
-        let active: Vec<i32> = self.tasks.iter().filter(|(_, task)| !task.restoring).map(|(&p, _)| p).collect();
-        self.assign(consumer, &active);
-        Ok(())
-    }
-
-    /// Seeks every active partition, except those in `leaving`, to its committed offset.
-    fn rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, leaving: &[i32]) -> Result<(), RuntimeError> {
-        let mut active = TopicPartitionList::new();
-        for (&partition, task) in &self.tasks {
-            if !task.restoring && !leaving.contains(&partition) {
-                active.add_partition(&self.topics.input, partition);
-            }
-        }
-        if active.count() == 0 {
-            return Ok(());
-        }
-        for resume::Committed { partition, offset, .. } in resume::committed_positions(consumer, active)? {
-            tracing::info!(partition, ?offset, "rewinding to the committed offset");
-            consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
-        }
-        Ok(())
-    }
-
-    /// Aborts the open transaction, if any, without touching positions.
-    pub(super) fn abort_open(&mut self) -> Result<(), RuntimeError> {
-        if self.open_since.is_some() && self.exactly_once {
-            self.progress.enter(Stage::Aborting);
-            abort_transaction(&self.producer, KAFKA_TIMEOUT)?;
-        }
-        self.discard_open();
-        // Partitions revoked while the transaction was open were forgotten
-        // already; their refusals are their next owner's to find.
-        let tasks = &self.tasks;
-        self.refusals.keep_only(|partition| tasks.contains_key(&partition));
-        self.refusals.trace(&self.producer, self.topics.batch_bytes, &self.topics.dead_letter)
-    }
-
-    /// Forgets the open transaction, if any: what it touched is seen nowhere.
-    pub(super) fn discard_open(&mut self) {
-        if self.open_since.take().is_some() {
-            metrics::counter!("omni_transaction_aborts_total").increment(1);
-        }
-        take_changelog_ends(&self.producer);
-        for task in self.tasks.values_mut() {
-            task.dirty.clear();
-            task.next_offset = None;
-        }
-        // Timers the transaction set, fired or cancelled are back as committed.
-        if let Err(error) = self.reload_deadlines() {
-            self.failure.get_or_insert(error);
-        }
-    }
-
-    /// Takes newly assigned partitions: each restores its store before it is consumed.
-    pub(super) fn assign<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partitions: &[i32]) {
-        let mut paused = TopicPartitionList::new();
-        self.health.positions.assigned(self.progress.thread(), partitions);
-        for &partition in partitions {
-            paused.add_partition(&self.topics.input, partition);
-            self.tasks.insert(partition, Task { restoring: true, ..Task::default() });
-            self.restores.start(partition);
-        }
-        if let Err(e) = consumer.pause(&paused) {
-            self.failure.get_or_insert(e.into());
-        }
-        self.update_health();
-    }
-
-    /// Gives up partitions: their work is already in the committed transaction.
-    pub(super) fn revoke(&mut self, partitions: &[i32]) {
-        self.health.positions.revoked(self.progress.thread(), partitions);
-        self.restores.revoke(partitions);
-        for partition in partitions {
-            self.refusals.forget(*partition, None);
-            if let Some(task) = self.tasks.remove(partition) {
-                let weights = task.recent.iter().map(|(path, room)| cache_weight(path, room.state().encoded_len()));
-                self.room_cache_bytes = self.room_cache_bytes.saturating_sub(weights.sum());
-            }
-            metrics::gauge!("omni_restore_remaining_records", "partition" => partition.to_string()).set(0.0);
-        }
-        self.update_health();
-    }
-
-    /// Resumes partitions whose restore finished, after putting their state in Redis.
-    pub(super) fn finish_restores<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-    ) -> Result<(), RuntimeError> {
-        while let Ok(done) = self.restore_results.try_recv() {
-            // A report from a restore that was cancelled (revoked, maybe reassigned since) is stale.
-            if !self.restores.finished(done.partition, done.generation) {
-                continue;
-            }
-            let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
-            let records = done.result?;
-            tracing::info!(partition = done.partition, records, "partition restored");
-            task.restored = true;
-        }
-        // Kept apart from the reports: a resume that fails is tried again.
-        let restored: Vec<i32> =
-            self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
-        for partition in restored {
-            self.resume_restored(consumer, partition)?;
-        }
-        Ok(())
-    }
-
-    /// Pauses or resumes the active partitions as the Redis writer's
-    /// backlog asks (see [`Backpressure`]). Restoring partitions stay paused
-    /// either way; they resume when restored.
-    pub(super) fn apply_backpressure<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-    ) -> Result<(), RuntimeError> {
-        let Some(redis) = &self.redis else { return Ok(()) };
-        let Some(hold) = self.backpressure.change(redis) else { return Ok(()) };
-        let mut active = TopicPartitionList::new();
-        for (&partition, task) in &self.tasks {
-            if !task.restoring {
-                active.add_partition(&self.topics.input, partition);
-            }
-        }
-        if hold {
-            consumer.pause(&active)?;
-        } else {
-            consumer.resume(&active)?;
-        }
-        Ok(())
-    }
-
-    fn update_health(&mut self) {
-        let restoring = self.tasks.values().filter(|t| t.restoring).count();
-        self.health.set_partitions(&mut self.thread_health, self.tasks.len(), restoring);
-    }
-
-    /// Marks this thread as a member of the group, once it got an assignment.
-    pub(super) fn mark_joined(&mut self) {
-        self.health.mark_joined(&mut self.thread_health);
-    }
-
-    /// Marks this thread as out of the group: its assignment was lost (its
-    /// session timed out), so it is not ready until it is assigned again.
-    pub(super) fn mark_left(&mut self) {
-        self.health.mark_left(&mut self.thread_health);
     }
 
     /// Publishes the store's memory and disk use every few seconds.
