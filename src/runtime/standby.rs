@@ -12,7 +12,8 @@
 //! librdkafka has no pluggable assignor, so standbys cannot steer where a
 //! partition goes. Instead every instance reads the group's assignment every
 //! few seconds and places the copies by a rule all instances agree on
-//! ([`standby_partitions`]).
+//! ([`standby_partitions`]): the first where the assignor would move the
+//! partition if its owner failed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog::{changelog_write, resume_offset, Changelog, ChangelogRecords, Claims};
 use super::RuntimeError;
-use crate::kafka::group_assignment;
+use crate::kafka::{group_assignment, MemberAssignment};
 use crate::store::StateStore;
 
 /// How often the group's assignment is read again.
@@ -48,34 +49,64 @@ fn instance_of(client_id: &str) -> &str {
     client_id.rsplit_once('-').map_or(client_id, |(instance, _)| instance)
 }
 
-/// The partitions `me` keeps standby copies of. The group's `instances`
-/// (`me` among them) are ranked for each partition starting after its
-/// owner, in sorted order, and rotated by the partition number, so one
-/// owner's partitions spread over the others; the first `replicas` of them,
-/// never the owner, stand by. Every instance computes the same placement
-/// from the same assignment.
-pub fn standby_partitions(
-    instances: &BTreeSet<String>,
-    owners: &BTreeMap<i32, String>,
-    me: &str,
-    replicas: usize,
-) -> BTreeSet<i32> {
-    let instances: Vec<&str> =
-        instances.iter().map(String::as_str).chain([me]).collect::<BTreeSet<_>>().into_iter().collect();
+/// The partitions `me` keeps standby copies of, given the group's
+/// `members` and what each owns. Every instance computes the same placement
+/// from the same description.
+///
+/// A partition's first copy goes to its heir: the instance it would move to
+/// if its owner's instance failed, as librdkafka's cooperative-sticky
+/// assignor hands out the orphans of a member that left (each in ascending
+/// order to the member owning fewest partitions, ties to the lower member
+/// name), so the copy is where a single failure sends the partition. Further
+/// copies go to the other instances in sorted order after the owner,
+/// rotated by the partition number so one owner's copies spread.
+pub fn standby_partitions(members: &[MemberAssignment], me: &str, replicas: usize) -> BTreeSet<i32> {
     let mut standbys = BTreeSet::new();
-    for (&partition, owner) in owners {
-        let Some(at) = instances.iter().position(|i| i == owner) else { continue };
+    if replicas == 0 {
+        return standbys;
+    }
+    let instances: BTreeSet<&str> = members.iter().map(|m| instance_of(&m.client_id)).chain([me]).collect();
+    let instances: Vec<&str> = instances.into_iter().collect();
+    for (owner, heirs) in heirs_by_owner(members) {
+        let at = instances.iter().position(|i| *i == owner).unwrap_or(0);
         let others: Vec<&str> = (1..instances.len()).map(|k| instances[(at + k) % instances.len()]).collect();
-        if others.is_empty() {
-            continue;
-        }
-        let rotation = partition.unsigned_abs() as usize % others.len();
-        let chosen = (0..replicas.min(others.len())).map(|k| others[(rotation + k) % others.len()]);
-        if chosen.into_iter().any(|i| i == me) {
-            standbys.insert(partition);
+        for (partition, heir) in heirs {
+            let rotation = partition.unsigned_abs() as usize % others.len();
+            let rest = (0..others.len()).map(|k| others[(rotation + k) % others.len()]).filter(|i| *i != heir);
+            if heir == me || rest.take(replicas - 1).any(|i| i == me) {
+                standbys.insert(partition);
+            }
         }
     }
     standbys
+}
+
+/// For each owning instance, each of its partitions and the instance it
+/// would go to if that instance failed, by the sticky assignor's rule for
+/// orphaned partitions. Partitions of an instance with no other member to
+/// go to are left out.
+fn heirs_by_owner(members: &[MemberAssignment]) -> BTreeMap<&str, Vec<(i32, &str)>> {
+    let mut by_owner: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for member in members {
+        by_owner.entry(instance_of(&member.client_id)).or_default().extend(&member.partitions);
+    }
+    let mut heirs = BTreeMap::new();
+    for (owner, mut orphans) in by_owner {
+        orphans.sort_unstable();
+        let mut loads: BTreeMap<&str, usize> = members
+            .iter()
+            .filter(|m| instance_of(&m.client_id) != owner)
+            .map(|m| (m.client_id.as_str(), m.partitions.len()))
+            .collect();
+        let mut of_owner = Vec::new();
+        for partition in orphans {
+            let Some((&member, _)) = loads.iter().min_by_key(|(member, load)| (**load, **member)) else { break };
+            *loads.get_mut(member).expect("a member just found") += 1;
+            of_owner.push((partition, instance_of(member)));
+        }
+        heirs.insert(owner, of_owner);
+    }
+    heirs
 }
 
 /// Where the copies are, and what reads them.
@@ -174,16 +205,11 @@ impl Standby {
     /// rebalance under way) leaves the copies as they are.
     fn plan(&mut self) -> Result<(), RuntimeError> {
         let members = group_assignment(&self.consumer, &self.group, &self.input, ASK_TIMEOUT)?.members;
-        let owners: BTreeMap<i32, String> = members
-            .iter()
-            .flat_map(|m| m.partitions.iter().map(|&p| (p, instance_of(&m.client_id).to_owned())))
-            .collect();
-        if owners.is_empty() {
+        if members.iter().all(|m| m.partitions.is_empty()) {
             return Ok(());
         }
-        let instances = members.iter().map(|m| instance_of(&m.client_id).to_owned()).collect();
         let owned = self.claims.owned();
-        let wanted: BTreeSet<i32> = standby_partitions(&instances, &owners, &self.me, self.replicas)
+        let wanted: BTreeSet<i32> = standby_partitions(&members, &self.me, self.replicas)
             .into_iter()
             .filter(|p| !owned.contains(p))
             .collect();
@@ -285,12 +311,25 @@ impl Standby {
 mod tests {
     use super::*;
 
-    fn owners(pairs: &[(i32, &str)]) -> BTreeMap<i32, String> {
-        pairs.iter().map(|&(p, o)| (p, o.to_owned())).collect()
+    /// One member per instance (thread 0), owning `partitions`.
+    fn members(owned: &[(&str, &[i32])]) -> Vec<MemberAssignment> {
+        owned
+            .iter()
+            .map(|(instance, partitions)| MemberAssignment {
+                client_id: format!("{instance}-0"),
+                partitions: partitions.to_vec(),
+            })
+            .collect()
     }
 
-    fn group(names: &[&str]) -> BTreeSet<String> {
-        names.iter().map(|n| n.to_string()).collect()
+    fn copies(members: &[MemberAssignment], everyone: &[&str], replicas: usize) -> BTreeMap<i32, Vec<String>> {
+        let mut copies = BTreeMap::<i32, Vec<String>>::new();
+        for me in everyone {
+            for partition in standby_partitions(members, me, replicas) {
+                copies.entry(partition).or_default().push(me.to_string());
+            }
+        }
+        copies
     }
 
     #[test]
@@ -300,43 +339,45 @@ mod tests {
     }
 
     #[test]
-    fn each_partition_gets_the_asked_copies_never_on_its_owner_and_spread_over_the_others() {
-        let owned = owners(&[(0, "a"), (1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "c"), (6, "c"), (7, "c")]);
-        for replicas in 0..=3 {
-            let mut copies = BTreeMap::<i32, usize>::new();
-            for me in ["a", "b", "c"] {
-                for partition in standby_partitions(&group(&["a", "b", "c"]), &owned, me, replicas) {
-                    assert_ne!(owned[&partition], me, "{me} stands by for its own partition {partition}");
-                    *copies.entry(partition).or_default() += 1;
-                }
-            }
-            for partition in 0..8 {
-                assert_eq!(copies.get(&partition).copied().unwrap_or(0), replicas.min(2), "partition {partition}");
-            }
-        }
-        // One owner's partitions go to both others, not all to its successor.
-        let of_a_on_b = standby_partitions(&group(&["a", "b", "c"]), &owned, "b", 1)
-            .into_iter()
-            .filter(|p| owned[p] == "a")
-            .count();
-        let of_a_on_c = standby_partitions(&group(&["a", "b", "c"]), &owned, "c", 1)
-            .into_iter()
-            .filter(|p| owned[p] == "a")
-            .count();
-        assert!(of_a_on_b > 0 && of_a_on_c > 0, "{of_a_on_b} and {of_a_on_c}");
+    fn the_first_copy_is_where_the_sticky_assignor_sends_a_failed_owners_partitions() {
+        // As seen on a real broker: a's partitions went to c, b and c, each
+        // in turn to the member owning fewest, ties to the lower name.
+        let group = members(&[("a", &[0, 3, 6]), ("b", &[1, 4, 7]), ("c", &[2, 5])]);
+        let placed = copies(&group, &["a", "b", "c"], 1);
+        assert_eq!(placed[&0], ["c"]);
+        assert_eq!(placed[&3], ["b"]);
+        assert_eq!(placed[&6], ["c"]);
     }
 
     #[test]
-    fn instances_that_own_nothing_take_their_share_and_all_agree() {
-        let owned = owners(&[(0, "a"), (1, "b")]);
-        let everyone = group(&["a", "b", "c", "d"]);
-        let mut copies = BTreeMap::<i32, usize>::new();
-        for me in ["a", "b", "c", "d"] {
-            for partition in standby_partitions(&everyone, &owned, me, 2) {
-                *copies.entry(partition).or_default() += 1;
+    fn each_partition_gets_the_asked_copies_never_on_its_owner() {
+        let group = members(&[("a", &[0, 1, 2]), ("b", &[3, 4]), ("c", &[5, 6, 7])]);
+        for replicas in 0..=3 {
+            let placed = copies(&group, &["a", "b", "c"], replicas);
+            for partition in 0..8 {
+                let holders = placed.get(&partition).cloned().unwrap_or_default();
+                assert_eq!(holders.len(), replicas.min(2), "partition {partition} with {replicas} copies: {holders:?}");
+                let owner = group.iter().find(|m| m.partitions.contains(&partition)).unwrap();
+                assert!(!holders.contains(&instance_of(&owner.client_id).to_owned()), "{partition} on its owner");
             }
         }
-        assert_eq!(copies, BTreeMap::from([(0, 2), (1, 2)]));
-        assert!(!standby_partitions(&everyone, &owned, "c", 2).is_empty(), "an idle instance stands by too");
+    }
+
+    #[test]
+    fn instances_that_own_nothing_are_heirs_first_and_all_agree() {
+        let group = members(&[("a", &[0, 1]), ("b", &[2, 3]), ("c", &[]), ("d", &[])]);
+        let placed = copies(&group, &["a", "b", "c", "d"], 2);
+        for partition in 0..4 {
+            assert_eq!(placed[&partition].len(), 2, "partition {partition}: {:?}", placed[&partition]);
+        }
+        let first = copies(&group, &["a", "b", "c", "d"], 1);
+        assert_eq!(first[&0], ["c"], "the idle c takes a's first orphan");
+        assert_eq!(first[&1], ["d"], "then the idle d, owning fewer than c now");
+    }
+
+    #[test]
+    fn a_lone_instance_keeps_no_copies() {
+        let group = members(&[("a", &[0, 1, 2])]);
+        assert!(standby_partitions(&group, "a", 1).is_empty());
     }
 }

@@ -286,17 +286,20 @@ impl<'a> Scenario<'a> {
 
     /// With standbys asked for and reported (`omni_standby_partitions`),
     /// waits until the instances follow `standbys` copies of every
-    /// partition; returns how many they follow, `None` if this build does
-    /// not report standbys.
+    /// partition and the copies are caught up (`omni_standby_lag_records`
+    /// within a second of the steady load), as in a job running for a
+    /// while; returns how many they follow, `None` if this build does not
+    /// report standbys.
     async fn wait_for_standbys(&self) -> anyhow::Result<Option<f64>> {
         let all: Vec<usize> = (0..self.instances.len()).collect();
         let want = (self.standbys * self.args.partitions as usize) as f64;
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
             let following = self.sum_metric(&all, "omni_standby_partitions").await;
+            let lag = self.sum_metric(&all, "omni_standby_lag_records").await.unwrap_or(f64::MAX);
             match following {
                 None => return Ok(None),
-                Some(n) if n >= want => return Ok(Some(n)),
+                Some(n) if n >= want && lag <= self.args.failover_rate as f64 => return Ok(Some(n)),
                 Some(_) => {}
             }
             anyhow::ensure!(Instant::now() < deadline, "the standbys were not set up within {STEP_TIMEOUT:?}");
