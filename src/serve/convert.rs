@@ -8,7 +8,7 @@ use tonic::Status;
 
 use crate::proto::omni::{self as pb, watch_event};
 use crate::pubsub::{FollowEvent, PubSubError};
-use crate::view::{ChangeRecord, RoomSnapshot, ViewError};
+use crate::view::{ChangeRecord, RoomSnapshot, RoomSnapshotText, ViewError};
 
 /// A timestamp from RFC 3339 text; absent when the text is empty or malformed.
 pub fn timestamp(text: &str) -> Option<Timestamp> {
@@ -22,6 +22,16 @@ pub fn snapshot_message(snapshot: RoomSnapshot) -> pb::RoomSnapshot {
         path: snapshot.path,
         version: snapshot.version,
         modules: snapshot.modules.into_iter().map(|(name, state)| (name, state.to_string())).collect(),
+    }
+}
+
+/// A snapshot read as text: its strings move into the message, no state is parsed or printed.
+pub fn snapshot_text_message(snapshot: RoomSnapshotText) -> pb::RoomSnapshot {
+    pb::RoomSnapshot {
+        updated_at: timestamp(&snapshot.updated_at),
+        path: snapshot.path,
+        version: snapshot.version,
+        modules: snapshot.modules,
     }
 }
 

@@ -25,6 +25,7 @@ use futures::StreamExt as _;
 use prost::Message as _;
 use tokio::sync::{watch, Notify};
 
+use super::trace::{DeliveryTrace, Mark};
 use crate::kafka::KafkaSettings;
 use crate::proto::omni::StateChange;
 use crate::pubsub::{change_record, ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
@@ -84,6 +85,8 @@ struct Inbox {
     arrived: Notify,
     max_changes: usize,
     max_bytes: usize,
+    /// `omni_service_watch_inbox_seconds`, looked up once rather than per change.
+    waited: metrics::Histogram,
 }
 
 impl Inbox {
@@ -126,8 +129,7 @@ impl Inbox {
                     if let Some(received) = shared.received {
                         // The service's own share of a change's delivery: the
                         // wait for the watcher's stream to be polled.
-                        metrics::histogram!("omni_service_watch_inbox_seconds")
-                            .record(received.elapsed().as_secs_f64());
+                        self.waited.record(received.elapsed().as_secs_f64());
                     }
                     return Ok(shared);
                 }
@@ -157,6 +159,8 @@ pub struct HubOptions {
     pub buffer_bytes: usize,
     pub lookback: Duration,
     pub lookback_bytes: usize,
+    /// Notes each live change's receipt, for `omni bench --service`.
+    pub trace: Option<Arc<DeliveryTrace>>,
 }
 
 /// The shared consumer's output: a replay and every watcher's inbox.
@@ -222,6 +226,7 @@ impl Hub {
             arrived: Notify::new(),
             max_changes: self.options.buffer.max(1),
             max_bytes: self.options.buffer_bytes,
+            waited: metrics::histogram!("omni_service_watch_inbox_seconds"),
         });
         let room = pattern.is_literal().then(|| pattern.to_string());
         let kept: Vec<(Vec<u8>, String)> = {
@@ -289,6 +294,9 @@ impl Hub {
         self.ready.send_replace(true);
         tracing::info!(topic, "shared broadcast consumer started");
         let mut failing = false;
+        // How fresh the feed is: from the job's produce (the record's
+        // timestamp, before its transaction commits) to this consumer.
+        let age = metrics::histogram!("omni_service_broadcast_age_seconds");
         while let Some(delivery) = subscriber.next().await {
             let delivery = match delivery {
                 Ok(delivery) => delivery,
@@ -304,14 +312,14 @@ impl Hub {
             let received = Instant::now();
             match decode(&delivery.payload, &delivery.subject) {
                 Ok((change, bytes)) => {
+                    if let Some(trace) = &self.options.trace {
+                        trace.note(Mark::Received, &change.path, change.version);
+                    }
                     let now_millis = chrono::Utc::now().timestamp_millis();
                     let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
-                    // From the job's produce (the record's timestamp, before its
-                    // transaction commits) to this consumer: how fresh the feed is.
-                    let age = now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0;
-                    metrics::histogram!("omni_service_broadcast_age_seconds").record(age);
+                    age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
                     let recent = Recent { path: change.path.clone(), payload: delivery.payload, at_millis };
-                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent);
+                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
                 }
                 Err(reason) => tracing::warn!(
                     topic,
@@ -331,8 +339,8 @@ impl Hub {
 
     /// Adds a record to the replay and the change to every inbox it
     /// concerns, under the replay's lock so a joining watcher sees it exactly once.
-    fn publish(&self, shared: Arc<Shared>, recent: Recent) {
-        let oldest_kept = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
+    fn publish(&self, shared: Arc<Shared>, recent: Recent, now_millis: i64) {
+        let oldest_kept = now_millis.saturating_sub(self.lookback_millis());
         let mut fanout = self.lock();
         if let Some(inboxes) = fanout.rooms.get(&shared.change.path) {
             inboxes.iter().for_each(|inbox| inbox.push(&shared));
@@ -387,7 +395,13 @@ mod tests {
     }
 
     fn inbox(max_changes: usize, max_bytes: usize) -> Inbox {
-        Inbox { queue: Mutex::default(), arrived: Notify::new(), max_changes, max_bytes }
+        Inbox {
+            queue: Mutex::default(),
+            arrived: Notify::new(),
+            max_changes,
+            max_bytes,
+            waited: metrics::histogram!("omni_service_watch_inbox_seconds"),
+        }
     }
 
     #[tokio::test]

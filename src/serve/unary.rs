@@ -3,7 +3,7 @@
 use prost::Message as _;
 use tonic::Status;
 
-use super::convert::{change_message, publish_status, snapshot_message};
+use super::convert::{change_message, publish_status, snapshot_text_message};
 use super::state::Shared;
 use crate::modules::timers::{check_lease, check_lease_id};
 use crate::modules::{KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
@@ -140,19 +140,20 @@ pub async fn keep_alive(shared: &Shared, request: pb::KeepAliveRequest) -> Resul
     Ok(pb::KeepAliveResponse { partition, offset })
 }
 
+/// One `HGETALL` on the shared multiplexed connection; module states go
+/// into the reply as the text Redis holds.
 pub async fn get_snapshot(
     shared: &Shared,
     deadline: std::time::Duration,
     request: pb::GetSnapshotRequest,
 ) -> Result<pb::RoomSnapshot, Status> {
     let path = room_path(&request.path)?;
-    let keys = shared.keys.clone();
-    let read_path = path.clone();
+    let (keys, read_path) = (&shared.keys, path.as_str());
     let snapshot = shared
-        .with_redis(deadline, |mut conn| async move { view::snapshot(&mut conn, &keys, &read_path).await })
+        .with_redis(deadline, |mut conn| async move { view::snapshot_text(&mut conn, keys, read_path).await })
         .await?;
     match snapshot {
-        Some(snapshot) => Ok(snapshot_message(snapshot)),
+        Some(snapshot) => Ok(snapshot_text_message(snapshot)),
         None => Err(Status::not_found(format!("room {path} is not known (never written, or closed)"))),
     }
 }
