@@ -46,7 +46,7 @@ mod pattern;
 mod publisher;
 mod subscriber;
 
-pub use follow::{change_record, ChangeFeed, FollowEvent, Follower, DEFAULT_LOOKBACK};
+pub use follow::{change_record, ChangeFeed, FollowEvent, FollowedChange, Follower, DEFAULT_LOOKBACK};
 pub use pattern::Pattern;
 pub use publisher::{Publisher, CONTENT_TYPE_HEADER};
 pub use subscriber::{Delivery, QueueSubscriber, StartAt, Subscriber};

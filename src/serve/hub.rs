@@ -22,19 +22,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use prost::Message as _;
 use tokio::sync::{watch, Notify};
 
+use super::convert::WireChange;
 use super::trace::{DeliveryTrace, Mark};
 use crate::kafka::KafkaSettings;
-use crate::proto::omni::StateChange;
-use crate::pubsub::{change_record, ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
-use crate::view::ChangeRecord;
+use crate::pubsub::{ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
 
 /// A decoded broadcast change, shared by every watcher it reaches.
 #[derive(Debug)]
 struct Shared {
-    change: ChangeRecord,
+    change: WireChange,
     /// The broadcast record's size, which the inboxes and the follower's bounds count.
     bytes: usize,
     /// When the shared consumer received a live change (not a replayed one).
@@ -220,7 +218,7 @@ impl Hub {
 
     /// A watcher's feed: the replayed changes matching `pattern`, then every
     /// live one, until the watcher falls too far behind.
-    pub fn feed(self: &Arc<Self>, pattern: &Pattern) -> ChangeFeed {
+    pub fn feed(self: &Arc<Self>, pattern: &Pattern) -> ChangeFeed<WireChange> {
         let inbox = Arc::new(Inbox {
             queue: Mutex::default(),
             arrived: Notify::new(),
@@ -313,12 +311,12 @@ impl Hub {
             match decode(&delivery.payload, &delivery.subject) {
                 Ok((change, bytes)) => {
                     if let Some(trace) = &self.options.trace {
-                        trace.note(Mark::Received, &change.path, change.version);
+                        trace.note(Mark::Received, &change.0.path, change.0.version);
                     }
                     let now_millis = chrono::Utc::now().timestamp_millis();
                     let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
                     age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
-                    let recent = Recent { path: change.path.clone(), payload: delivery.payload, at_millis };
+                    let recent = Recent { path: change.0.path.clone(), payload: delivery.payload, at_millis };
                     self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
                 }
                 Err(reason) => tracing::warn!(
@@ -342,11 +340,11 @@ impl Hub {
     fn publish(&self, shared: Arc<Shared>, recent: Recent, now_millis: i64) {
         let oldest_kept = now_millis.saturating_sub(self.lookback_millis());
         let mut fanout = self.lock();
-        if let Some(inboxes) = fanout.rooms.get(&shared.change.path) {
+        if let Some(inboxes) = fanout.rooms.get(&shared.change.0.path) {
             inboxes.iter().for_each(|inbox| inbox.push(&shared));
         }
         for (pattern, inbox) in &fanout.wildcards {
-            if pattern.matches(&shared.change.path) {
+            if pattern.matches(&shared.change.0.path) {
                 inbox.push(&shared);
             }
         }
@@ -366,15 +364,9 @@ impl Hub {
 /// The hub's prefetch bound, in KiB.
 const PREFETCH_KIB: usize = 2048;
 
-/// A broadcast record's change, with the record's size; a record without a
-/// path in its message takes its key's.
-fn decode(payload: &[u8], subject: &str) -> Result<(ChangeRecord, usize), String> {
-    let mut change = StateChange::decode(payload).map_err(|e| e.to_string())?;
-    if change.path.is_empty() {
-        subject.clone_into(&mut change.path);
-    }
-    let change = change_record(change).map_err(|e| e.to_string())?;
-    Ok((change, payload.len()))
+/// A broadcast record's change, with the record's size.
+fn decode(payload: &[u8], subject: &str) -> Result<(WireChange, usize), String> {
+    Ok((WireChange::decode(payload, subject)?, payload.len()))
 }
 
 #[cfg(test)]
@@ -382,15 +374,13 @@ mod tests {
     use super::*;
 
     fn change(version: u64, bytes: usize) -> Arc<Shared> {
-        let change = ChangeRecord {
+        let change = WireChange(crate::proto::omni::StateChange {
             path: "app/a/room/r".into(),
             version,
             module: "tags".into(),
-            state: serde_json::json!({}),
-            cause_event_id: String::new(),
-            occurred_at: String::new(),
-            processed_at: String::new(),
-        };
+            state_json: "{}".into(),
+            ..Default::default()
+        });
         Arc::new(Shared { change, bytes, received: None })
     }
 
@@ -411,7 +401,7 @@ mod tests {
             inbox.push(&change(version, 100));
         }
         for version in 1..=3 {
-            assert_eq!(inbox.take().await.unwrap().change.version, version);
+            assert_eq!(inbox.take().await.unwrap().change.0.version, version);
         }
         assert_eq!(inbox.lock().bytes, 0);
     }
@@ -431,7 +421,7 @@ mod tests {
         let inbox = inbox(1000, 250);
         inbox.push(&change(1, 100));
         inbox.push(&change(2, 100));
-        assert_eq!(inbox.take().await.unwrap().change.version, 1);
+        assert_eq!(inbox.take().await.unwrap().change.0.version, 1);
         inbox.push(&change(3, 100));
         // 200 bytes held: the next one passes 250.
         inbox.push(&change(4, 100));
@@ -443,7 +433,7 @@ mod tests {
         let inbox = Arc::new(inbox(4, 1 << 20));
         let taking = tokio::spawn({
             let inbox = Arc::clone(&inbox);
-            async move { inbox.take().await.map(|shared| shared.change.version) }
+            async move { inbox.take().await.map(|shared| shared.change.0.version) }
         });
         tokio::task::yield_now().await;
         inbox.push(&change(7, 10));

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::convert::{redis_timeout, watch_event};
+use super::convert::{redis_timeout, watch_event, WireChange};
 use super::state::{Shared, StreamSlot};
 use super::trace::{DeliveryTrace, Mark};
 use crate::proto::omni::{self as pb, start};
@@ -108,7 +108,7 @@ pub async fn watch(
 struct Watcher {
     _slot: StreamSlot,
     _watching: Watching,
-    follower: Follower,
+    follower: Follower<WireChange>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     trace: Option<Arc<DeliveryTrace>>,
     /// The stream ended with an error status.
@@ -150,7 +150,7 @@ impl Watcher {
 }
 
 impl Watcher {
-    fn message(&self, event: FollowEvent) -> pb::WatchEvent {
+    fn message(&self, event: FollowEvent<WireChange>) -> pb::WatchEvent {
         let Some(trace) = &self.trace else { return watch_event(event) };
         let change = matches!(event, FollowEvent::Change(_)).then(|| (event.path().to_owned(), event.version()));
         let message = watch_event(event);
