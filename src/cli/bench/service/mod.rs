@@ -194,9 +194,15 @@ fn builds(args: &BenchArgs) -> anyhow::Result<Vec<Build>> {
     let mut builds = vec![Build { label: "current", exe: std::env::current_exe()?, traced: true }];
     if let Some(exe) = &args.service_baseline {
         anyhow::ensure!(exe.is_file(), "--service-baseline {}: no such file", exe.display());
-        builds.push(Build { label: "baseline", exe: exe.clone(), traced: false });
+        builds.push(Build { label: "baseline", exe: exe.clone(), traced: writes_delivery_trace(exe)? });
     }
     Ok(builds)
+}
+
+/// Whether `omni serve` of this binary takes `--delivery-trace` (older builds do not).
+fn writes_delivery_trace(exe: &Path) -> anyhow::Result<bool> {
+    let help = std::process::Command::new(exe).args(["serve", "--help"]).output()?;
+    Ok(String::from_utf8_lossy(&help.stdout).contains("--delivery-trace"))
 }
 
 /// Current over baseline, for each figure both have.
