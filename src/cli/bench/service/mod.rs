@@ -205,13 +205,15 @@ fn writes_delivery_trace(exe: &Path) -> anyhow::Result<bool> {
     Ok(String::from_utf8_lossy(&help.stdout).contains("--delivery-trace"))
 }
 
-/// Current over baseline, for each figure both have.
-fn ratios(current: &Percentiles, baseline: &Percentiles) -> serde_json::Value {
+/// Current over baseline: latency percentiles, and serve's CPU per unit of work.
+fn ratios(current: (&Percentiles, f64), baseline: (&Percentiles, f64)) -> serde_json::Value {
     let ratio = |a: f64, b: f64| if b > 0.0 { serde_json::json!(a / b) } else { serde_json::Value::Null };
+    let ((current, current_cpu), (baseline, baseline_cpu)) = (current, baseline);
     serde_json::json!({
-        "p50": ratio(current.p50_ms, baseline.p50_ms),
-        "p99": ratio(current.p99_ms, baseline.p99_ms),
-        "p999": ratio(current.p999_ms, baseline.p999_ms),
+        "latency_p50": ratio(current.p50_ms, baseline.p50_ms),
+        "latency_p99": ratio(current.p99_ms, baseline.p99_ms),
+        "latency_p999": ratio(current.p999_ms, baseline.p999_ms),
+        "serve_cpu_per_unit": ratio(current_cpu, baseline_cpu),
     })
 }
 
@@ -247,11 +249,14 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
                 let run = watch::PhaseRun { args, topology: &topology, job_pid: job.pid(), watchers, trace };
                 let (phase, written) = watch::phase(&run, serve, &mut workload).await?;
                 rooms.extend(written);
-                by_label.insert(build.label, phase.added_delivery.clone());
+                by_label.insert(build.label, (phase.added_delivery.clone(), phase.serve_cpu_us_per_change));
                 phases.push(phase);
             }
-            if let (Some(current), Some(baseline)) = (by_label.get("current"), by_label.get("baseline")) {
-                compared.push(serde_json::json!({ "watchers": watchers, "added_delivery": ratios(current, baseline) }));
+            if let (Some((current, current_cpu)), Some((baseline, baseline_cpu))) =
+                (by_label.get("current"), by_label.get("baseline"))
+            {
+                let ratios = ratios((current, *current_cpu), (baseline, *baseline_cpu));
+                compared.push(serde_json::json!({ "watchers": watchers, "added_delivery": ratios }));
             }
         }
         report.insert("watch".into(), serde_json::to_value(phases)?);
@@ -274,7 +279,11 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
             serve.terminate()?;
         }
         if let [current, baseline] = &phases[..] {
-            comparison.insert("get_snapshot".into(), ratios(&current.latency, &baseline.latency));
+            let ratios = ratios(
+                (&current.latency, current.serve_cpu_us_per_call),
+                (&baseline.latency, baseline.serve_cpu_us_per_call),
+            );
+            comparison.insert("get_snapshot".into(), ratios);
         }
         report.insert("get_snapshot".into(), serde_json::to_value(phases)?);
     }

@@ -19,8 +19,9 @@ use crate::cli::bench::BenchArgs;
 /// Connections `GetSnapshot` calls are spread over.
 const CONNECTIONS: usize = 4;
 
-/// How long one build is asked before the next takes its turn.
-const SLICE: Duration = Duration::from_secs(2);
+/// How long one build is asked before the next takes its turn: short, so
+/// the machine's other load falls on every build alike.
+const SLICE: Duration = Duration::from_millis(500);
 
 /// Figures of the phase for one build.
 #[derive(Debug, serde::Serialize)]
@@ -35,6 +36,9 @@ pub struct SnapshotPhase {
     pub latency: Percentiles,
     /// Over this build's slices, in cores.
     cpu: CpuShare,
+    /// Serve's CPU per call, in microseconds: steadier than the latency on a
+    /// shared machine.
+    pub serve_cpu_us_per_call: f64,
 }
 
 /// One build's calls and what they measured so far.
@@ -85,14 +89,18 @@ pub async fn phase(
     let load = LoadDuring { start: load_start, end: LoadAverage::now() };
     Ok(targets
         .into_iter()
-        .map(|target| SnapshotPhase {
-            serve: target.serve.label,
-            target_requests_per_s: args.service_snapshot_rate,
-            achieved_requests_per_s: target.sent as f64 / target.asking.as_secs_f64().max(1e-3),
-            load_average: load,
-            errors: std::mem::take(&mut *target.errors.lock().expect("errors")),
-            latency: Percentiles::of(std::mem::take(&mut *target.samples.lock().expect("samples"))),
-            cpu: target.cpu,
+        .map(|target| {
+            let achieved = target.sent as f64 / target.asking.as_secs_f64().max(1e-3);
+            SnapshotPhase {
+                serve: target.serve.label,
+                target_requests_per_s: args.service_snapshot_rate,
+                achieved_requests_per_s: achieved,
+                load_average: load,
+                errors: std::mem::take(&mut *target.errors.lock().expect("errors")),
+                latency: Percentiles::of(std::mem::take(&mut *target.samples.lock().expect("samples"))),
+                serve_cpu_us_per_call: target.cpu.serve / achieved.max(1.0) * 1e6,
+                cpu: target.cpu,
+            }
         })
         .collect())
 }

@@ -59,6 +59,9 @@ pub struct WatchPhase {
     streams_ended: BTreeMap<String, usize>,
     /// CPU used while the job was fed, in cores.
     cpu: CpuShare,
+    /// Serve's CPU per change delivered to a watcher, in microseconds
+    /// (every broadcast record is decoded too, watched or not).
+    pub serve_cpu_us_per_change: f64,
     serve_rss_mib_before: f64,
     serve_rss_mib_under_load: f64,
     serve_rss_target_mib: f64,
@@ -298,6 +301,7 @@ pub async fn phase(
         watchers,
         achieved_events_per_s: achieved,
         load_average: LoadDuring { start: load_start, end: load_end },
+        serve_cpu_us_per_change: cpu.serve * args.service_secs as f64 / received.len().max(1) as f64 * 1e6,
         added_delivery: Percentiles::of(samples),
         delivery_split,
         missed,
