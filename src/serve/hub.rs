@@ -316,7 +316,10 @@ impl Hub {
                     let now_millis = chrono::Utc::now().timestamp_millis();
                     let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
                     age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
-                    let recent = Recent { path: change.0.path.clone(), payload: delivery.payload, at_millis };
+                    // The record's key is the change's path: kept rather than copied.
+                    let path =
+                        if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
+                    let recent = Recent { path, payload: delivery.payload, at_millis };
                     self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
                 }
                 Err(reason) => tracing::warn!(
