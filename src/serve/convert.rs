@@ -185,7 +185,8 @@ mod tests {
             pb::StateChange { state_json: String::new(), occurred_at: None, processed_at: None, ..sent.clone() },
         ] {
             let wire = WireChange::decode(&message.encode_to_vec(), "app/a/room/r").unwrap();
-            let record = crate::pubsub::change_record(pb::StateChange { path: "app/a/room/r".into(), ..message }).unwrap();
+            let record =
+                crate::pubsub::change_record(pb::StateChange { path: "app/a/room/r".into(), ..message }).unwrap();
             assert_eq!(wire.0, change_message(record.clone()));
             assert_eq!(WireChange::from_record(record.clone()), wire);
             assert_eq!(wire.processed_at(), record.processed_at);

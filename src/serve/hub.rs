@@ -317,8 +317,7 @@ impl Hub {
                     let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
                     age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
                     // The record's key is the change's path: kept rather than copied.
-                    let path =
-                        if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
+                    let path = if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
                     let recent = Recent { path, payload: delivery.payload, at_millis };
                     self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
                 }

@@ -120,10 +120,10 @@ pub async fn serve(
     let publisher = Publisher::new(&producer_settings, topology.input_topic())?;
     let trace = match &options.delivery_trace {
         None => None,
-        Some(path) => Some(Arc::new(trace::DeliveryTrace::create(path).map_err(|source| ServeError::Trace {
-            path: path.display().to_string(),
-            source,
-        })?)),
+        Some(path) => Some(Arc::new(
+            trace::DeliveryTrace::create(path)
+                .map_err(|source| ServeError::Trace { path: path.display().to_string(), source })?,
+        )),
     };
     let hub = Hub::start(
         topology.kafka.clone(),

@@ -126,8 +126,8 @@ fn closed_room(close: &impl FollowedChange) -> RoomSnapshot {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::view::ChangeRecord;
     use crate::pubsub::follow::tests::{change, close, snap, PATH};
+    use crate::view::ChangeRecord;
 
     /// Redis as the follower sees it, one state per bridging attempt (the
     /// last repeats), so a lagging or flushed Redis can catch up.

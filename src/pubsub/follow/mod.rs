@@ -228,7 +228,6 @@ impl Follower {
 }
 
 impl<C: FollowedChange> Follower<C> {
-
     /// A follower over a shared [`ChangeFeed`] instead of a consumer of its
     /// own. The feed must already be receiving when this is called, and it
     /// should start with recent changes (as [`start`](Follower::start)'s

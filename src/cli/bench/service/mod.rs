@@ -92,7 +92,11 @@ impl ServeProcess {
         std::process::Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.child.try_wait()?.is_none() {
-            anyhow::ensure!(Instant::now() < deadline, "omni serve ({}) did not stop within 15 s of SIGTERM", self.label);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "omni serve ({}) did not stop within 15 s of SIGTERM",
+                self.label
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
@@ -243,7 +247,10 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
             }
             let mut by_label = std::collections::BTreeMap::new();
             for build in order {
-                eprintln!("bench {id}: {watchers} watchers on {} at {} events/s for {} s", build.label, args.rate, args.service_secs);
+                eprintln!(
+                    "bench {id}: {watchers} watchers on {} at {} events/s for {} s",
+                    build.label, args.rate, args.service_secs
+                );
                 let trace = build.traced.then(|| state.path().join(format!("trace-{}-{watchers}", build.label)));
                 let serve = ServeProcess::spawn(build, &topology_file, state.path(), trace.as_deref())?;
                 let run = watch::PhaseRun { args, topology: &topology, job_pid: job.pid(), watchers, trace };

@@ -252,7 +252,8 @@ pub async fn phase(
     let load_start = LoadAverage::now();
     let cpu_start = CpuClock::now(serve.pid(), run.job_pid);
     let achieved = {
-        let (brokers, input, rate) = (run.topology.kafka.brokers.clone(), run.topology.input_topic().to_owned(), args.rate);
+        let (brokers, input, rate) =
+            (run.topology.kafka.brokers.clone(), run.topology.input_topic().to_owned(), args.rate);
         let duration = Duration::from_secs(args.service_secs);
         let mut local = std::mem::replace(workload, Workload::new(args.seed + 1, args.rooms, args.zipf));
         let (rate, local) = tokio::task::spawn_blocking(move || {
@@ -328,7 +329,8 @@ fn read_trace(path: &std::path::Path) -> anyhow::Result<HashMap<(u32, u64), Mark
     for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
         let line = line?;
         let mut fields = line.splitn(4, ' ');
-        let (Some(mark), Some(version), Some(at), Some(path)) = (fields.next(), fields.next(), fields.next(), fields.next())
+        let (Some(mark), Some(version), Some(at), Some(path)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
@@ -348,10 +350,16 @@ fn read_trace(path: &std::path::Path) -> anyhow::Result<HashMap<(u32, u64), Mark
 }
 
 /// Each change's delivery split at serve's marks.
-fn split(marks: &HashMap<(u32, u64), Marks>, reference: &Reference, received: &HashMap<(u32, u64), i64>) -> DeliverySplit {
-    let (mut serve_added, mut to_consumer, mut to_grpc, mut to_watcher) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+fn split(
+    marks: &HashMap<(u32, u64), Marks>,
+    reference: &Reference,
+    received: &HashMap<(u32, u64), i64>,
+) -> DeliverySplit {
+    let (mut serve_added, mut to_consumer, mut to_grpc, mut to_watcher) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (key, at) in reference {
-        let (Some(got), Some(Marks { received: Some(consumed), sent: Some(sent) })) = (received.get(key), marks.get(key))
+        let (Some(got), Some(Marks { received: Some(consumed), sent: Some(sent) })) =
+            (received.get(key), marks.get(key))
         else {
             continue;
         };
