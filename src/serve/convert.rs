@@ -134,7 +134,7 @@ pub fn publish_status(error: &PubSubError) -> Status {
         PubSubError::Kafka(KafkaError::MessageProduction(
             RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
         )) => Status::failed_precondition(format!("the topic does not exist: {error}")),
-        PubSubError::InvalidTopic(_) => Status::invalid_argument(error.to_string()),
+        PubSubError::InvalidTopic(_) | PubSubError::InvalidLease(_) => Status::invalid_argument(error.to_string()),
         _ => Status::unavailable(format!("publishing failed: {error}")),
     }
 }
