@@ -35,6 +35,7 @@ use tokio::sync::watch;
 
 use super::{connect, rss_mib, CpuClock, CpuShare, LoadAverage, LoadDuring, ServeProcess, ROOM_PREFIX};
 use crate::cli::bench::latency::Percentiles;
+use crate::cli::bench::process::cpu_seconds_of;
 use crate::cli::bench::workload::Workload;
 use crate::cli::bench::BenchArgs;
 
@@ -53,6 +54,9 @@ pub struct WatchPhase {
     /// `added_delivery` split at serve's marks, from its delivery trace
     /// (absent for a build without one).
     delivery_split: Option<DeliverySplit>,
+    /// Seconds serve took, with its watchers open, to read the broadcast's
+    /// recent past (its replay for joiners) before the load started.
+    serve_catch_up_s: f64,
     /// Changes the reference saw for watched rooms that no watcher reported.
     missed: usize,
     /// Watch streams that ended during the phase, by status code.
@@ -218,6 +222,23 @@ async fn open_watchers(
     Ok(connections)
 }
 
+/// Waits until serve is idle (under 5 % of a core over half a second, for at
+/// most a minute): a fresh serve first reads the broadcast's last minute, the
+/// previous phase's load included, and live changes wait behind that. Returns how long it took.
+async fn caught_up(pid: u32) -> Duration {
+    let started = Instant::now();
+    let mut before = cpu_seconds_of(pid).unwrap_or(0.0);
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_seconds_of(pid).unwrap_or(0.0);
+        if now - before < 0.025 {
+            break;
+        }
+        before = now;
+    }
+    started.elapsed()
+}
+
 /// Samples serve's RSS every 500 ms, keeping the peak.
 fn sample_rss(pid: u32) -> (tokio::task::JoinHandle<()>, Arc<Mutex<f64>>) {
     let peak = Arc::new(Mutex::new(0f64));
@@ -246,6 +267,7 @@ pub async fn phase(
     let (args, watchers) = (run.args, run.watchers);
     let (stop_tx, stop) = watch::channel(false);
     let connections = open_watchers(&serve, watchers, &stop).await?;
+    let catch_up = caught_up(serve.pid()).await;
     let rss_before = rss_mib(serve.pid());
     let reference = reference_reader(run.topology, watchers, stop.clone())?;
     let (sampling, rss_peak) = sample_rss(serve.pid());
@@ -301,6 +323,7 @@ pub async fn phase(
         serve: label,
         watchers,
         achieved_events_per_s: achieved,
+        serve_catch_up_s: catch_up.as_secs_f64(),
         load_average: LoadDuring { start: load_start, end: load_end },
         serve_cpu_us_per_change: cpu.serve * args.service_secs as f64 / received.len().max(1) as f64 * 1e6,
         added_delivery: Percentiles::of(samples),
