@@ -59,6 +59,11 @@ pub async fn phase(
     rooms: &[u32],
 ) -> anyhow::Result<Vec<SnapshotPhase>> {
     anyhow::ensure!(!rooms.is_empty(), "no room was written: no room to ask for");
+    // Each fresh serve first reads the broadcast's last minute, which would
+    // weigh on whichever build is being asked.
+    for serve in serves {
+        super::watch::caught_up(serve.pid()).await;
+    }
     let mut targets = Vec::new();
     for serve in serves {
         let mut clients = Vec::new();

@@ -225,7 +225,7 @@ async fn open_watchers(
 /// Waits until serve is idle (under 5 % of a core over half a second, for at
 /// most a minute): a fresh serve first reads the broadcast's last minute, the
 /// previous phase's load included, and live changes wait behind that. Returns how long it took.
-async fn caught_up(pid: u32) -> Duration {
+pub async fn caught_up(pid: u32) -> Duration {
     let started = Instant::now();
     let mut before = cpu_seconds_of(pid).unwrap_or(0.0);
     while started.elapsed() < Duration::from_secs(60) {
