@@ -4,10 +4,7 @@
 
 use std::time::Duration;
 
-use omni::modules::{KEEPALIVE_TYPE, TYPE_HEADER};
 use omni::path::Path;
-use omni::proto::omni::KeepAlive;
-use omni::proto::Message;
 use omni::pubsub::Publisher;
 
 use super::config::{self, Flags, KafkaArgs, TopologyArg};
@@ -53,10 +50,8 @@ pub async fn run(args: KeepaliveArgs) -> anyhow::Result<()> {
     let kafka = topology.kafka.clone();
     let path = Path::parse_room(&args.path)?;
     let publisher = Publisher::new(&kafka, topic.clone())?;
-    let payload = KeepAlive { lease_ids: args.lease_ids.clone() }.encode_to_vec();
-    let headers: [(&str, &[u8]); 1] = [(TYPE_HEADER, KEEPALIVE_TYPE.as_bytes())];
     let Some(every) = args.every else {
-        publisher.publish_with_headers(&topic, &path, &payload, &headers).await?;
+        publisher.keep_alive(&topic, &path, &args.lease_ids).await?;
         println!("kept alive {}", args.lease_ids.join(" "));
         return Ok(());
     };
@@ -66,7 +61,7 @@ pub async fn run(args: KeepaliveArgs) -> anyhow::Result<()> {
             _ = ticks.tick() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        publisher.publish_with_headers(&topic, &path, &payload, &headers).await?;
+        publisher.keep_alive(&topic, &path, &args.lease_ids).await?;
         println!("kept alive {}", args.lease_ids.join(" "));
     }
 }

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
-use omni::modules::LEASE_HEADER;
 use omni::ops::runner::probe_brokers;
 use omni::path::Path;
 use omni::proto::tecate::{
     room_event::Kind, RecordingStarted, RecordingStopped, RoomClosed, RoomEvent, TagRemoved, TagSet,
 };
 use omni::proto::{now, timestamp_from_millis, Message};
+use omni::pubsub::NewLease;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -107,12 +107,11 @@ impl EventArg {
     }
 }
 
-/// A fresh lease for an event with `--lease-ttl`: its id, and its `omni.lease` header value.
-fn new_lease(event: &Option<EventArg>) -> Option<(String, Vec<u8>)> {
-    let Some(EventArg::RecordingStart { lease_ttl: Some(ttl), .. }) = event else { return None };
-    let lease_id = uuid::Uuid::new_v4().to_string();
-    let lease = omni::proto::omni::Lease { lease_id: lease_id.clone(), ttl_ms: ttl.as_millis() as i64 };
-    Some((lease_id, lease.encode_to_vec()))
+/// A fresh lease for an event with `--lease-ttl`.
+fn new_lease(event: &Option<EventArg>) -> anyhow::Result<Option<NewLease>> {
+    let Some(EventArg::RecordingStart { lease_ttl: Some(ttl), .. }) = event else { return Ok(None) };
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    Ok(Some(NewLease::fresh(ttl_ms).context("--lease-ttl")?))
 }
 
 /// One line of a `--file`.
@@ -187,10 +186,11 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating topic {topic} on {brokers}"))?;
     let producer: FutureProducer = kafka.producer_config().set("enable.idempotence", "true").create()?;
     let count = events.len();
-    let lease = new_lease(&args.event);
-    let headers = lease
-        .as_ref()
-        .map(|(_, lease)| OwnedHeaders::new().insert(Header { key: LEASE_HEADER, value: Some(&lease[..]) }));
+    let lease = new_lease(&args.event)?;
+    let headers = lease.as_ref().map(|lease| {
+        let (key, value) = lease.record_header();
+        OwnedHeaders::new().insert(Header { key, value: Some(value) })
+    });
     let delivered = send_in_order(&producer, &topic, events, headers).await.map_err(|failure| {
         anyhow::anyhow!(
             "event {} of {count} was not delivered to {topic} on the Kafka brokers {brokers} within the delivery timeout ({} s): {}",
@@ -206,8 +206,8 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         _ => println!("published {count} events to {topic}"),
     }
     // Last, so a script takes it with `tail -n 1`.
-    if let Some((lease_id, _)) = lease {
-        println!("{lease_id}");
+    if let Some(lease) = lease {
+        println!("{}", lease.id);
     }
     Ok(())
 }

@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Address for gRPC, JSON and the operations endpoints (overrides `service.listen`).
     #[arg(long, env = "OMNI_SERVICE_LISTEN")]
     pub listen: Option<String>,
+    /// Write a line per live change the service receives and sends to a
+    /// watcher, with the time, to FILE (for `omni bench --service`).
+    #[arg(long, value_name = "FILE")]
+    pub delivery_trace: Option<std::path::PathBuf>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -55,6 +59,6 @@ pub async fn run(
         authentication = !tokens.is_empty(),
         "omni serve listening on {addr}"
     );
-    let options = omni::serve::ServeOptions { topology, tokens, metrics };
+    let options = omni::serve::ServeOptions { topology, tokens, metrics, delivery_trace: args.delivery_trace };
     omni::serve::serve(options, listener, stop).await.context("omni serve failed")
 }

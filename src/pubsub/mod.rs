@@ -46,9 +46,9 @@ mod pattern;
 mod publisher;
 mod subscriber;
 
-pub use follow::{change_record, ChangeFeed, FollowEvent, Follower, DEFAULT_LOOKBACK};
+pub use follow::{change_record, ChangeFeed, FollowEvent, FollowedChange, Follower, DEFAULT_LOOKBACK};
 pub use pattern::Pattern;
-pub use publisher::{Publisher, CONTENT_TYPE_HEADER};
+pub use publisher::{keep_alive_payload, NewLease, Publisher, CONTENT_TYPE_HEADER, KEEPALIVE_HEADER};
 pub use subscriber::{Delivery, QueueSubscriber, StartAt, Subscriber};
 
 /// Errors of the pub/sub layer.
@@ -62,6 +62,9 @@ pub enum PubSubError {
     InvalidQueue(String),
     #[error("{0}")]
     UnsupportedStart(&'static str),
+    /// A lease or keep-alive the job would refuse: the reason.
+    #[error("{0}")]
+    InvalidLease(String),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("redis: {0}")]

@@ -119,9 +119,36 @@ impl Pattern {
     }
 
     /// True when `subject` (canonical path text) matches; text that is not a
-    /// valid path never matches.
+    /// valid path never matches. Reads the text in place, without building
+    /// the path: every broadcast record and watched change goes through here.
     pub fn matches(&self, subject: &str) -> bool {
-        subject.parse::<Path>().is_ok_and(|path| self.matches_path(&path))
+        if subject.is_empty() || subject.len() > MAX_PATH_BYTES {
+            return false;
+        }
+        let (mut count, mut matched, mut rest) = (0, true, Some(subject));
+        while let Some(text) = rest {
+            let Some((token, after)) = next_token(text) else { return false };
+            // Valid as a path's token: a known tag, or a non-empty value.
+            let valid = if count % 2 == 0 { Tag::ALL.iter().any(|t| t.as_str() == token) } else { !token.is_empty() };
+            if !valid {
+                return false;
+            }
+            matched &= match self.tokens.get(count) {
+                Some(Token::Literal(literal)) => unescaped_eq(token, literal),
+                Some(Token::One | Token::Rest) => true,
+                None => matches!(self.tokens.last(), Some(Token::Rest)),
+            };
+            count += 1;
+            rest = after;
+        }
+        if count % 2 == 1 {
+            return false; // the last tag has no value
+        }
+        matched
+            && match self.tokens.last() {
+                Some(Token::Rest) => count >= self.tokens.len(),
+                _ => count == self.tokens.len(),
+            }
     }
 
     /// True when `path` matches.
@@ -142,6 +169,37 @@ impl Pattern {
     pub fn is_literal(&self) -> bool {
         self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
     }
+}
+
+/// The first token of `text`, still escaped, and the text after its `/`
+/// (`None` after the last token); `None` for an invalid escape.
+fn next_token(text: &str) -> Option<(&str, Option<&str>)> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'/' => return Some((&text[..i], Some(&text[i + 1..]))),
+            b'\\' if matches!(bytes.get(i + 1), Some(b'/' | b'\\')) => i += 2,
+            b'\\' => return None,
+            _ => i += 1,
+        }
+    }
+    Some((text, None))
+}
+
+/// Whether an escaped token reads as `plain` once unescaped.
+fn unescaped_eq(escaped: &str, plain: &str) -> bool {
+    let mut plain = plain.bytes();
+    let mut escaped = escaped.bytes();
+    while let Some(mut byte) = escaped.next() {
+        if byte == b'\\' {
+            byte = escaped.next().unwrap_or(b'\\');
+        }
+        if plain.next() != Some(byte) {
+            return false;
+        }
+    }
+    plain.next().is_none()
 }
 
 impl FromStr for Pattern {
@@ -301,6 +359,19 @@ mod tests {
         out
     }
 
+    /// Text of up to four tag/value pairs drawn from `tags` and `values`, then one of `tails`.
+    fn texts(
+        tags: &'static [&'static str],
+        values: &'static [&'static str],
+        tails: &'static [&'static str],
+    ) -> impl Strategy<Value = String> {
+        let pair = (prop::sample::select(tags), prop::sample::select(values));
+        (prop::collection::vec(pair, 0..4), prop::sample::select(tails)).prop_map(|(pairs, tail)| {
+            let body: Vec<String> = pairs.iter().map(|(tag, value)| format!("{tag}/{value}")).collect();
+            format!("{}{tail}", body.join("/")).trim_start_matches('/').to_owned()
+        })
+    }
+
     proptest! {
         #[test]
         fn exact_matches_exactly_its_own_path(a in arb_path(), b in arb_path()) {
@@ -358,6 +429,23 @@ mod tests {
         fn display_round_trips(text in "[a-z*>/]{1,30}") {
             if let Ok(pattern) = Pattern::parse(&text) {
                 prop_assert_eq!(p(&pattern.to_string()), pattern);
+            }
+        }
+
+        #[test]
+        fn matching_in_place_agrees_with_parsing_the_path(
+            pattern in texts(&["app", "room", "user", "x", "*"], &["a", "b", "a\\/b", "*", ""], &["", "/>", "/app"]),
+            subject in texts(&["app", "room", "user", "x"], &["a", "b", "a\\/b", "a\\\\", "", "a\\x"], &["", "/app", "\\"]),
+            real in arb_path(),
+        ) {
+            let parsed = |pattern: &Pattern, subject: &str| {
+                subject.parse::<Path>().is_ok_and(|path| pattern.matches_path(&path))
+            };
+            let real_text = real.to_string();
+            for pattern in [Pattern::parse(&pattern).ok(), Some(Pattern::exact(&real))].into_iter().flatten() {
+                for subject in [subject.as_str(), real_text.as_str(), "app/a/room/r"] {
+                    prop_assert_eq!(pattern.matches(subject), parsed(&pattern, subject), "{} on {:?}", pattern, subject);
+                }
             }
         }
 

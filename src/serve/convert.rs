@@ -7,8 +7,8 @@ use prost_types::Timestamp;
 use tonic::Status;
 
 use crate::proto::omni::{self as pb, watch_event};
-use crate::pubsub::{FollowEvent, PubSubError};
-use crate::view::{ChangeRecord, RoomSnapshot, ViewError};
+use crate::pubsub::{FollowEvent, FollowedChange, PubSubError};
+use crate::view::{ChangeRecord, RoomSnapshot, RoomSnapshotText, ViewError};
 
 /// A timestamp from RFC 3339 text; absent when the text is empty or malformed.
 pub fn timestamp(text: &str) -> Option<Timestamp> {
@@ -25,6 +25,16 @@ pub fn snapshot_message(snapshot: RoomSnapshot) -> pb::RoomSnapshot {
     }
 }
 
+/// A snapshot read as text: its strings move into the message, no state is parsed or printed.
+pub fn snapshot_text_message(snapshot: RoomSnapshotText) -> pb::RoomSnapshot {
+    pb::RoomSnapshot {
+        updated_at: timestamp(&snapshot.updated_at),
+        path: snapshot.path,
+        version: snapshot.version,
+        modules: snapshot.modules,
+    }
+}
+
 pub fn change_message(change: ChangeRecord) -> pb::StateChange {
     pb::StateChange {
         occurred_at: timestamp(&change.occurred_at),
@@ -37,10 +47,62 @@ pub fn change_message(change: ChangeRecord) -> pb::StateChange {
     }
 }
 
-pub fn watch_event(event: FollowEvent) -> pb::WatchEvent {
+/// A broadcast change as the service passes it on: the message as the job
+/// sent it (its path filled in from the record's key when absent), its state
+/// JSON text checked but not parsed, so a watcher's event needs no conversion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireChange(pub pb::StateChange);
+
+impl WireChange {
+    /// The change of a broadcast record; a record whose message has no path
+    /// takes its key's. Fails on a record that is not a `StateChange` with a
+    /// JSON state.
+    pub fn decode(payload: &[u8], key: &str) -> Result<WireChange, String> {
+        use prost::Message as _;
+        let mut change = pb::StateChange::decode(payload).map_err(|e| e.to_string())?;
+        if change.path.is_empty() {
+            key.clone_into(&mut change.path);
+        }
+        // As the change stream in Redis writes them (see `change_record`): a
+        // cleared module is `{}`, and a missing time is the epoch.
+        if change.state_json.is_empty() {
+            change.state_json.push_str("{}");
+        } else {
+            serde_json::from_str::<serde::de::IgnoredAny>(&change.state_json)
+                .map_err(|e| format!("state_json is not JSON: {e}"))?;
+        }
+        change.occurred_at.get_or_insert_with(Timestamp::default);
+        change.processed_at.get_or_insert_with(Timestamp::default);
+        Ok(WireChange(change))
+    }
+}
+
+impl FollowedChange for WireChange {
+    fn path(&self) -> &str {
+        &self.0.path
+    }
+
+    fn version(&self) -> u64 {
+        self.0.version
+    }
+
+    fn module(&self) -> &str {
+        &self.0.module
+    }
+
+    fn processed_at(&self) -> String {
+        crate::proto::rfc3339(self.0.processed_at.as_ref())
+    }
+
+    fn from_record(record: ChangeRecord) -> Self {
+        WireChange(change_message(record))
+    }
+}
+
+pub fn watch_event(event: FollowEvent<WireChange>) -> pb::WatchEvent {
     let event = match event {
         FollowEvent::Snapshot(s) => watch_event::Event::Snapshot(snapshot_message(s)),
-        FollowEvent::Change(c) => watch_event::Event::Change(change_message(c)),
+        FollowEvent::Change(c) => watch_event::Event::Change(c.0),
         FollowEvent::Resynchronised(s) => watch_event::Event::Resynchronised(snapshot_message(s)),
     };
     pb::WatchEvent { event: Some(event) }
@@ -72,7 +134,7 @@ pub fn publish_status(error: &PubSubError) -> Status {
         PubSubError::Kafka(KafkaError::MessageProduction(
             RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
         )) => Status::failed_precondition(format!("the topic does not exist: {error}")),
-        PubSubError::InvalidTopic(_) => Status::invalid_argument(error.to_string()),
+        PubSubError::InvalidTopic(_) | PubSubError::InvalidLease(_) => Status::invalid_argument(error.to_string()),
         _ => Status::unavailable(format!("publishing failed: {error}")),
     }
 }
@@ -102,6 +164,36 @@ mod tests {
         let ts = timestamp("2026-11-27T10:00:00.250Z").unwrap();
         assert_eq!(crate::proto::rfc3339(Some(&ts)), "2026-11-27T10:00:00.250Z");
         assert_eq!(timestamp(""), None);
+    }
+
+    #[test]
+    fn a_wire_change_is_what_the_change_record_would_have_made() {
+        use prost::Message as _;
+        let stamp = |millis| Some(crate::proto::timestamp_from_millis(millis));
+        let sent = pb::StateChange {
+            path: "app/a/room/r".into(),
+            version: 4,
+            module: "tags".into(),
+            state_json: r#"{"k":"v","n":[1,2]}"#.into(),
+            cause_event_id: "e4".into(),
+            occurred_at: stamp(1_704_067_200_123),
+            processed_at: stamp(1_704_067_200_456),
+        };
+        for message in [
+            sent.clone(),
+            pb::StateChange { path: String::new(), ..sent.clone() },
+            pb::StateChange { state_json: String::new(), occurred_at: None, processed_at: None, ..sent.clone() },
+        ] {
+            let wire = WireChange::decode(&message.encode_to_vec(), "app/a/room/r").unwrap();
+            let record =
+                crate::pubsub::change_record(pb::StateChange { path: "app/a/room/r".into(), ..message }).unwrap();
+            assert_eq!(wire.0, change_message(record.clone()));
+            assert_eq!(WireChange::from_record(record.clone()), wire);
+            assert_eq!(wire.processed_at(), record.processed_at);
+        }
+        let not_json = pb::StateChange { state_json: "{oops".into(), ..sent };
+        assert!(WireChange::decode(&not_json.encode_to_vec(), "app/a/room/r").unwrap_err().contains("not JSON"));
+        assert!(WireChange::decode(&[0xff, 0xff], "app/a/room/r").is_err());
     }
 
     #[test]

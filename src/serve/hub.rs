@@ -22,18 +22,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use prost::Message as _;
 use tokio::sync::{watch, Notify};
 
+use super::convert::WireChange;
+use super::trace::{DeliveryTrace, Mark};
 use crate::kafka::KafkaSettings;
-use crate::proto::omni::StateChange;
-use crate::pubsub::{change_record, ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
-use crate::view::ChangeRecord;
+use crate::pubsub::{ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
 
 /// A decoded broadcast change, shared by every watcher it reaches.
 #[derive(Debug)]
 struct Shared {
-    change: ChangeRecord,
+    change: WireChange,
     /// The broadcast record's size, which the inboxes and the follower's bounds count.
     bytes: usize,
     /// When the shared consumer received a live change (not a replayed one).
@@ -84,6 +83,8 @@ struct Inbox {
     arrived: Notify,
     max_changes: usize,
     max_bytes: usize,
+    /// `omni_service_watch_inbox_seconds`, looked up once rather than per change.
+    waited: metrics::Histogram,
 }
 
 impl Inbox {
@@ -126,8 +127,7 @@ impl Inbox {
                     if let Some(received) = shared.received {
                         // The service's own share of a change's delivery: the
                         // wait for the watcher's stream to be polled.
-                        metrics::histogram!("omni_service_watch_inbox_seconds")
-                            .record(received.elapsed().as_secs_f64());
+                        self.waited.record(received.elapsed().as_secs_f64());
                     }
                     return Ok(shared);
                 }
@@ -157,6 +157,8 @@ pub struct HubOptions {
     pub buffer_bytes: usize,
     pub lookback: Duration,
     pub lookback_bytes: usize,
+    /// Notes each live change's receipt, for `omni bench --service`.
+    pub trace: Option<Arc<DeliveryTrace>>,
 }
 
 /// The shared consumer's output: a replay and every watcher's inbox.
@@ -216,12 +218,13 @@ impl Hub {
 
     /// A watcher's feed: the replayed changes matching `pattern`, then every
     /// live one, until the watcher falls too far behind.
-    pub fn feed(self: &Arc<Self>, pattern: &Pattern) -> ChangeFeed {
+    pub fn feed(self: &Arc<Self>, pattern: &Pattern) -> ChangeFeed<WireChange> {
         let inbox = Arc::new(Inbox {
             queue: Mutex::default(),
             arrived: Notify::new(),
             max_changes: self.options.buffer.max(1),
             max_bytes: self.options.buffer_bytes,
+            waited: metrics::histogram!("omni_service_watch_inbox_seconds"),
         });
         let room = pattern.is_literal().then(|| pattern.to_string());
         let kept: Vec<(Vec<u8>, String)> = {
@@ -289,6 +292,9 @@ impl Hub {
         self.ready.send_replace(true);
         tracing::info!(topic, "shared broadcast consumer started");
         let mut failing = false;
+        // How fresh the feed is: from the job's produce (the record's
+        // timestamp, before its transaction commits) to this consumer.
+        let age = metrics::histogram!("omni_service_broadcast_age_seconds");
         while let Some(delivery) = subscriber.next().await {
             let delivery = match delivery {
                 Ok(delivery) => delivery,
@@ -304,14 +310,16 @@ impl Hub {
             let received = Instant::now();
             match decode(&delivery.payload, &delivery.subject) {
                 Ok((change, bytes)) => {
+                    if let Some(trace) = &self.options.trace {
+                        trace.note(Mark::Received, &change.0.path, change.0.version);
+                    }
                     let now_millis = chrono::Utc::now().timestamp_millis();
                     let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
-                    // From the job's produce (the record's timestamp, before its
-                    // transaction commits) to this consumer: how fresh the feed is.
-                    let age = now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0;
-                    metrics::histogram!("omni_service_broadcast_age_seconds").record(age);
-                    let recent = Recent { path: change.path.clone(), payload: delivery.payload, at_millis };
-                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent);
+                    age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
+                    // The record's key is the change's path: kept rather than copied.
+                    let path = if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
+                    let recent = Recent { path, payload: delivery.payload, at_millis };
+                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
                 }
                 Err(reason) => tracing::warn!(
                     topic,
@@ -331,14 +339,14 @@ impl Hub {
 
     /// Adds a record to the replay and the change to every inbox it
     /// concerns, under the replay's lock so a joining watcher sees it exactly once.
-    fn publish(&self, shared: Arc<Shared>, recent: Recent) {
-        let oldest_kept = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
+    fn publish(&self, shared: Arc<Shared>, recent: Recent, now_millis: i64) {
+        let oldest_kept = now_millis.saturating_sub(self.lookback_millis());
         let mut fanout = self.lock();
-        if let Some(inboxes) = fanout.rooms.get(&shared.change.path) {
+        if let Some(inboxes) = fanout.rooms.get(&shared.change.0.path) {
             inboxes.iter().for_each(|inbox| inbox.push(&shared));
         }
         for (pattern, inbox) in &fanout.wildcards {
-            if pattern.matches(&shared.change.path) {
+            if pattern.matches(&shared.change.0.path) {
                 inbox.push(&shared);
             }
         }
@@ -358,15 +366,9 @@ impl Hub {
 /// The hub's prefetch bound, in KiB.
 const PREFETCH_KIB: usize = 2048;
 
-/// A broadcast record's change, with the record's size; a record without a
-/// path in its message takes its key's.
-fn decode(payload: &[u8], subject: &str) -> Result<(ChangeRecord, usize), String> {
-    let mut change = StateChange::decode(payload).map_err(|e| e.to_string())?;
-    if change.path.is_empty() {
-        subject.clone_into(&mut change.path);
-    }
-    let change = change_record(change).map_err(|e| e.to_string())?;
-    Ok((change, payload.len()))
+/// A broadcast record's change, with the record's size.
+fn decode(payload: &[u8], subject: &str) -> Result<(WireChange, usize), String> {
+    Ok((WireChange::decode(payload, subject)?, payload.len()))
 }
 
 #[cfg(test)]
@@ -374,20 +376,24 @@ mod tests {
     use super::*;
 
     fn change(version: u64, bytes: usize) -> Arc<Shared> {
-        let change = ChangeRecord {
+        let change = WireChange(crate::proto::omni::StateChange {
             path: "app/a/room/r".into(),
             version,
             module: "tags".into(),
-            state: serde_json::json!({}),
-            cause_event_id: String::new(),
-            occurred_at: String::new(),
-            processed_at: String::new(),
-        };
+            state_json: "{}".into(),
+            ..Default::default()
+        });
         Arc::new(Shared { change, bytes, received: None })
     }
 
     fn inbox(max_changes: usize, max_bytes: usize) -> Inbox {
-        Inbox { queue: Mutex::default(), arrived: Notify::new(), max_changes, max_bytes }
+        Inbox {
+            queue: Mutex::default(),
+            arrived: Notify::new(),
+            max_changes,
+            max_bytes,
+            waited: metrics::histogram!("omni_service_watch_inbox_seconds"),
+        }
     }
 
     #[tokio::test]
@@ -397,7 +403,7 @@ mod tests {
             inbox.push(&change(version, 100));
         }
         for version in 1..=3 {
-            assert_eq!(inbox.take().await.unwrap().change.version, version);
+            assert_eq!(inbox.take().await.unwrap().change.0.version, version);
         }
         assert_eq!(inbox.lock().bytes, 0);
     }
@@ -417,7 +423,7 @@ mod tests {
         let inbox = inbox(1000, 250);
         inbox.push(&change(1, 100));
         inbox.push(&change(2, 100));
-        assert_eq!(inbox.take().await.unwrap().change.version, 1);
+        assert_eq!(inbox.take().await.unwrap().change.0.version, 1);
         inbox.push(&change(3, 100));
         // 200 bytes held: the next one passes 250.
         inbox.push(&change(4, 100));
@@ -429,7 +435,7 @@ mod tests {
         let inbox = Arc::new(inbox(4, 1 << 20));
         let taking = tokio::spawn({
             let inbox = Arc::clone(&inbox);
-            async move { inbox.take().await.map(|shared| shared.change.version) }
+            async move { inbox.take().await.map(|shared| shared.change.0.version) }
         });
         tokio::task::yield_now().await;
         inbox.push(&change(7, 10));

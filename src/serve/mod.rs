@@ -17,6 +17,7 @@ mod http;
 mod hub;
 mod state;
 mod streams;
+mod trace;
 mod unary;
 
 use std::future::Future;
@@ -62,6 +63,8 @@ pub enum ServeError {
     Tls(String),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("creating the delivery trace {path}: {source}")]
+    Trace { path: String, source: std::io::Error },
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -75,6 +78,8 @@ pub struct ServeOptions {
     pub tokens: Vec<String>,
     /// Renders the process's metrics for `/metrics`.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// A file to write the delivery trace to ([`trace`]), for `omni bench --service`.
+    pub delivery_trace: Option<std::path::PathBuf>,
 }
 
 /// Requests up to twice the service's size limits (plus this) reach a
@@ -113,6 +118,13 @@ pub async fn serve(
     let mut producer_settings = topology.kafka.clone();
     producer_settings.properties.insert("message.timeout.ms".into(), service.publish_timeout_ms.to_string());
     let publisher = Publisher::new(&producer_settings, topology.input_topic())?;
+    let trace = match &options.delivery_trace {
+        None => None,
+        Some(path) => Some(Arc::new(
+            trace::DeliveryTrace::create(path)
+                .map_err(|source| ServeError::Trace { path: path.display().to_string(), source })?,
+        )),
+    };
     let hub = Hub::start(
         topology.kafka.clone(),
         HubOptions {
@@ -121,10 +133,11 @@ pub async fn serve(
             buffer_bytes: service.watch_buffer_bytes,
             lookback: Duration::from_millis(service.watch_lookback_ms),
             lookback_bytes: service.watch_lookback_bytes,
+            trace: trace.clone(),
         },
     );
     let (stopping, shutdown) = watch::channel(false);
-    let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown));
+    let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown, trace.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<OmniServer<OmniService>>().await;
@@ -168,6 +181,19 @@ pub async fn serve(
         Some(acceptor) => Box::pin(router.serve_with_incoming_shutdown(tls_incoming(listener, acceptor), stopped)),
         None => Box::pin(router.serve_with_incoming_shutdown(plain_incoming(listener), stopped)),
     };
+    let served = run_until_stopped(running, &shared).await;
+    if let Some(trace) = &trace {
+        trace.flush();
+    }
+    served
+}
+
+/// Runs the server until it ends, or until a shutdown and the calls still in
+/// flight are done (within the grace).
+async fn run_until_stopped(
+    running: impl Future<Output = Result<(), tonic::transport::Error>>,
+    shared: &Shared,
+) -> Result<(), ServeError> {
     tokio::pin!(running);
     let mut shutdown = shared.shutdown.clone();
     tokio::select! {

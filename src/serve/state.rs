@@ -13,6 +13,7 @@ use tonic::Status;
 
 use super::convert::{redis_status, redis_timeout};
 use super::hub::Hub;
+use super::trace::DeliveryTrace;
 use crate::kafka::KafkaSettings;
 use crate::pubsub::Publisher;
 use crate::topology::Topology;
@@ -23,12 +24,18 @@ pub struct Shared {
     pub topology: Topology,
     pub keys: KeyLayout,
     pub redis_client: RedisTarget,
-    redis: tokio::sync::Mutex<Option<ViewConnection>>,
+    /// The shared multiplexed connection, once made: taken by every call
+    /// without waiting (a clone is a handle on the same connection).
+    redis: Mutex<Option<ViewConnection>>,
+    /// Held while a connection is made, so concurrent calls make one.
+    connecting: tokio::sync::Mutex<()>,
     pub publisher: Publisher,
     pub kafka: KafkaSettings,
     pub hub: Arc<Hub>,
     pub shutdown: watch::Receiver<bool>,
     streams: Mutex<HashMap<SocketAddr, usize>>,
+    /// Notes each change a watcher sends, for `omni bench --service`.
+    pub trace: Option<Arc<DeliveryTrace>>,
 }
 
 impl Shared {
@@ -38,17 +45,20 @@ impl Shared {
         publisher: Publisher,
         hub: Arc<Hub>,
         shutdown: watch::Receiver<bool>,
+        trace: Option<Arc<DeliveryTrace>>,
     ) -> Shared {
         Shared {
             keys: KeyLayout::new(&topology.redis.key_prefix),
             kafka: topology.kafka.clone(),
             topology,
             redis_client,
-            redis: tokio::sync::Mutex::new(None),
+            redis: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             publisher,
             hub,
             shutdown,
             streams: Mutex::new(HashMap::new()),
+            trace,
         }
     }
 
@@ -65,17 +75,29 @@ impl Shared {
 
     /// The shared Redis connection, made (within the Redis bound) if there is none.
     pub async fn connection(&self) -> Result<ViewConnection, ViewError> {
-        let mut slot = self.redis.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
+        if let Some(conn) = self.current_connection() {
+            return Ok(conn);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(conn) = self.current_connection() {
+            return Ok(conn);
         }
         let conn = self.redis_client.connect_bounded(self.redis_timeout()).await?;
-        Ok(slot.insert(conn).clone())
+        *self.lock_redis() = Some(conn.clone());
+        Ok(conn)
     }
 
-    async fn forget_connection(&self) {
+    fn current_connection(&self) -> Option<ViewConnection> {
+        self.lock_redis().clone()
+    }
+
+    fn lock_redis(&self) -> std::sync::MutexGuard<'_, Option<ViewConnection>> {
+        self.redis.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn forget_connection(&self) {
         // A multiplexed connection does not reconnect by itself.
-        *self.redis.lock().await = None;
+        *self.lock_redis() = None;
     }
 
     /// Runs Redis reads within `deadline`: `UNAVAILABLE` when Redis fails
@@ -90,12 +112,12 @@ impl Shared {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => {
                 if matches!(error, ViewError::Redis(_)) {
-                    self.forget_connection().await;
+                    self.forget_connection();
                 }
                 Err(redis_status(&error))
             }
             Err(_) => {
-                self.forget_connection().await;
+                self.forget_connection();
                 Err(redis_timeout(deadline))
             }
         }

@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::convert::{redis_timeout, watch_event};
+use super::convert::{redis_timeout, watch_event, WireChange};
 use super::state::{Shared, StreamSlot};
+use super::trace::{DeliveryTrace, Mark};
 use crate::proto::omni::{self as pb, start};
-use crate::pubsub::{Follower, Pattern, PubSubError, StartAt, Subscriber};
+use crate::pubsub::{FollowEvent, Follower, Pattern, PubSubError, StartAt, Subscriber};
 
 pub type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -88,7 +89,8 @@ pub async fn watch(
     let follower = tokio::time::timeout(deadline, start).await.map_err(|_| redis_timeout(deadline))?;
     let follower = follower.map_err(|e| Status::unavailable(e.to_string()))?;
     let shutdown = shared.shutdown.clone();
-    let watcher = Watcher { _slot: slot, _watching: Watching::new(), follower, shutdown, ended: false };
+    let trace = shared.trace.clone();
+    let watcher = Watcher { _slot: slot, _watching: Watching::new(), follower, shutdown, trace, ended: false };
     // The stream is the follower itself, polled by the connection as the
     // client reads (no task or queue of its own): a client that does not read
     // leaves its changes in its hub inbox, which bounds them.
@@ -106,8 +108,9 @@ pub async fn watch(
 struct Watcher {
     _slot: StreamSlot,
     _watching: Watching,
-    follower: Follower,
+    follower: Follower<WireChange>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    trace: Option<Arc<DeliveryTrace>>,
     /// The stream ended with an error status.
     ended: bool,
 }
@@ -121,7 +124,7 @@ impl Watcher {
                 _ = self.shutdown.wait_for(|stop| *stop) => return Err(shutting_down()),
             };
             return match next {
-                Some(Ok(event)) => Ok(watch_event(event)),
+                Some(Ok(event)) => Ok(self.message(event)),
                 Some(Err(PubSubError::Lagged { skipped })) => {
                     metrics::counter!("omni_service_watchers_dropped_total", "reason" => "lagged").increment(1);
                     tracing::info!(pattern = %self.follower.pattern(), skipped, "a watcher fell behind; ending its stream");
@@ -143,6 +146,18 @@ impl Watcher {
                 None => Err(Status::unavailable("the shared broadcast feed ended; reconnect")),
             };
         }
+    }
+}
+
+impl Watcher {
+    fn message(&self, event: FollowEvent<WireChange>) -> pb::WatchEvent {
+        let Some(trace) = &self.trace else { return watch_event(event) };
+        let change = matches!(event, FollowEvent::Change(_)).then(|| (event.path().to_owned(), event.version()));
+        let message = watch_event(event);
+        if let Some((path, version)) = change {
+            trace.note(Mark::Sent, &path, version);
+        }
+        message
     }
 }
 

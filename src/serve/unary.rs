@@ -3,14 +3,12 @@
 use prost::Message as _;
 use tonic::Status;
 
-use super::convert::{change_message, publish_status, snapshot_message};
+use super::convert::{change_message, publish_status, snapshot_text_message};
 use super::state::Shared;
-use crate::modules::timers::{check_lease, check_lease_id};
-use crate::modules::{KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
 use crate::path::Path;
-use crate::proto::omni::{self as pb, publish_request::Body, KeepAlive, Lease};
+use crate::proto::omni::{self as pb, publish_request::Body};
 use crate::proto::tecate::{room_event::Kind, RoomEvent};
-use crate::pubsub::PubSubError;
+use crate::pubsub::{NewLease, PubSubError};
 use crate::view::{self, ChangeRecord};
 
 /// Most lease ids one `KeepAlive` names.
@@ -28,19 +26,17 @@ pub fn room_path(text: &str) -> Result<String, Status> {
     Path::parse_room(text).map(|p| p.to_string()).map_err(|e| invalid_path(text, e))
 }
 
-/// A lease for a `recording_started` event with `lease_ttl_ms`: its id and
-/// the header that carries it; `INVALID_ARGUMENT` for any other use.
-fn new_lease(request: &pb::PublishRequest) -> Result<Option<(String, Vec<u8>)>, Status> {
+/// The lease a `recording_started` event with `lease_ttl_ms` takes;
+/// `INVALID_ARGUMENT` for any other use, or a TTL the job would refuse.
+fn new_lease(request: &pb::PublishRequest) -> Result<Option<NewLease>, Status> {
     if request.lease_ttl_ms == 0 {
         return Ok(None);
     }
     let Some(Body::Event(RoomEvent { kind: Some(Kind::RecordingStarted(_)), .. })) = &request.body else {
         return Err(Status::invalid_argument("`lease_ttl_ms` goes only with a `recording_started` event"));
     };
-    let lease = Lease { lease_id: uuid::Uuid::new_v4().to_string(), ttl_ms: request.lease_ttl_ms };
-    check_lease(&lease).map_err(|rejection| Status::invalid_argument(format!("lease_ttl_ms: {rejection}")))?;
-    let header = lease.encode_to_vec();
-    Ok(Some((lease.lease_id, header)))
+    let lease = NewLease::fresh(request.lease_ttl_ms);
+    lease.map(Some).map_err(|error| Status::invalid_argument(format!("lease_ttl_ms: {error}")))
 }
 
 /// Waits for Kafka to take a record, within the service's bound.
@@ -108,15 +104,12 @@ pub async fn publish(shared: &Shared, request: pb::PublishRequest) -> Result<pb:
         }
     };
     let (partition, offset) = match &lease {
-        Some((_, header)) => {
-            let headers: [(&str, &[u8]); 1] = [(LEASE_HEADER, header)];
-            acknowledged(shared, shared.publisher.publish_with_headers(&topic, &path, &payload, &headers)).await?
-        }
+        Some(lease) => acknowledged(shared, shared.publisher.publish_leased(&topic, &path, &payload, lease)).await?,
         None => {
             acknowledged(shared, shared.publisher.publish_to(&topic, &path, &payload, content_type.as_deref())).await?
         }
     };
-    let lease_id = lease.map(|(id, _)| id).unwrap_or_default();
+    let lease_id = lease.map(|lease| lease.id).unwrap_or_default();
     Ok(pb::PublishResponse { topic, partition, offset, lease_id })
 }
 
@@ -128,31 +121,26 @@ pub async fn keep_alive(shared: &Shared, request: pb::KeepAliveRequest) -> Resul
             request.lease_ids.len()
         )));
     }
-    for lease_id in &request.lease_ids {
-        check_lease_id(lease_id)
-            .map_err(|rejection| Status::invalid_argument(format!("lease id {lease_id:?}: {rejection}")))?;
-    }
-    let payload = KeepAlive { lease_ids: request.lease_ids }.encode_to_vec();
-    let headers: [(&str, &[u8]); 1] = [(TYPE_HEADER, KEEPALIVE_TYPE.as_bytes())];
     let topic = shared.topology.input_topic();
     let (partition, offset) =
-        acknowledged(shared, shared.publisher.publish_with_headers(topic, &path, &payload, &headers)).await?;
+        acknowledged(shared, shared.publisher.keep_alive(topic, &path, &request.lease_ids)).await?;
     Ok(pb::KeepAliveResponse { partition, offset })
 }
 
+/// One `HGETALL` on the shared multiplexed connection; module states go
+/// into the reply as the text Redis holds.
 pub async fn get_snapshot(
     shared: &Shared,
     deadline: std::time::Duration,
     request: pb::GetSnapshotRequest,
 ) -> Result<pb::RoomSnapshot, Status> {
     let path = room_path(&request.path)?;
-    let keys = shared.keys.clone();
-    let read_path = path.clone();
+    let (keys, read_path) = (&shared.keys, path.as_str());
     let snapshot = shared
-        .with_redis(deadline, |mut conn| async move { view::snapshot(&mut conn, &keys, &read_path).await })
+        .with_redis(deadline, |mut conn| async move { view::snapshot_text(&mut conn, keys, read_path).await })
         .await?;
     match snapshot {
-        Some(snapshot) => Ok(snapshot_message(snapshot)),
+        Some(snapshot) => Ok(snapshot_text_message(snapshot)),
         None => Err(Status::not_found(format!("room {path} is not known (never written, or closed)"))),
     }
 }

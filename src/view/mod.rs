@@ -19,7 +19,7 @@ mod read;
 mod writer;
 
 pub use connection::{key_slot, tag_for_slot, RedisTarget, ViewConnection};
-pub use read::{changes_after, room_paths, snapshot, ChangeRecord, RoomSnapshot};
+pub use read::{changes_after, room_paths, snapshot, snapshot_text, ChangeRecord, RoomSnapshot, RoomSnapshotText};
 pub use writer::{
     spawn_writer, ChangeEntry, RedisTrouble, RedisWriter, RoomWrite, StoredRooms, WriterOptions, WriterStatus,
 };

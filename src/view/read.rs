@@ -39,32 +39,69 @@ fn malformed(key: &str, reason: impl Into<String>) -> ViewError {
     ViewError::Malformed { key: key.to_owned(), reason: reason.into() }
 }
 
+/// A room's state as Redis holds it, each module's state left as the JSON
+/// text the writer stored: for callers that pass the text on (the Omni
+/// service's `GetSnapshot`), so it is not parsed into values and printed again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomSnapshotText {
+    pub path: String,
+    pub version: u64,
+    /// Module name → state as JSON text (checked to be JSON).
+    pub modules: BTreeMap<String, String>,
+    pub updated_at: String,
+}
+
+/// The room's snapshot with module states as text, or `None` if Redis holds
+/// no hash for it: one `HGETALL`. Each state is checked to be JSON without
+/// building it (no allocation), so a malformed entry is still reported.
+pub async fn snapshot_text<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    keys: &KeyLayout,
+    path: &str,
+) -> Result<Option<RoomSnapshotText>, ViewError> {
+    let Some((key, snapshot)) = read_room_hash(conn, keys, path).await? else { return Ok(None) };
+    for (field, text) in &snapshot.modules {
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| malformed_state(&key, field, e))?;
+    }
+    Ok(Some(snapshot))
+}
+
 /// The room's snapshot, or `None` if Redis holds no hash for it.
 pub async fn snapshot<C: ConnectionLike + Send + Sync>(
     conn: &mut C,
     keys: &KeyLayout,
     path: &str,
 ) -> Result<Option<RoomSnapshot>, ViewError> {
+    let Some((key, text)) = read_room_hash(conn, keys, path).await? else { return Ok(None) };
+    let mut modules = BTreeMap::new();
+    for (field, state) in text.modules {
+        let state = serde_json::from_str(&state).map_err(|e| malformed_state(&key, &field, e))?;
+        modules.insert(field, state);
+    }
+    Ok(Some(RoomSnapshot { path: text.path, version: text.version, modules, updated_at: text.updated_at }))
+}
+
+fn malformed_state(key: &str, field: &str, error: serde_json::Error) -> ViewError {
+    malformed(key, format!("field {field}: {error}"))
+}
+
+/// The room hash's fields, its version parsed and module states unchecked, with the hash's key.
+async fn read_room_hash<C: ConnectionLike + Send + Sync>(
+    conn: &mut C,
+    keys: &KeyLayout,
+    path: &str,
+) -> Result<Option<(String, RoomSnapshotText)>, ViewError> {
     let key = keys.room(path);
-    let fields: BTreeMap<String, String> = conn.hgetall(&key).await?;
-    if fields.is_empty() {
+    let mut modules: BTreeMap<String, String> = conn.hgetall(&key).await?;
+    if modules.is_empty() {
         return Ok(None);
     }
-    let mut snapshot =
-        RoomSnapshot { path: path.to_owned(), version: 0, modules: BTreeMap::new(), updated_at: String::new() };
-    for (field, value) in fields {
-        match field.as_str() {
-            VERSION_FIELD => {
-                snapshot.version = value.parse().map_err(|_| malformed(&key, format!("version {value:?}")))?
-            }
-            UPDATED_AT_FIELD => snapshot.updated_at = value,
-            _ => {
-                let state = serde_json::from_str(&value).map_err(|e| malformed(&key, format!("field {field}: {e}")))?;
-                snapshot.modules.insert(field, state);
-            }
-        }
-    }
-    Ok(Some(snapshot))
+    let version = match modules.remove(VERSION_FIELD) {
+        Some(value) => value.parse().map_err(|_| malformed(&key, format!("version {value:?}")))?,
+        None => 0,
+    };
+    let updated_at = modules.remove(UPDATED_AT_FIELD).unwrap_or_default();
+    Ok(Some((key, RoomSnapshotText { path: path.to_owned(), version, modules, updated_at })))
 }
 
 /// The changes with a version above `after`, oldest first, as far as the

@@ -9,10 +9,11 @@
 use std::time::{Duration, Instant};
 
 use omni::kafka::{ensure_topics, KafkaSettings, TopicSpec};
-use omni::modules::{HEARTBEAT_LOST, KEEPALIVE_TYPE, LEASE_HEADER, TYPE_HEADER};
-use omni::proto::omni::{KeepAlive, Lease, StateChange};
+use omni::modules::HEARTBEAT_LOST;
+use omni::proto::omni::StateChange;
 use omni::proto::tecate::{room_event::Kind, RecordingStarted, RoomEvent};
 use omni::proto::{millis_of, timestamp_from_millis, Message as _};
+use omni::pubsub::{keep_alive_payload, NewLease, KEEPALIVE_HEADER};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -128,9 +129,9 @@ impl Load {
                 occurred_at: Some(timestamp_from_millis(now)),
                 kind: Some(start),
             };
-            let lease = Lease { lease_id: lease_id.clone(), ttl_ms: LEASE_TTL.as_millis() as i64 };
-            let header = lease.encode_to_vec();
-            let headers = OwnedHeaders::new().insert(Header { key: LEASE_HEADER, value: Some(&header[..]) });
+            let lease = NewLease::with_id(lease_id.clone(), LEASE_TTL.as_millis() as i64)?;
+            let (key, header) = lease.record_header();
+            let headers = OwnedHeaders::new().insert(Header { key, value: Some(header) });
             let value = event.encode_to_vec();
             let room = lease_room(i);
             omni::kafka::send(
@@ -181,8 +182,9 @@ impl Load {
 }
 
 fn keep_alive(producer: &BaseProducer, topic: &str, room: &str, lease_id: &str) -> anyhow::Result<()> {
-    let value = KeepAlive { lease_ids: vec![lease_id.to_owned()] }.encode_to_vec();
-    let headers = OwnedHeaders::new().insert(Header { key: TYPE_HEADER, value: Some(KEEPALIVE_TYPE) });
+    let value = keep_alive_payload(&[lease_id.to_owned()])?;
+    let (key, kind) = KEEPALIVE_HEADER;
+    let headers = OwnedHeaders::new().insert(Header { key, value: Some(kind) });
     omni::kafka::send(producer, BaseRecord::to(topic).key(room.as_bytes()).payload(&value[..]).headers(headers))?;
     Ok(())
 }

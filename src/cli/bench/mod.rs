@@ -94,7 +94,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub redis_url: RedisUrlArg,
     /// Run only the service phases: `omni serve` under many single-room
-    /// watchers while the job runs at `--rate`, then `GetSnapshot` latency.
+    /// watchers while the job runs at `--rate`, then `GetSnapshot` latency
+    /// (see `--service-phases`).
     #[arg(long)]
     pub service: bool,
     /// Watcher counts of the service phases, one phase each.
@@ -106,6 +107,18 @@ pub struct BenchArgs {
     /// `GetSnapshot` requests per second in the service phase.
     #[arg(long, default_value = "5000")]
     pub service_snapshot_rate: u64,
+    /// Seconds of `GetSnapshot` calls per build.
+    #[arg(long, default_value = "10")]
+    pub service_snapshot_secs: u64,
+    /// Service phases to run, in order: `watch` (the watcher counts at
+    /// `--rate`), `snapshot` (`GetSnapshot` at its rate).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "watch,snapshot")]
+    pub service_phases: Vec<service::Phase>,
+    /// Another omni binary (an older build, say) whose `omni serve` runs every
+    /// service phase too, interleaved with this one's; the report adds this
+    /// build's figures over the other's.
+    #[arg(long, value_name = "EXE")]
+    pub service_baseline: Option<std::path::PathBuf>,
     /// Run only the lease phases: the CPU cost of keep-alives and the timer
     /// lag, with `--lease-count` leases kept alive once a second beside `--rate` events/s.
     #[arg(long)]

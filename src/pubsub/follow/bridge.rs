@@ -8,23 +8,23 @@
 //! Redis cannot vouch for the state just before the change, the answer is
 //! [`Bridge::Wait`], never a guess.
 
-use super::FollowEvent;
+use super::{FollowEvent, FollowedChange};
 use crate::modules::ROOM_MODULE;
 use crate::pubsub::PubSubError;
-use crate::view::{ChangeRecord, RoomSnapshot};
+use crate::view::RoomSnapshot;
 
 /// The Redis reads gap repair needs; a trait so the repair logic can be
 /// tested without Redis.
-pub(super) trait RoomSource {
-    async fn changes_after(&mut self, path: &str, after: u64) -> Result<Vec<ChangeRecord>, PubSubError>;
+pub(super) trait RoomSource<C> {
+    async fn changes_after(&mut self, path: &str, after: u64) -> Result<Vec<C>, PubSubError>;
     async fn snapshot(&mut self, path: &str) -> Result<Option<RoomSnapshot>, PubSubError>;
 }
 
 /// What one attempt to bridge a gap found.
 #[derive(Debug, PartialEq)]
-pub(super) enum Bridge {
+pub(super) enum Bridge<C> {
     /// Report these events: afterwards the room is at or past the change.
-    Events(Vec<FollowEvent>),
+    Events(Vec<FollowEvent<C>>),
     /// Redis cannot vouch for the room's state before the change yet. Its
     /// hash's version, if it has one.
     Wait { redis_version: Option<u64> },
@@ -33,24 +33,24 @@ pub(super) enum Bridge {
 /// Tries once to bring `change` onto its room's sequence, the room being
 /// known up to `after` (< `change.version - 1`). Only reads, so a failure or
 /// cancellation can simply retry.
-pub(super) async fn bridge<S: RoomSource>(
+pub(super) async fn bridge<C: FollowedChange, S: RoomSource<C>>(
     source: &mut S,
     after: u64,
-    change: &ChangeRecord,
-) -> Result<Bridge, PubSubError> {
-    let path = &change.path;
+    change: &C,
+) -> Result<Bridge<C>, PubSubError> {
+    let (path, version) = (change.path(), change.version());
     let fetched = source.changes_after(path, after).await?;
     // The stream outlives a closed room's hash and always ends at its close.
-    let stream_close = fetched.last().filter(|c| c.module == ROOM_MODULE).cloned();
-    if let Some(missing) = fill_gap(after, change.version, fetched) {
-        tracing::debug!(%path, after, version = change.version, "filled a gap from redis");
-        let mut events: Vec<FollowEvent> = missing.into_iter().map(FollowEvent::Change).collect();
+    let stream_close = fetched.last().filter(|c| c.module() == ROOM_MODULE).cloned();
+    if let Some(missing) = fill_gap(after, version, fetched) {
+        tracing::debug!(%path, after, version, "filled a gap from redis");
+        let mut events: Vec<FollowEvent<C>> = missing.into_iter().map(FollowEvent::Change).collect();
         events.push(FollowEvent::Change(change.clone()));
         return Ok(Bridge::Events(events));
     }
-    if change.module == ROOM_MODULE {
+    if change.module() == ROOM_MODULE {
         // A close clears every module: the room after it is known without Redis.
-        tracing::info!(%path, after, version = change.version, "resynchronised a room at its close");
+        tracing::info!(%path, after, version, "resynchronised a room at its close");
         return Ok(Bridge::Events(vec![FollowEvent::Resynchronised(closed_room(change))]));
     }
     let bridged = match source.snapshot(path).await? {
@@ -62,24 +62,24 @@ pub(super) async fn bridge<S: RoomSource>(
         },
     };
     if let Bridge::Events(_) = &bridged {
-        tracing::info!(%path, after, version = change.version, "resynchronised a room after a gap");
+        tracing::info!(%path, after, version, "resynchronised a room after a gap");
     }
     Ok(bridged)
 }
 
 /// The missing versions `after+1 .. version` from a room's change stream,
 /// if it still holds every one of them.
-fn fill_gap(after: u64, version: u64, fetched: Vec<ChangeRecord>) -> Option<Vec<ChangeRecord>> {
+fn fill_gap<C: FollowedChange>(after: u64, version: u64, fetched: Vec<C>) -> Option<Vec<C>> {
     let mut missing = Vec::new();
     let mut expected = after.saturating_add(1);
     for change in fetched {
-        if change.version >= version {
+        if change.version() >= version {
             break;
         }
-        if change.version < expected {
+        if change.version() < expected {
             continue;
         }
-        if change.version != expected {
+        if change.version() != expected {
             return None;
         }
         missing.push(change);
@@ -90,10 +90,10 @@ fn fill_gap(after: u64, version: u64, fetched: Vec<ChangeRecord>) -> Option<Vec<
 
 /// The room's hash covers the change, or is just before it; anything older
 /// is a Redis that has not caught up yet.
-fn from_snapshot(snapshot: RoomSnapshot, change: &ChangeRecord) -> Bridge {
-    if snapshot.version >= change.version {
+fn from_snapshot<C: FollowedChange>(snapshot: RoomSnapshot, change: &C) -> Bridge<C> {
+    if snapshot.version >= change.version() {
         Bridge::Events(vec![FollowEvent::Resynchronised(snapshot)])
-    } else if snapshot.version + 1 == change.version {
+    } else if snapshot.version + 1 == change.version() {
         Bridge::Events(vec![FollowEvent::Resynchronised(snapshot), FollowEvent::Change(change.clone())])
     } else {
         Bridge::Wait { redis_version: Some(snapshot.version) }
@@ -103,10 +103,10 @@ fn from_snapshot(snapshot: RoomSnapshot, change: &ChangeRecord) -> Bridge {
 /// No hash, and the stream ends with `close`: the room is empty at the
 /// close's version. Only a close at or after the version before the change
 /// tells the state the change applies to.
-fn from_close(close: &ChangeRecord, change: &ChangeRecord) -> Bridge {
-    if close.version >= change.version {
+fn from_close<C: FollowedChange>(close: &C, change: &C) -> Bridge<C> {
+    if close.version() >= change.version() {
         Bridge::Events(vec![FollowEvent::Resynchronised(closed_room(close))])
-    } else if close.version + 1 == change.version {
+    } else if close.version() + 1 == change.version() {
         Bridge::Events(vec![FollowEvent::Resynchronised(closed_room(close)), FollowEvent::Change(change.clone())])
     } else {
         Bridge::Wait { redis_version: None }
@@ -114,12 +114,12 @@ fn from_close(close: &ChangeRecord, change: &ChangeRecord) -> Bridge {
 }
 
 /// The empty room a close leaves, at the close's version.
-fn closed_room(close: &ChangeRecord) -> RoomSnapshot {
+fn closed_room(close: &impl FollowedChange) -> RoomSnapshot {
     RoomSnapshot {
-        path: close.path.clone(),
-        version: close.version,
+        path: close.path().to_owned(),
+        version: close.version(),
         modules: Default::default(),
-        updated_at: close.processed_at.clone(),
+        updated_at: close.processed_at(),
     }
 }
 
@@ -127,6 +127,7 @@ fn closed_room(close: &ChangeRecord) -> RoomSnapshot {
 pub(super) mod tests {
     use super::*;
     use crate::pubsub::follow::tests::{change, close, snap, PATH};
+    use crate::view::ChangeRecord;
 
     /// Redis as the follower sees it, one state per bridging attempt (the
     /// last repeats), so a lagging or flushed Redis can catch up.
@@ -151,7 +152,7 @@ pub(super) mod tests {
         }
     }
 
-    impl RoomSource for FakeRedis {
+    impl RoomSource<ChangeRecord> for FakeRedis {
         async fn changes_after(&mut self, _: &str, after: u64) -> Result<Vec<ChangeRecord>, PubSubError> {
             if self.fail {
                 return Err(PubSubError::Task("redis down".into()));

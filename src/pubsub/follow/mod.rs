@@ -34,7 +34,46 @@ mod sequence;
 /// Broadcast changes decoded once and shared by several followers (the Omni
 /// service's watchers), each with the size of its broadcast record. The feed
 /// reports [`PubSubError::Lagged`] when its reader fell too far behind.
-pub type ChangeFeed = Pin<Box<dyn Stream<Item = Result<(ChangeRecord, usize), PubSubError>> + Send>>;
+pub type ChangeFeed<C = ChangeRecord> = Pin<Box<dyn Stream<Item = Result<(C, usize), PubSubError>> + Send>>;
+
+/// A change as a [`Follower`] sequences it: the little it must know of it,
+/// and how to make one of a change read back from Redis to fill a gap. A
+/// [`ChangeRecord`] is one; a follower that only passes changes on (the Omni
+/// service's watchers) can use a form that does not parse the state.
+pub trait FollowedChange: Clone + Send + 'static {
+    /// The room's canonical path.
+    fn path(&self) -> &str;
+    /// The room's version after this change.
+    fn version(&self) -> u64;
+    /// The module whose state changed (`room` for a close).
+    fn module(&self) -> &str;
+    /// When the job folded the change, as RFC 3339 text.
+    fn processed_at(&self) -> String;
+    /// The change as the room's change stream in Redis holds it.
+    fn from_record(record: ChangeRecord) -> Self;
+}
+
+impl FollowedChange for ChangeRecord {
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn module(&self) -> &str {
+        &self.module
+    }
+
+    fn processed_at(&self) -> String {
+        self.processed_at.clone()
+    }
+
+    fn from_record(record: ChangeRecord) -> Self {
+        record
+    }
+}
 
 /// How far back a follower starts reading the broadcast topic, by default.
 /// It must cover the time between a change's commit and its Redis write.
@@ -63,11 +102,11 @@ pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(60);
 /// ```
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum FollowEvent {
+pub enum FollowEvent<C = ChangeRecord> {
     /// A room's state when the follower started.
     Snapshot(RoomSnapshot),
     /// One change, at the version after the room's previous event.
-    Change(ChangeRecord),
+    Change(C),
     /// The room's state after a gap the change stream could not fill:
     /// re-read from Redis once Redis has caught up, or, after a close, the
     /// empty room at the close's version (`updated_at` being the close's
@@ -75,12 +114,12 @@ pub enum FollowEvent {
     Resynchronised(RoomSnapshot),
 }
 
-impl FollowEvent {
+impl<C: FollowedChange> FollowEvent<C> {
     /// The room's canonical path.
     pub fn path(&self) -> &str {
         match self {
             FollowEvent::Snapshot(s) | FollowEvent::Resynchronised(s) => &s.path,
-            FollowEvent::Change(c) => &c.path,
+            FollowEvent::Change(c) => c.path(),
         }
     }
 
@@ -88,7 +127,7 @@ impl FollowEvent {
     pub fn version(&self) -> u64 {
         match self {
             FollowEvent::Snapshot(s) | FollowEvent::Resynchronised(s) => s.version,
-            FollowEvent::Change(c) => c.version,
+            FollowEvent::Change(c) => c.version(),
         }
     }
 }
@@ -145,14 +184,14 @@ pub fn change_record(change: StateChange) -> Result<ChangeRecord, serde_json::Er
 /// # Ok(())
 /// # }
 /// ```
-pub struct Follower {
-    changes: Changes,
+pub struct Follower<C = ChangeRecord> {
+    changes: Changes<C>,
     pattern: Pattern,
     redis: RedisSource,
-    sequencer: Sequencer,
+    sequencer: Sequencer<C>,
 }
 
-impl std::fmt::Debug for Follower {
+impl<C: FollowedChange> std::fmt::Debug for Follower<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Follower")
             .field("pattern", &self.pattern.to_string())
@@ -186,7 +225,9 @@ impl Follower {
         tracing::debug!(topic = broadcast_topic, pattern = %follower.pattern, rooms = follower.sequencer.rooms(), "follower started");
         Ok(follower)
     }
+}
 
+impl<C: FollowedChange> Follower<C> {
     /// A follower over a shared [`ChangeFeed`] instead of a consumer of its
     /// own. The feed must already be receiving when this is called, and it
     /// should start with recent changes (as [`start`](Follower::start)'s
@@ -195,22 +236,22 @@ impl Follower {
     /// given, is shared with other followers (a multiplexed connection); the
     /// follower makes one of its own from `redis` only after it fails.
     pub async fn from_feed(
-        feed: ChangeFeed,
+        feed: ChangeFeed<C>,
         redis: RedisTarget,
         connection: Option<ViewConnection>,
         keys: KeyLayout,
         pattern: Pattern,
-    ) -> Result<Follower, PubSubError> {
+    ) -> Result<Follower<C>, PubSubError> {
         Follower::over(Changes::Feed(feed), pattern, redis, connection, keys).await
     }
 
     async fn over(
-        changes: Changes,
+        changes: Changes<C>,
         pattern: Pattern,
         redis: RedisTarget,
         conn: Option<ViewConnection>,
         keys: KeyLayout,
-    ) -> Result<Follower, PubSubError> {
+    ) -> Result<Follower<C>, PubSubError> {
         let mut redis = RedisSource { client: redis, keys, conn, failing: false };
         let snapshots = redis.initial_snapshots(&pattern).await?;
         Ok(Follower { changes, pattern, redis, sequencer: Sequencer::new(snapshots) })
@@ -224,7 +265,7 @@ impl Follower {
     /// 30 s is reported once as [`PubSubError::RedisBehind`]. After an error
     /// (that one, or Kafka's), calling again continues. Cancelling a call
     /// loses nothing.
-    pub async fn next(&mut self) -> Option<Result<FollowEvent, PubSubError>> {
+    pub async fn next(&mut self) -> Option<Result<FollowEvent<C>, PubSubError>> {
         loop {
             if let Some(reported) = self.sequencer.pop() {
                 return Some(reported);
@@ -239,7 +280,7 @@ impl Follower {
                 () = sleep_until(retry) => continue,
             };
             match received {
-                Ok(Some((change, bytes))) if self.pattern.matches(&change.path) => {
+                Ok(Some((change, bytes))) if self.pattern.matches(change.path()) => {
                     self.sequencer.admit(change, bytes, Instant::now())
                 }
                 Ok(_) => {}
@@ -260,19 +301,19 @@ impl Follower {
 }
 
 /// Where a follower's changes come from.
-enum Changes {
+enum Changes<C> {
     /// A consumer of its own on the broadcast topic.
     Broadcast(Subscriber),
     /// Changes decoded elsewhere and shared.
-    Feed(ChangeFeed),
+    Feed(ChangeFeed<C>),
 }
 
-impl Changes {
+impl<C: FollowedChange> Changes<C> {
     /// The next change with its record's size; `Ok(None)` for a record skipped as undecodable.
-    async fn next(&mut self) -> Option<Result<Option<(ChangeRecord, usize)>, PubSubError>> {
+    async fn next(&mut self) -> Option<Result<Option<(C, usize)>, PubSubError>> {
         match self {
             Changes::Broadcast(subscriber) => Some(subscriber.next().await?.map(|delivery| match decode(&delivery) {
-                Ok(change) => Some((change, delivery.payload.len())),
+                Ok(change) => Some((C::from_record(change), delivery.payload.len())),
                 Err(error) => {
                     tracing::warn!(%error, "skipping an undecodable broadcast record");
                     None
@@ -386,25 +427,29 @@ impl RedisSource {
         let mut snapshots = Vec::with_capacity(paths.len());
         for path in paths {
             // A room listed a moment ago may have closed since.
-            if let Some(snapshot) = self.snapshot(&path).await? {
+            if let Some(snapshot) = self.read_snapshot(&path).await? {
                 snapshots.push(snapshot);
             }
         }
         Ok(snapshots)
     }
-}
 
-impl RoomSource for RedisSource {
-    async fn changes_after(&mut self, path: &str, after: u64) -> Result<Vec<ChangeRecord>, PubSubError> {
-        let mut conn = self.connection().await?;
-        let read = view::changes_after(&mut conn, &self.keys, path, after).await.map_err(PubSubError::from);
-        self.observe(read)
-    }
-
-    async fn snapshot(&mut self, path: &str) -> Result<Option<RoomSnapshot>, PubSubError> {
+    async fn read_snapshot(&mut self, path: &str) -> Result<Option<RoomSnapshot>, PubSubError> {
         let mut conn = self.connection().await?;
         let read = view::snapshot(&mut conn, &self.keys, path).await.map_err(PubSubError::from);
         self.observe(read)
+    }
+}
+
+impl<C: FollowedChange> RoomSource<C> for RedisSource {
+    async fn changes_after(&mut self, path: &str, after: u64) -> Result<Vec<C>, PubSubError> {
+        let mut conn = self.connection().await?;
+        let read = view::changes_after(&mut conn, &self.keys, path, after).await.map_err(PubSubError::from);
+        Ok(self.observe(read)?.into_iter().map(C::from_record).collect())
+    }
+
+    async fn snapshot(&mut self, path: &str) -> Result<Option<RoomSnapshot>, PubSubError> {
+        self.read_snapshot(path).await
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::bridge::{bridge, Bridge, RoomSource};
-use super::FollowEvent;
+use super::{FollowEvent, FollowedChange};
 use crate::pubsub::PubSubError;
 use crate::view::{ChangeRecord, RoomSnapshot};
 
@@ -59,9 +59,9 @@ impl Tracker {
 
 /// A room whose next change waits for Redis.
 #[derive(Debug)]
-struct BehindRoom {
+struct BehindRoom<C> {
     /// Changes from the broadcast not reported yet, oldest first, with their sizes.
-    held: VecDeque<(ChangeRecord, usize)>,
+    held: VecDeque<(C, usize)>,
     held_bytes: usize,
     since: Instant,
     retry_at: Instant,
@@ -73,8 +73,8 @@ struct BehindRoom {
     overflowed: bool,
 }
 
-impl BehindRoom {
-    fn new(now: Instant) -> BehindRoom {
+impl<C: FollowedChange> BehindRoom<C> {
+    fn new(now: Instant) -> BehindRoom<C> {
         BehindRoom {
             held: VecDeque::new(),
             held_bytes: 0,
@@ -86,7 +86,7 @@ impl BehindRoom {
         }
     }
 
-    fn hold(&mut self, change: ChangeRecord, bytes: usize) {
+    fn hold(&mut self, change: C, bytes: usize) {
         self.held_bytes += bytes;
         self.held.push_back((change, bytes));
         let mut dropped = 0;
@@ -98,14 +98,14 @@ impl BehindRoom {
             self.overflowed = true;
             let (newest, _) = self.held.back().expect("the newest change is always held");
             tracing::warn!(
-                path = %newest.path,
-                version = newest.version,
+                path = %newest.path(),
+                version = newest.version(),
                 "a room waiting for redis holds too many changes; dropping the oldest, the room will be re-read"
             );
         }
     }
 
-    fn pop(&mut self) -> Option<ChangeRecord> {
+    fn pop(&mut self) -> Option<C> {
         let (change, bytes) = self.held.pop_front()?;
         self.held_bytes -= bytes;
         Some(change)
@@ -120,24 +120,24 @@ impl BehindRoom {
 /// Turns broadcast changes into a follower's events: each room's versions
 /// contiguous, rooms that wait for Redis held apart.
 #[derive(Debug)]
-pub(super) struct Sequencer {
+pub(super) struct Sequencer<C = ChangeRecord> {
     tracker: Tracker,
-    behind: HashMap<String, BehindRoom>,
+    behind: HashMap<String, BehindRoom<C>>,
     /// What to report, in order. Events go here the moment the tracker
     /// counts them, so a cancelled call loses none.
-    ready: VecDeque<Result<FollowEvent, PubSubError>>,
+    ready: VecDeque<Result<FollowEvent<C>, PubSubError>>,
 }
 
-impl Sequencer {
+impl<C: FollowedChange> Sequencer<C> {
     /// Starts from the rooms' snapshots, which are reported first.
-    pub(super) fn new(snapshots: Vec<RoomSnapshot>) -> Sequencer {
+    pub(super) fn new(snapshots: Vec<RoomSnapshot>) -> Sequencer<C> {
         let mut sequencer = Sequencer { tracker: Tracker::default(), behind: HashMap::new(), ready: VecDeque::new() };
         sequencer.report(snapshots.into_iter().map(FollowEvent::Snapshot).collect());
         sequencer
     }
 
     /// The next event or error to report.
-    pub(super) fn pop(&mut self) -> Option<Result<FollowEvent, PubSubError>> {
+    pub(super) fn pop(&mut self) -> Option<Result<FollowEvent<C>, PubSubError>> {
         self.ready.pop_front()
     }
 
@@ -157,18 +157,18 @@ impl Sequencer {
     /// Takes a change from the broadcast (`bytes` is its size, for the
     /// bounds on held changes): reported at once when it is the room's next
     /// version and the room waits for nothing, held otherwise.
-    pub(super) fn admit(&mut self, change: ChangeRecord, bytes: usize, now: Instant) {
-        if let Some(room) = self.behind.get_mut(&change.path) {
+    pub(super) fn admit(&mut self, change: C, bytes: usize, now: Instant) {
+        if let Some(room) = self.behind.get_mut(change.path()) {
             room.hold(change, bytes);
             return;
         }
-        match self.tracker.step(&change.path, change.version) {
+        match self.tracker.step(change.path(), change.version()) {
             Step::Skip => {}
             Step::Next => self.report(vec![FollowEvent::Change(change)]),
             Step::Gap { after } => {
-                tracing::debug!(path = %change.path, after, version = change.version, "a gap; waiting for redis");
+                tracing::debug!(path = %change.path(), after, version = change.version(), "a gap; waiting for redis");
                 let mut room = BehindRoom::new(now);
-                let path = change.path.clone();
+                let path = change.path().to_owned();
                 room.hold(change, bytes);
                 self.behind.insert(path, room);
             }
@@ -193,7 +193,7 @@ impl Sequencer {
     /// bridge now (`now` being the time of the attempt), and schedules the
     /// next attempt for the rest. State changes only between reads, so
     /// cancelling loses nothing.
-    pub(super) async fn catch_up<S: RoomSource>(&mut self, source: &mut S, path: &str, now: Instant) {
+    pub(super) async fn catch_up<S: RoomSource<C>>(&mut self, source: &mut S, path: &str, now: Instant) {
         loop {
             let Some(room) = self.behind.get_mut(path) else { return };
             let Some((front, _)) = room.held.front() else {
@@ -201,7 +201,7 @@ impl Sequencer {
                 self.behind.remove(path);
                 return;
             };
-            let after = match self.tracker.step(path, front.version) {
+            let after = match self.tracker.step(path, front.version()) {
                 Step::Skip => {
                     room.pop();
                     continue;
@@ -238,13 +238,13 @@ impl Sequencer {
             return;
         }
         room.reported = true;
-        let version = room.held.back().map_or(0, |(change, _)| change.version);
+        let version = room.held.back().map_or(0, |(change, _)| change.version());
         tracing::warn!(path, version, ?redis_version, ?waited, "redis stays behind a room; still waiting");
         let error = PubSubError::RedisBehind { path: path.to_owned(), version, redis_version, waited };
         self.ready.push_back(Err(error));
     }
 
-    fn report(&mut self, events: Vec<FollowEvent>) {
+    fn report(&mut self, events: Vec<FollowEvent<C>>) {
         for event in events {
             self.tracker.known.insert(event.path().to_owned(), event.version());
             self.ready.push_back(Ok(event));

@@ -117,7 +117,7 @@ impl Markers {
             match reply {
                 Ok(reply) => verdict.lost |= marker.answered(value, matches!(reply, redis::Value::Int(1))),
                 // Not run at all: Redis holds what it held before.
-                Err(e) if super::is_no_script(&e) => verdict.missing_script = true,
+                Err(e) if super::flush::is_no_script(&e) => verdict.missing_script = true,
                 Err(_) => marker.unanswered(value),
             }
         }
