@@ -209,10 +209,8 @@ impl Standby {
             return Ok(());
         }
         let owned = self.claims.owned();
-        let wanted: BTreeSet<i32> = standby_partitions(&members, &self.me, self.replicas)
-            .into_iter()
-            .filter(|p| !owned.contains(p))
-            .collect();
+        let wanted: BTreeSet<i32> =
+            standby_partitions(&members, &self.me, self.replicas).into_iter().filter(|p| !owned.contains(p)).collect();
         if wanted != self.following.keys().copied().collect() {
             tracing::info!(partitions = ?wanted, "standby replicas follow");
             self.follow(wanted)?;
