@@ -10,6 +10,8 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rdkafka::{Offset, TopicPartitionList};
+
 use crate::kafka::KafkaSettings;
 use crate::store::{PartitionWrite, StateStore, StoreError};
 
@@ -92,6 +94,17 @@ pub fn resume_offset(store: &dyn StateStore, partition: i32, (low, high): (i64, 
         }
         Some(from) => Ok(from),
         None => Ok(low),
+    }
+}
+
+/// How far a reader of `topic`'s `partition` has got, from its consumer's
+/// `positions`: transaction markers and compaction leave gaps, and the
+/// consumer's position moves past them where the last record read (`next`
+/// is the offset after it) does not.
+pub fn position_past_markers(positions: &TopicPartitionList, topic: &str, partition: i32, next: i64) -> i64 {
+    match positions.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(position)) => position.max(next),
+        _ => next,
     }
 }
 

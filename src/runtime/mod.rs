@@ -39,6 +39,7 @@ pub use output::{
 
 pub use health::Health;
 pub use progress::{Stall, STALL_AFTER};
+pub use standby::member_instance;
 
 use changelog::{Changelog, Claims};
 use engine::Topics;

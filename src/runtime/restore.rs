@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{changelog_write, resume_offset, Changelog};
+use super::changelog::{changelog_write, position_past_markers, resume_offset, Changelog};
 use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
@@ -332,10 +332,7 @@ impl Job {
             // Markers and compaction leave gaps, so the end is judged by the
             // consumer's position, which moves past them, not by a last record.
             let position = if idle || batch.len() >= BATCH || next >= high {
-                match consumer.position()?.find_partition(&self.changelog, self.partition).map(|e| e.offset()) {
-                    Some(Offset::Offset(p)) => p.max(next),
-                    _ => next,
-                }
+                position_past_markers(&consumer.position()?, &self.changelog, self.partition, next)
             } else {
                 next
             };

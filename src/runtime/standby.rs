@@ -24,7 +24,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::{changelog_write, resume_offset, Changelog, ChangelogRecords, Claims};
+use super::changelog::{changelog_write, position_past_markers, resume_offset, Changelog, ChangelogRecords, Claims};
 use super::RuntimeError;
 use crate::kafka::{group_assignment, MemberAssignment};
 use crate::store::StateStore;
@@ -45,7 +45,7 @@ const BATCH_BYTES: usize = 16 << 20;
 /// The instance a group member belongs to: its `client.id` is
 /// `<application_id>-<instance id>-<thread>`, so the instance is all but the
 /// last part.
-fn instance_of(client_id: &str) -> &str {
+pub fn member_instance(client_id: &str) -> &str {
     client_id.rsplit_once('-').map_or(client_id, |(instance, _)| instance)
 }
 
@@ -65,7 +65,7 @@ pub fn standby_partitions(members: &[MemberAssignment], me: &str, replicas: usiz
     if replicas == 0 {
         return standbys;
     }
-    let instances: BTreeSet<&str> = members.iter().map(|m| instance_of(&m.client_id)).chain([me]).collect();
+    let instances: BTreeSet<&str> = members.iter().map(|m| member_instance(&m.client_id)).chain([me]).collect();
     let instances: Vec<&str> = instances.into_iter().collect();
     for (owner, heirs) in heirs_by_owner(members) {
         let at = instances.iter().position(|i| *i == owner).unwrap_or(0);
@@ -88,21 +88,21 @@ pub fn standby_partitions(members: &[MemberAssignment], me: &str, replicas: usiz
 fn heirs_by_owner(members: &[MemberAssignment]) -> BTreeMap<&str, Vec<(i32, &str)>> {
     let mut by_owner: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
     for member in members {
-        by_owner.entry(instance_of(&member.client_id)).or_default().extend(&member.partitions);
+        by_owner.entry(member_instance(&member.client_id)).or_default().extend(&member.partitions);
     }
     let mut heirs = BTreeMap::new();
     for (owner, mut orphans) in by_owner {
         orphans.sort_unstable();
         let mut loads: BTreeMap<&str, usize> = members
             .iter()
-            .filter(|m| instance_of(&m.client_id) != owner)
+            .filter(|m| member_instance(&m.client_id) != owner)
             .map(|m| (m.client_id.as_str(), m.partitions.len()))
             .collect();
         let mut of_owner = Vec::new();
         for partition in orphans {
             let Some((&member, _)) = loads.iter().min_by_key(|(member, load)| (**load, **member)) else { break };
             *loads.get_mut(member).expect("a member just found") += 1;
-            of_owner.push((partition, instance_of(member)));
+            of_owner.push((partition, member_instance(member)));
         }
         heirs.insert(owner, of_owner);
     }
@@ -115,7 +115,7 @@ pub struct Standby {
     group: String,
     input: String,
     changelog: String,
-    /// `<application_id>-<instance id>`: this instance in [`instance_of`]'s terms.
+    /// `<application_id>-<instance id>`: this instance in [`member_instance`]'s terms.
     me: String,
     replicas: usize,
     store: Arc<dyn StateStore>,
@@ -227,10 +227,7 @@ impl Standby {
         let positions = self.consumer.position()?;
         let mut lag = 0;
         for (&partition, &next) in &self.following {
-            let position = match positions.find_partition(&self.changelog, partition).map(|e| e.offset()) {
-                Some(Offset::Offset(p)) => p.max(next),
-                _ => next,
-            };
+            let position = position_past_markers(&positions, &self.changelog, partition, next);
             let (_, end) = self.consumer.fetch_watermarks(&self.changelog, partition, ASK_TIMEOUT)?;
             lag += (end - position).max(0);
         }
@@ -332,8 +329,8 @@ mod tests {
 
     #[test]
     fn a_member_belongs_to_the_instance_its_client_id_names() {
-        assert_eq!(instance_of("app-omni-0-1"), "app-omni-0");
-        assert_eq!(instance_of("app-3f2a-0"), "app-3f2a");
+        assert_eq!(member_instance("app-omni-0-1"), "app-omni-0");
+        assert_eq!(member_instance("app-3f2a-0"), "app-3f2a");
     }
 
     #[test]
@@ -356,7 +353,7 @@ mod tests {
                 let holders = placed.get(&partition).cloned().unwrap_or_default();
                 assert_eq!(holders.len(), replicas.min(2), "partition {partition} with {replicas} copies: {holders:?}");
                 let owner = group.iter().find(|m| m.partitions.contains(&partition)).unwrap();
-                assert!(!holders.contains(&instance_of(&owner.client_id).to_owned()), "{partition} on its owner");
+                assert!(!holders.contains(&member_instance(&owner.client_id).to_owned()), "{partition} on its owner");
             }
         }
     }

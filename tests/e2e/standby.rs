@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use omni::kafka::group_assignment;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 
 use crate::common::*;
 
@@ -14,9 +13,13 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
     metric_sum(&http_get(addr, "/metrics").await?.1, name)
 }
 
+fn client() -> BaseConsumer {
+    kafka().client_config().create().unwrap()
+}
+
 /// The input partitions the members of `instance` own, from the group's description.
 fn owned_by(group: &str, input: &str, instance: &str) -> Vec<i32> {
-    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &services().brokers).create().unwrap();
+    let client = client();
     let members = group_assignment(&client, group, input, Duration::from_secs(10)).expect("describing the group");
     let prefix = format!("{group}-{instance}-");
     members.members.into_iter().filter(|m| m.client_id.starts_with(&prefix)).flat_map(|m| m.partitions).collect()
@@ -24,7 +27,7 @@ fn owned_by(group: &str, input: &str, instance: &str) -> Vec<i32> {
 
 /// Offsets the changelog holds in `partitions`: records and transaction markers.
 fn changelog_offsets(topic: &str, partitions: &[i32]) -> i64 {
-    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &services().brokers).create().unwrap();
+    let client = client();
     partitions
         .iter()
         .map(|&p| {

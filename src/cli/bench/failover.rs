@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use omni::kafka::{ensure_topics, group_assignment, partition_for, KafkaSettings, TopicSpec};
 use omni::proto::tecate::{room_event::Kind, RoomEvent, TagSet};
 use omni::proto::{timestamp_from_millis, Message as _};
+use omni::runtime::member_instance;
 use omni::topology::Topology;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -340,11 +341,6 @@ impl<'a> Scenario<'a> {
     }
 }
 
-/// The instance a member's `client.id` (`<application_id>-<instance>-<thread>`) names.
-fn instance_of(client_id: &str) -> String {
-    client_id.rsplit_once('-').map_or(client_id, |(instance, _)| instance).to_owned()
-}
-
 fn count_by_owner(owners: &BTreeMap<i32, String>) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for owner in owners.values() {
@@ -573,8 +569,11 @@ struct Membership {
 
 fn membership(reader: &BaseConsumer, group: &str, topic: &str) -> anyhow::Result<Membership> {
     let described = group_assignment(reader, group, topic, Duration::from_secs(5))?;
-    let owners =
-        described.members.iter().flat_map(|m| m.partitions.iter().map(|&p| (p, instance_of(&m.client_id)))).collect();
+    let owners = described
+        .members
+        .iter()
+        .flat_map(|m| m.partitions.iter().map(|&p| (p, member_instance(&m.client_id).to_owned())))
+        .collect();
     Ok(Membership { stable: described.stable(), members: described.members.len(), owners })
 }
 
