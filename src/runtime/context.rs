@@ -2,11 +2,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::engine::Engine;
 use super::progress::{Stage, ThreadProgress};
+use super::RuntimeError;
 
 /// Shares the engine between the processing loop and the rebalance callbacks,
 /// which librdkafka runs on the loop's own thread inside `poll`.
@@ -35,47 +37,95 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 /// Rebalances only: lag comes from [`super::lag`], which a blocked thread cannot freeze.
 impl ClientContext for JobContext {}
 
+/// Takes the assignment itself, rather than leaving it to librdkafka, to
+/// choose where new partitions start (see [`start_at_placeholder`]).
 impl ConsumerContext for JobContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            self.progress.enter(Stage::Rebalancing);
-            let partitions = self.partitions(list);
-            tracing::info!(?partitions, lost = consumer.assignment_lost(), "partitions revoked");
-            metrics::counter!("omni_rebalances_total", "kind" => "revoke").increment(1);
-            let mut engine = self.lock();
-            // Finish the revoked partitions' in-flight work while this
-            // instance still owns them; a lost assignment can only be
-            // abandoned, and a closing engine (after an error) commits nothing.
-            let result = if engine.closing {
-                engine.abort_open()
-            } else if consumer.assignment_lost() {
-                engine.mark_left();
-                engine.abort(consumer, &partitions)
-            } else {
-                engine.commit(consumer)
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "could not finish the transaction on revoke");
-                engine.failure.get_or_insert(e);
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, list: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.start_at_placeholder(list);
+                let assigned = if cooperative { consumer.incremental_assign(list) } else { consumer.assign(list) };
+                match assigned {
+                    Ok(()) => self.assigned(consumer, list),
+                    Err(e) => self.fail("could not take the assigned partitions", e.into()),
+                }
             }
-            engine.revoke(&partitions);
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoking(consumer, list);
+                self.give_up(consumer, list, cooperative);
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error");
+                // As librdkafka asks: the assignment is dropped, and the group hands it out again.
+                self.give_up(consumer, list, cooperative);
+            }
+        }
+    }
+}
+
+impl JobContext {
+    /// Starts every new input partition at a placeholder, its end: the
+    /// engine pauses it at once, and seeks it to its committed offset once
+    /// restored. librdkafka would otherwise read the committed offsets
+    /// itself, of all new partitions in one request, and start none of
+    /// them while an open transaction holds any one's (a read_committed
+    /// consumer asks for stable offsets): one dead instance's transaction
+    /// would hold every partition, and a seek on a partition not started
+    /// fails. The restores read each partition's offset on their own.
+    fn start_at_placeholder(&self, list: &mut TopicPartitionList) {
+        for partition in self.partitions(list) {
+            if let Err(e) = list.set_partition_offset(&self.input, partition, Offset::End) {
+                self.fail("could not set a new partition's start", e.into());
+            }
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                self.progress.enter(Stage::Rebalancing);
-                let partitions = self.partitions(list);
-                tracing::info!(?partitions, "partitions assigned");
-                metrics::counter!("omni_rebalances_total", "kind" => "assign").increment(1);
-                let mut engine = self.lock();
-                engine.assign(consumer, &partitions);
-                // Only now: the new partitions already count as restoring.
-                engine.mark_joined();
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
-            Rebalance::Revoke(_) => {}
+    fn revoking(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        self.progress.enter(Stage::Rebalancing);
+        let partitions = self.partitions(list);
+        tracing::info!(?partitions, lost = consumer.assignment_lost(), "partitions revoked");
+        metrics::counter!("omni_rebalances_total", "kind" => "revoke").increment(1);
+        let mut engine = self.lock();
+        // Finish the revoked partitions' in-flight work while this
+        // instance still owns them; a lost assignment can only be
+        // abandoned, and a closing engine (after an error) commits nothing.
+        let result = if engine.closing {
+            engine.abort_open()
+        } else if consumer.assignment_lost() {
+            engine.mark_left();
+            engine.abort(consumer, &partitions)
+        } else {
+            engine.commit(consumer)
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not finish the transaction on revoke");
+            engine.failure.get_or_insert(e);
         }
+        engine.revoke(&partitions);
+    }
+
+    fn give_up(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList, cooperative: bool) {
+        let given_up = if cooperative { consumer.incremental_unassign(list) } else { consumer.unassign() };
+        if let Err(e) = given_up {
+            self.fail("could not give up the revoked partitions", e.into());
+        }
+    }
+
+    fn assigned(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        self.progress.enter(Stage::Rebalancing);
+        let partitions = self.partitions(list);
+        tracing::info!(?partitions, "partitions assigned");
+        metrics::counter!("omni_rebalances_total", "kind" => "assign").increment(1);
+        let mut engine = self.lock();
+        engine.assign(consumer, &partitions);
+        // Only now: the new partitions already count as restoring.
+        engine.mark_joined();
+    }
+
+    /// Hands an error met inside the callback to the loop, which ends the job with it.
+    fn fail(&self, what: &str, error: RuntimeError) {
+        tracing::error!(%error, "{what}");
+        self.lock().failure.get_or_insert(error);
     }
 }

@@ -35,6 +35,7 @@ use super::backpressure::Backpressure;
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::dead_letters::{dead_letter, Refusals};
+use super::offsets::{offset_stamp, Committed};
 use super::output::{finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source};
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::{Resync, Rewriter};
@@ -95,10 +96,11 @@ type RoomMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 #[derive(Default)]
 struct Task {
     restoring: bool,
-    /// Its restore finished; it restores until consumption resumed.
-    restored: bool,
-    /// First offset that arrived while restoring; consumption resumes from it.
-    rewind_to: Option<i64>,
+    /// Its restore finished, with where its input resumes; it counts as
+    /// restoring until consumption resumed.
+    restored: Option<Committed>,
+    /// Its consumption could not resume yet: when to try again.
+    start_retry: Option<resume::StartRetry>,
     /// Next input offset to commit, once this partition consumed something in the transaction.
     next_offset: Option<i64>,
     dirty: RoomMap<DirtyRoom>,
@@ -239,7 +241,7 @@ impl Engine {
             return Ok(());
         };
         if task.restoring {
-            task.rewind_to.get_or_insert(message.offset());
+            // Fetched before its pause took hold: read again from the committed offset once it resumes.
             return Ok(());
         }
         self.begin()?;
@@ -350,14 +352,14 @@ impl Engine {
             }
         }
         // Every record up to these offsets was processed by now: the stamp
-        // bounds when their keep-alives were (see `timers::offset_stamp`).
+        // bounds when their keep-alives were (see `timers`).
         let stamp_ms = timers::wall_clock_ms();
         let mut offsets = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
             if let Some(next) = task.next_offset {
                 let mut element = offsets.add_partition(&self.topics.input, partition);
                 element.set_offset(Offset::Offset(next))?;
-                element.set_metadata(timers::offset_stamp(stamp_ms));
+                element.set_metadata(offset_stamp(stamp_ms));
             }
         }
         let started = Instant::now();

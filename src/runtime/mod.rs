@@ -15,6 +15,7 @@ mod engine;
 mod fencing;
 mod health;
 mod lag;
+mod offsets;
 mod output;
 mod progress;
 mod reconcile;

@@ -8,6 +8,11 @@
 //! read_committed from the store's checkpoint and finishes by *position*:
 //! transaction markers and compaction leave gaps in offsets, so waiting for
 //! a record at the end offset could wait forever.
+//!
+//! Once restored, it reads where the partition's input resumes, the
+//! offset committed with the state it restored. An open transaction can
+//! hold that offset unreadable (see [`super::offsets`]); the restore waits
+//! it out here, so no other partition waits with it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +25,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog::{changelog_write, position_past_markers, resume_offset, Changelog};
+use super::offsets::{Committed, OffsetsReader, WaitingToStart};
 use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
 use crate::kafka::{not_served_yet, KafkaSettings};
@@ -34,6 +40,9 @@ const MOST_CONCURRENT: usize = 2;
 
 /// Longest pause between two attempts at a restore that failed.
 const MOST_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Longest pause between two reads of a committed offset an open transaction holds.
+const MOST_OFFSET_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Counts the restores running, so no more than [`MOST_CONCURRENT`] do.
 #[derive(Default)]
@@ -79,8 +88,14 @@ pub struct RestoreDone {
     pub partition: i32,
     /// Which start of this partition's restore reports.
     pub generation: u64,
-    /// Records restored.
-    pub result: Result<u64, RuntimeError>,
+    pub result: Result<Restored, RuntimeError>,
+}
+
+/// A restored partition, ready to be consumed.
+pub struct Restored {
+    pub records: u64,
+    /// Where its input resumes: the offset committed with the restored state.
+    pub committed: Committed,
 }
 
 struct Running {
@@ -96,6 +111,8 @@ pub struct Restores {
     changelog: Changelog,
     /// Asks the changelog's watermarks for every restore.
     watermarks: Arc<BaseConsumer>,
+    /// Reads where each restored partition's input resumes.
+    offsets: OffsetsReader,
     group_id: String,
     health: Arc<Health>,
     /// Where a restored partition's rooms are written again, when Redis is on.
@@ -109,6 +126,7 @@ pub struct Restores {
 impl Restores {
     pub fn new(
         changelog: Changelog,
+        offsets: OffsetsReader,
         group_id: String,
         health: Arc<Health>,
         reconcile: Option<Rewriter>,
@@ -118,6 +136,7 @@ impl Restores {
         Ok(Restores {
             changelog,
             watermarks,
+            offsets,
             group_id,
             health,
             reconcile,
@@ -137,6 +156,7 @@ impl Restores {
         let job = Job {
             settings: self.changelog.settings.clone(),
             watermarks: Arc::clone(&self.watermarks),
+            offsets: self.offsets.clone(),
             group_id: self.group_id.clone(),
             changelog: self.changelog.topic.clone(),
             store: Arc::clone(&self.changelog.store),
@@ -155,8 +175,15 @@ impl Restores {
                 if !slots.take(&job.cancel) {
                     return;
                 }
-                let result = job.run_to_the_end();
+                let records = job.run_to_the_end();
                 slots.give_back();
+                // Waited for with the slot given back: a partition that
+                // cannot start yet holds up no other restore.
+                let result = match records.and_then(|records| Ok((records, job.committed_position()?))) {
+                    Ok((records, Some(committed))) => Ok(Restored { records, committed }),
+                    Ok((_, None)) => return,
+                    Err(error) => Err(error),
+                };
                 let restored = result.is_ok();
                 let _ = done.send(RestoreDone { partition, generation, result });
                 // The partition is consumed again meanwhile: its live writes
@@ -212,6 +239,7 @@ impl Restores {
 struct Job {
     settings: KafkaSettings,
     watermarks: Arc<BaseConsumer>,
+    offsets: OffsetsReader,
     group_id: String,
     changelog: String,
     store: Arc<dyn StateStore>,
@@ -239,17 +267,50 @@ impl Job {
                 Err(Interrupted::Failed(error)) => {
                     tracing::warn!(partition = self.partition, %error, "restore failed; retrying");
                     metrics::counter!("omni_restore_retries_total").increment(1);
-                    let deadline = std::time::Instant::now() + delay;
-                    while std::time::Instant::now() < deadline {
-                        if self.cancel.load(Ordering::Relaxed) {
-                            return Ok(0);
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
+                    if !self.sleep_unless_cancelled(delay) {
+                        return Ok(0);
                     }
                     delay = (delay * 2).min(MOST_RETRY_DELAY);
                 }
             }
         }
+    }
+
+    /// Where the restored partition's input resumes, read only now so it
+    /// matches what the store holds, and waited for while an open
+    /// transaction holds it. `None` when cancelled first.
+    fn committed_position(&self) -> Result<Option<Committed>, RuntimeError> {
+        let mut waiting: Option<WaitingToStart> = None;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            match self.offsets.read(self.partition) {
+                Ok(committed) => return Ok(Some(committed)),
+                Err(error) if retriable(&error) => match &mut waiting {
+                    None => waiting = Some(WaitingToStart::new(self.partition, &error)),
+                    Some(waiting) => waiting.again(&error),
+                },
+                Err(error) => return Err(error),
+            }
+            if !self.sleep_unless_cancelled(delay) {
+                return Ok(None);
+            }
+            delay = (delay * 2).min(MOST_OFFSET_RETRY_DELAY);
+        }
+    }
+
+    /// Sleeps for `delay`; false if cancelled meanwhile.
+    fn sleep_unless_cancelled(&self, delay: Duration) -> bool {
+        let deadline = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < deadline {
+            if self.cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
 
     /// The changelog partition's watermarks, waiting out a leader that is not

@@ -23,6 +23,7 @@ use super::context::{self, JobContext};
 use super::engine::{Engine, Topics};
 use super::fencing::FencingBudget;
 use super::health::Health;
+use super::offsets::OffsetsReader;
 use super::output::{self, JobProducer};
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::Rewriter;
@@ -101,8 +102,10 @@ impl<'a> StreamThread<'a> {
             store: Arc::clone(&store),
             claims: Arc::clone(&shared.claims),
         };
+        let offsets = OffsetsReader::new(&topology.kafka, &topology.application_id, &shared.topics.input)?;
         let restores = Restores::new(
             changelog,
+            offsets,
             format!("{}-restore", topology.application_id),
             Arc::clone(&shared.health),
             shared.rewriter.clone(),

@@ -1,8 +1,10 @@
 //! No input stalls the job: an oversized room is dead-lettered while every
 //! other room flows, a record the broker refuses is traced back to its event
 //! and dead-lettered with the reason, output topics too small for the limits
-//! stop the job at start-up with a clear message, and a module that panics
-//! dead-letters the event instead of crash-looping.
+//! stop the job at start-up with a clear message, a module that panics
+//! dead-letters the event instead of crash-looping, and a partition whose
+//! committed offset another instance's open transaction holds waits alone
+//! while the others flow.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -264,4 +266,79 @@ async fn large_states_through_a_small_write_buffer_never_stall_the_store() {
     assert!(job.health.stall().is_none(), "no processing thread stalled");
     job.stop().await;
     assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
+}
+
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    metric_sum(&http_get(addr, "/metrics").await?.1, name)
+}
+
+/// A dead instance's transaction, left open with an offset of `partition`
+/// for the job's group: until it ends, a read_committed consumer cannot
+/// read that partition's committed offset (KIP-447's stable offsets).
+fn hold_offsets_open(topology: &Topology, partition: i32) -> rdkafka::producer::BaseProducer {
+    use rdkafka::producer::Producer;
+    use rdkafka::TopicPartitionList;
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("transactional.id", unique("dead-instance"))
+        .set("transaction.timeout.ms", "300000")
+        .create()
+        .expect("a transactional producer");
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).expect("init_transactions");
+    producer.begin_transaction().expect("begin_transaction");
+    let group: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("group.id", &topology.application_id)
+        .create()
+        .expect("a consumer for the group's metadata");
+    let metadata = rdkafka::consumer::Consumer::group_metadata(&group).expect("group metadata");
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(topology.input_topic(), partition, rdkafka::Offset::Offset(0)).unwrap();
+    producer.send_offsets_to_transaction(&offsets, &metadata, timeout).expect("send_offsets_to_transaction");
+    producer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_offset_an_open_transaction_holds_waits_alone_while_the_others_flow() {
+    use rdkafka::producer::Producer;
+    let dir = tempfile::tempdir().unwrap();
+    let mut topology = fresh_topology("held-offset", 4, &dir.path().join("state"));
+    let addr = format!("127.0.0.1:{}", pick_free_port());
+    topology.http.listen = addr.clone();
+    create_input(&topology).await;
+    let held = 2;
+    let dead_instance = hold_offsets_open(&topology, held);
+
+    let events = generate(53, 2000, 80);
+    let folder = folder(&["recording", "tags"]);
+    let expected = model(&folder, &events);
+    let on_held = |room: &str| omni::kafka::partition_for(room.as_bytes(), topology.partitions) == held;
+    let elsewhere: usize = expected.changes.iter().filter(|(room, _)| !on_held(room)).map(|(_, c)| c.len()).sum();
+    assert!(elsewhere > 0 && elsewhere < expected.total_changes, "rooms on the held partition and elsewhere");
+    produce(&producer(), topology.input_topic(), &events);
+
+    let job = JobProcess::spawn(&topology, dir.path(), "i1");
+    let changes = read_broadcast(&topology.broadcast_topic, elsewhere);
+    assert_eq!(changes.len(), elsewhere, "every room off the held partition is processed while it waits");
+    assert!(changes.iter().all(|c| !on_held(&c.path)), "nothing of the held partition before its offset is readable");
+    let waiting = wait_for(Duration::from_secs(30), "the held partition reported as waiting to start", || async {
+        metric(&addr, "omni_partitions_waiting_to_start").await.filter(|&n| n == 1.0)
+    })
+    .await;
+    assert_eq!(waiting, 1.0);
+    assert_eq!(http_get(&addr, "/readyz").await.map(|r| r.0), Some(503), "not ready while a partition cannot start");
+    assert_eq!(
+        metric(&addr, "omni_transaction_aborts_total").await.unwrap_or(0.0),
+        0.0,
+        "a partition that cannot start yet aborts nobody's work"
+    );
+
+    dead_instance.abort_transaction(Duration::from_secs(30)).expect("the dead instance's transaction ends");
+    let changes = read_broadcast(&topology.broadcast_topic, expected.total_changes);
+    assert_broadcast_exact(&changes, &expected);
+    assert_redis_exact(&topology, &folder, &expected).await;
+    wait_ready(&addr, Duration::from_secs(30)).await;
+    assert_eq!(metric(&addr, "omni_partitions_waiting_to_start").await, Some(0.0));
+    job.terminate();
 }

@@ -51,17 +51,12 @@ impl Engine {
                 continue;
             }
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
-            let records = done.result?;
-            tracing::info!(partition = done.partition, records, "partition restored");
-            task.restored = true;
+            let restored = done.result?;
+            tracing::info!(partition = done.partition, records = restored.records, "partition restored");
+            task.restored = Some(restored.committed);
         }
-        // Kept apart from the reports: a resume that fails is tried again.
-        let restored: Vec<i32> =
-            self.tasks.iter().filter(|(_, t)| t.restoring && t.restored).map(|(&p, _)| p).collect();
-        for partition in restored {
-            self.resume_restored(consumer, partition)?;
-        }
-        Ok(())
+        // Kept apart from the reports: a start that fails is tried again.
+        self.start_restored(consumer)
     }
 
     /// Pauses or resumes the active partitions as the Redis writer's

@@ -5,10 +5,11 @@
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::Producer;
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 
-use super::{resume, Engine};
+use super::Engine;
 use crate::kafka::abort_transaction;
+use crate::runtime::offsets::{committed_now, Committed};
 use crate::runtime::output::{take_changelog_ends, JobProducer, KAFKA_TIMEOUT};
 use crate::runtime::progress::Stage;
 use crate::runtime::RuntimeError;
@@ -68,7 +69,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Seeks every active partition, except those in `leaving`, to its committed offset.
+    /// Seeks every active partition, except those in `leaving`, to its
+    /// committed offset. Its timers then wait until it consumed again what
+    /// it had: the keep-alives the aborted transaction processed renewed
+    /// leases only in memory, and count again once processed again.
     fn rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, leaving: &[i32]) -> Result<(), RuntimeError> {
         let mut active = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
@@ -79,9 +83,15 @@ impl Engine {
         if active.count() == 0 {
             return Ok(());
         }
-        for resume::Committed { partition, offset, .. } in resume::committed_positions(consumer, active)? {
+        let consumed = consumer.position()?;
+        for Committed { partition, offset, .. } in committed_now(consumer, active)? {
             tracing::info!(partition, ?offset, "rewinding to the committed offset");
             consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
+            let reached = consumed.find_partition(&self.topics.input, partition).map(|e| e.offset());
+            if let (Some(Offset::Offset(reached)), Some(task)) = (reached, self.tasks.get_mut(&partition)) {
+                let wait_for = task.timers_wait_for.map_or(reached, |end| end.max(reached));
+                task.timers_wait_for = Some(wait_for);
+            }
         }
         Ok(())
     }

@@ -9,7 +9,8 @@
 //! a lease's deadline in memory only, so each committed input offset
 //! carries a stamp: the wall-clock time of its commit, by which every
 //! keep-alive below it was processed. When a partition is (re)loaded, its
-//! leases get a whole TTL from that stamp (see [`DeadlineIndex::load_room`]):
+//! leases get a whole TTL from that stamp (see [`DeadlineIndex::load_room`]
+//! and [`crate::runtime::offsets`]):
 //! never less than their TTL from the last keep-alive, and overdue at once
 //! when the job was down longer than that. Kafka Streams keeps a task's
 //! stream time in the same place.
@@ -30,20 +31,6 @@ const MOST_FIRES_PER_TURN: usize = 256;
 /// The wall clock, in milliseconds since the Unix epoch: what deadlines are counted in.
 pub(super) fn wall_clock_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-/// What a committed offset's metadata starts with: omni's stamp, then the
-/// commit's wall-clock time in milliseconds.
-const STAMP_PREFIX: &str = "omni:committed_ms=";
-
-/// The metadata a committed input offset carries: the commit's time.
-pub(super) fn offset_stamp(committed_ms: i64) -> String {
-    format!("{STAMP_PREFIX}{committed_ms}")
-}
-
-/// The commit time an offset's metadata holds, if omni stamped it.
-pub(super) fn stamped_ms(metadata: &str) -> Option<i64> {
-    metadata.strip_prefix(STAMP_PREFIX)?.parse().ok()
 }
 
 /// A partition's pending timers, read from the store's list of rooms with
@@ -193,18 +180,5 @@ impl Engine {
     /// Publishes the timer metrics; called at each commit.
     pub(super) fn publish_timer_metrics(&mut self) {
         self.timer_metrics.publish(self.tasks.values().map(|task| &task.deadlines));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_offset_stamp_reads_back_and_foreign_metadata_reads_as_none() {
-        assert_eq!(stamped_ms(&offset_stamp(1_764_489_600_123)), Some(1_764_489_600_123));
-        assert_eq!(stamped_ms(""), None, "no metadata: committed by an older omni");
-        assert_eq!(stamped_ms("someone else's note"), None);
-        assert_eq!(stamped_ms("omni:committed_ms=soon"), None);
     }
 }
