@@ -1,6 +1,7 @@
 //! The consumer's librdkafka callbacks: rebalances drive the engine.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::types::RDKafkaRespErr;
@@ -9,6 +10,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::engine::Engine;
 use super::progress::{Stage, ThreadProgress};
 use super::RuntimeError;
+
+/// How long the rebalance callback waits for a new partition's high
+/// watermark before it starts the partition at offset 0 instead.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shares the engine between the processing loop and the rebalance callbacks,
 /// which librdkafka runs on the loop's own thread inside `poll`.
@@ -44,7 +49,7 @@ impl ConsumerContext for JobContext {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.start_at_placeholder(list);
+                self.start_at_placeholder(consumer, list);
                 let assigned = if cooperative { consumer.incremental_assign(list) } else { consumer.assign(list) };
                 match assigned {
                     Ok(()) => self.assigned(consumer, list),
@@ -65,19 +70,36 @@ impl ConsumerContext for JobContext {
 }
 
 impl JobContext {
-    /// Starts every new input partition at a placeholder, its end: the
-    /// engine pauses it at once, and seeks it to its committed offset once
-    /// restored. librdkafka would otherwise read the committed offsets
-    /// itself, of all new partitions in one request, and start none of
-    /// them while an open transaction holds any one's (a read_committed
-    /// consumer asks for stable offsets): one dead instance's transaction
-    /// would hold every partition, and a seek on a partition not started
-    /// fails. The restores read each partition's offset on their own.
-    fn start_at_placeholder(&self, list: &mut TopicPartitionList) {
+    /// Starts every new input partition paused at a placeholder, its
+    /// high watermark, and the engine seeks it to its committed offset
+    /// once restored. librdkafka would otherwise read the committed
+    /// offsets itself, of all new partitions in one request, and start
+    /// none of them while an open transaction holds any one's (a
+    /// read_committed consumer asks for stable offsets): one dead
+    /// instance's transaction would hold every partition, and a seek on a
+    /// partition not started fails. The restores read each partition's
+    /// offset on their own.
+    ///
+    /// The placeholder is an absolute offset, paused before it is taken:
+    /// a logical one (the end, the beginning) makes librdkafka look it up,
+    /// and a lookup still in flight at the seek is retried and then
+    /// overrides it, skipping or repeating input.
+    fn start_at_placeholder(&self, consumer: &BaseConsumer<Self>, list: &mut TopicPartitionList) {
         for partition in self.partitions(list) {
-            if let Err(e) = list.set_partition_offset(&self.input, partition, Offset::End) {
+            let placeholder = match consumer.fetch_watermarks(&self.input, partition, WATERMARK_TIMEOUT) {
+                Ok((_, high)) => high,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "no high watermark for a new partition; it waits at offset 0");
+                    0
+                }
+            };
+            if let Err(e) = list.set_partition_offset(&self.input, partition, Offset::Offset(placeholder)) {
                 self.fail("could not set a new partition's start", e.into());
             }
+        }
+        // Paused before it is taken, it never fetches from the placeholder.
+        if let Err(e) = consumer.pause(list) {
+            tracing::warn!(error = %e, "could not pause the new partitions before taking them");
         }
     }
 
