@@ -362,8 +362,26 @@ kafka_wait() {
 }
 
 # kafka_up: every node started, then waited for (a cluster's nodes need each other's quorum)
+# Every test run leaves its topics behind, and each partition holds files
+# open in the broker: past this many partitions a stopped broker's data is
+# test debris that would exhaust its open files, so `up` starts it afresh.
+MOST_KEPT_PARTITIONS=6000
+
+# kafka_reset_if_full: drop the data of every node when all are stopped and
+# the first holds too many partitions (the nodes are started afresh together).
+kafka_reset_if_full() {
+  local i kept
+  for i in $(seq 1 "$KAFKA_NODES"); do kafka_node "$i"; [ -n "$(kafka_pid)" ] && return 0; done
+  kafka_node 1
+  kept=$(find "$KDIR/data" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)
+  [ "$kept" -gt "$MOST_KEPT_PARTITIONS" ] || return 0
+  log "kafka's data holds $kept partitions left by earlier runs; starting it afresh"
+  for i in $(seq 1 "$KAFKA_NODES"); do kafka_node "$i"; rm -rf "$KDIR/data"; mkdir -p "$KDIR/data"; done
+}
+
 kafka_up() {
   local i
+  kafka_reset_if_full
   for i in $(seq 1 "$KAFKA_NODES"); do kafka_launch "$i"; done
   for i in $(seq 1 "$KAFKA_NODES"); do kafka_wait "$i"; done
 }
