@@ -162,6 +162,37 @@ impl Subscriber {
         &self.resolved
     }
 
+    /// Each partition's end now, its high watermark: once [`Self::reached`]
+    /// them, this subscriber has read everything published before this call.
+    pub async fn end_offsets(&self) -> Result<BTreeMap<i32, i64>, PubSubError> {
+        let (consumer, topic) = (Arc::clone(&self.consumer), self.topic.clone());
+        let partitions: Vec<i32> = self.resolved.keys().copied().collect();
+        blocking(move || {
+            let mut ends = BTreeMap::new();
+            for partition in partitions {
+                ends.insert(partition, consumer.fetch_watermarks(&topic, partition, QUERY_TIMEOUT)?.1);
+            }
+            Ok(ends)
+        })
+        .await
+    }
+
+    /// Whether this subscriber has read up to `ends` in every partition.
+    /// Its position moves past transaction markers and aborted records,
+    /// which no delivery shows; a partition it has read nothing of yet is
+    /// where it started.
+    pub fn reached(&self, ends: &BTreeMap<i32, i64>) -> Result<bool, PubSubError> {
+        let positions = self.consumer.position()?;
+        Ok(ends.iter().all(|(&partition, &end)| {
+            let started = self.resolved.get(&partition).copied().unwrap_or(0);
+            let position = match positions.find_partition(&self.topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(position)) => position.max(started),
+                _ => started,
+            };
+            position >= end
+        }))
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }

@@ -17,7 +17,7 @@
 //! lock, so no change falls between them; its follower then drops what its
 //! Redis snapshot already covers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use tokio::sync::{watch, Notify};
 use super::convert::WireChange;
 use super::trace::{DeliveryTrace, Mark};
 use crate::kafka::KafkaSettings;
-use crate::pubsub::{ChangeFeed, Pattern, PubSubError, StartAt, Subscriber};
+use crate::pubsub::{ChangeFeed, Delivery, Pattern, PubSubError, StartAt, Subscriber};
 
 /// A decoded broadcast change, shared by every watcher it reaches.
 #[derive(Debug)]
@@ -271,66 +271,95 @@ impl Hub {
         self.fanout.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn consume(self: Arc<Hub>, mut settings: KafkaSettings) {
+    /// Reads the broadcast for good. The hub is ready once it has read what
+    /// the topic held when it subscribed (the last minute): a watcher that
+    /// joins sooner would get that minute's changes late, and a load
+    /// balancer must not send it one.
+    async fn consume(self: Arc<Hub>, settings: KafkaSettings) {
         let topic = self.options.broadcast_topic.clone();
+        let mut subscriber = self.subscribe(settings, &topic).await;
+        let mut catching_up = Some(end_offsets(&subscriber, &topic).await);
+        tracing::info!(topic, "shared broadcast consumer started; reading the last minute");
+        let mut failing = false;
+        // How fresh the feed is: from the job's produce (the record's
+        // timestamp, before its transaction commits) to this consumer.
+        let age = metrics::histogram!("omni_service_broadcast_age_seconds");
+        loop {
+            let next = match catching_up {
+                // Checked on a timer too: the last records may be markers no delivery shows.
+                Some(_) => tokio::time::timeout(CATCH_UP_CHECK, subscriber.next()).await.ok(),
+                None => Some(subscriber.next().await),
+            };
+            match next {
+                None => {}
+                Some(None) => break,
+                Some(Some(Ok(delivery))) => {
+                    failing = false;
+                    self.receive(delivery, &age);
+                }
+                Some(Some(Err(error))) => {
+                    if !failing {
+                        tracing::warn!(%error, topic, "the shared broadcast consumer failed to read; going on");
+                    }
+                    failing = true;
+                }
+            }
+            // After the record is kept: a watcher let in next finds it in the replay.
+            if let Some(ends) = &catching_up {
+                if subscriber.reached(ends).unwrap_or(false) {
+                    catching_up = None;
+                    self.ready.send_replace(true);
+                    tracing::info!(topic, "read the broadcast's last minute; ready");
+                }
+            }
+        }
+        tracing::error!(topic, "the shared broadcast consumer ended");
+    }
+
+    /// Subscribes to the whole broadcast from the lookback on, waiting for
+    /// the topic (and the cluster) as long as it takes.
+    async fn subscribe(&self, mut settings: KafkaSettings, topic: &str) -> Subscriber {
         // librdkafka prefetches up to 64 MiB by default, several times that in
         // memory for small records; the hub keeps up or its watchers lag anyway.
         settings.properties.entry("queued.max.messages.kbytes".into()).or_insert_with(|| PREFETCH_KIB.to_string());
         settings.properties.entry("fetch.queue.backoff.ms".into()).or_insert_with(|| "10".into());
         let every = Pattern::parse(">").expect("`>` is a valid pattern");
         let since = chrono::Utc::now().timestamp_millis().saturating_sub(self.lookback_millis());
-        // Waits for the topic (and the cluster) as long as it takes, logging in the subscriber.
-        let mut subscriber = loop {
-            match Subscriber::subscribe(&settings, &topic, every.clone(), StartAt::Timestamp(since)).await {
-                Ok(subscriber) => break subscriber,
+        loop {
+            match Subscriber::subscribe(&settings, topic, every.clone(), StartAt::Timestamp(since)).await {
+                Ok(subscriber) => return subscriber,
                 Err(error) => {
                     tracing::warn!(%error, topic, "the shared broadcast consumer cannot subscribe; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-        };
-        self.ready.send_replace(true);
-        tracing::info!(topic, "shared broadcast consumer started");
-        let mut failing = false;
-        // How fresh the feed is: from the job's produce (the record's
-        // timestamp, before its transaction commits) to this consumer.
-        let age = metrics::histogram!("omni_service_broadcast_age_seconds");
-        while let Some(delivery) = subscriber.next().await {
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
-                Err(error) => {
-                    if !failing {
-                        tracing::warn!(%error, topic, "the shared broadcast consumer failed to read; going on");
-                    }
-                    failing = true;
-                    continue;
-                }
-            };
-            failing = false;
-            let received = Instant::now();
-            match decode(&delivery.payload, &delivery.subject) {
-                Ok((change, bytes)) => {
-                    if let Some(trace) = &self.options.trace {
-                        trace.note(Mark::Received, &change.0.path, change.0.version);
-                    }
-                    let now_millis = chrono::Utc::now().timestamp_millis();
-                    let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
-                    age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
-                    // The record's key is the change's path: kept rather than copied.
-                    let path = if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
-                    let recent = Recent { path, payload: delivery.payload, at_millis };
-                    self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
-                }
-                Err(reason) => tracing::warn!(
-                    topic,
-                    partition = delivery.partition,
-                    offset = delivery.offset,
-                    reason,
-                    "skipping an undecodable broadcast record"
-                ),
-            }
         }
-        tracing::error!(topic, "the shared broadcast consumer ended");
+    }
+
+    /// Decodes a broadcast record and hands it on; an undecodable one is logged and skipped.
+    fn receive(&self, delivery: Delivery, age: &metrics::Histogram) {
+        let received = Instant::now();
+        match decode(&delivery.payload, &delivery.subject) {
+            Ok((change, bytes)) => {
+                if let Some(trace) = &self.options.trace {
+                    trace.note(Mark::Received, &change.0.path, change.0.version);
+                }
+                let now_millis = chrono::Utc::now().timestamp_millis();
+                let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
+                age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
+                // The record's key is the change's path: kept rather than copied.
+                let path = if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
+                let recent = Recent { path, payload: delivery.payload, at_millis };
+                self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
+            }
+            Err(reason) => tracing::warn!(
+                topic = self.options.broadcast_topic,
+                partition = delivery.partition,
+                offset = delivery.offset,
+                reason,
+                "skipping an undecodable broadcast record"
+            ),
+        }
     }
 
     fn lookback_millis(&self) -> i64 {
@@ -365,6 +394,22 @@ impl Hub {
 
 /// The hub's prefetch bound, in KiB.
 const PREFETCH_KIB: usize = 2048;
+
+/// How often a hub still reading the last minute checks whether it got there.
+const CATCH_UP_CHECK: Duration = Duration::from_millis(100);
+
+/// Where the broadcast ends now, asked until the cluster answers.
+async fn end_offsets(subscriber: &Subscriber, topic: &str) -> BTreeMap<i32, i64> {
+    loop {
+        match subscriber.end_offsets().await {
+            Ok(ends) => return ends,
+            Err(error) => {
+                tracing::warn!(%error, topic, "cannot read where the broadcast ends; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
 
 /// A broadcast record's change, with the record's size.
 fn decode(payload: &[u8], subject: &str) -> Result<(WireChange, usize), String> {

@@ -575,8 +575,10 @@ async fn json_over_http_serves_the_calls_and_watch_as_server_sent_events() {
     assert!(body.contains("INVALID_ARGUMENT"), "{body}");
     let (status, body) = http_request(&serve.addr, "POST", "/v1/GetSnapshot", r#"{"path":"app/x/room/none"}"#).await;
     assert_eq!((status, body.contains("NOT_FOUND")), (404, true), "{body}");
+    // Ready once it has read the broadcast's last minute.
+    wait_ready(&serve.addr, Duration::from_secs(30)).await;
     let (status, body) = http_get(&serve.addr, "/readyz").await.expect("/readyz answers");
-    assert_eq!(status, 200, "{body}");
+    assert_eq!((status, body.starts_with("ready")), (200, true), "{body}");
 
     // Watch as Server-Sent Events: the snapshot first.
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};

@@ -1,6 +1,7 @@
 //! `omni serve` when things go wrong: SIGTERM, a restart of the service (a
-//! watcher resumes through `GetDeltas`), Redis down, Kafka down, and a slow
-//! watcher that falls behind the shared feed.
+//! watcher resumes through `GetDeltas`), Redis down, Kafka down, a slow
+//! watcher that falls behind the shared feed, and a service started on a
+//! busy broadcast topic, ready only once it has read the last minute.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -151,4 +152,39 @@ async fn a_slow_watcher_alone_ends_with_resource_exhausted() {
     assert_eq!(metric_sum(&text, "omni_service_watchers_dropped_total"), Some(1.0), "{text}");
     assert_eq!(metric_sum(&text, "omni_service_watchers"), Some(1.0), "the fast watcher is still there: {text}");
     job.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_service_is_ready_only_once_it_has_read_the_broadcasts_last_minute() {
+    use omni::proto::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let t = topology_for("serve-catchup", dir.path());
+    let spec = omni::kafka::TopicSpec { name: t.broadcast_topic.clone(), partitions: 4, configs: vec![] };
+    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    // A busy minute of broadcast, for the service to read before it is ready.
+    let records = 300_000;
+    let producer = producer();
+    for i in 0..records {
+        let path = format!("app/{}/room/r{}", t.application_id, i % 1000);
+        let change = pb::StateChange {
+            path: path.clone(),
+            version: (i / 1000 + 1) as u64,
+            module: "tags".into(),
+            state_json: "{}".into(),
+            ..Default::default()
+        };
+        produce_raw(&producer, &t.broadcast_topic, Some(path.as_bytes()), Some(&change.encode_to_vec()));
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).unwrap();
+
+    let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
+    serve.client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(&serve.addr, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "omni serve not ready within 60 s: {}", serve.log_text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = http_get(&serve.addr, "/metrics").await.expect("metrics").1;
+    let read = metric_sum(&metrics, "omni_service_broadcast_age_seconds_count").unwrap_or(0.0);
+    assert!(read >= records as f64, "ready after reading {read} of the {records} records of the last minute");
 }
