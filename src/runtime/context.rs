@@ -11,9 +11,8 @@ use super::engine::Engine;
 use super::progress::{Stage, ThreadProgress};
 use super::RuntimeError;
 
-/// How long the rebalance callback waits for a new partition's high
-/// watermark before it starts the partition at offset 0 instead.
-const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the rebalance callback waits for the new partitions' ends.
+const PLACEHOLDER_BUDGET: Duration = Duration::from_secs(3);
 
 /// Shares the engine between the processing loop and the rebalance callbacks,
 /// which librdkafka runs on the loop's own thread inside `poll`.
@@ -43,7 +42,7 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 impl ClientContext for JobContext {}
 
 /// Takes the assignment itself, rather than leaving it to librdkafka, to
-/// choose where new partitions start (see [`start_at_placeholder`]).
+/// choose where new partitions start (see [`JobContext::start_at_placeholder`]).
 impl ConsumerContext for JobContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, list: &mut TopicPartitionList) {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
@@ -70,36 +69,50 @@ impl ConsumerContext for JobContext {
 }
 
 impl JobContext {
-    /// Starts every new input partition paused at a placeholder, its
-    /// high watermark, and the engine seeks it to its committed offset
-    /// once restored. librdkafka would otherwise read the committed
-    /// offsets itself, of all new partitions in one request, and start
-    /// none of them while an open transaction holds any one's (a
+    /// Starts every new input partition at a placeholder, its last stable
+    /// offset, and the engine pauses it at once and seeks it to its
+    /// committed offset once restored. librdkafka would otherwise read the
+    /// committed offsets itself, of all new partitions in one request, and
+    /// start none of them while an open transaction holds any one's (a
     /// read_committed consumer asks for stable offsets): one dead
     /// instance's transaction would hold every partition, and a seek on a
     /// partition not started fails. The restores read each partition's
     /// offset on their own.
     ///
-    /// The placeholder is an absolute offset, paused before it is taken:
-    /// a logical one (the end, the beginning) makes librdkafka look it up,
-    /// and a lookup still in flight at the seek is retried and then
-    /// overrides it, skipping or repeating input.
+    /// The placeholder is absolute and in range: a logical one (the end,
+    /// the beginning), or a fetch out of range before the pause takes hold,
+    /// makes librdkafka look an offset up, and a lookup still in flight at
+    /// the seek is retried and then overrides it. It is asked for all new
+    /// partitions at once, within one short budget, since the partitions
+    /// kept have a transaction open meanwhile. Without an answer the
+    /// partitions start as librdkafka would have them, from their committed
+    /// offsets; each then waits until librdkafka started it.
     fn start_at_placeholder(&self, consumer: &BaseConsumer<Self>, list: &mut TopicPartitionList) {
-        for partition in self.partitions(list) {
-            let placeholder = match consumer.fetch_watermarks(&self.input, partition, WATERMARK_TIMEOUT) {
-                Ok((_, high)) => high,
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "no high watermark for a new partition; it waits at offset 0");
-                    0
-                }
+        let partitions = self.partitions(list);
+        if partitions.is_empty() {
+            return;
+        }
+        let mut latest = TopicPartitionList::new();
+        for &partition in &partitions {
+            latest.add_partition(&self.input, partition);
+        }
+        let ends =
+            latest.set_all_offsets(Offset::End).and_then(|()| consumer.offsets_for_times(latest, PLACEHOLDER_BUDGET));
+        let ends = match ends {
+            Ok(ends) => ends,
+            Err(e) => {
+                tracing::warn!(error = %e, ?partitions, "no placeholder for the new partitions; librdkafka reads their offsets");
+                return;
+            }
+        };
+        for element in ends.elements_for_topic(&self.input) {
+            let start = match (element.error(), element.offset()) {
+                (Ok(()), Offset::Offset(end)) => Offset::Offset(end),
+                _ => Offset::Stored,
             };
-            if let Err(e) = list.set_partition_offset(&self.input, partition, Offset::Offset(placeholder)) {
+            if let Err(e) = list.set_partition_offset(&self.input, element.partition(), start) {
                 self.fail("could not set a new partition's start", e.into());
             }
-        }
-        // Paused before it is taken, it never fetches from the placeholder.
-        if let Err(e) = consumer.pause(list) {
-            tracing::warn!(error = %e, "could not pause the new partitions before taking them");
         }
     }
 

@@ -35,11 +35,11 @@ use super::backpressure::Backpressure;
 use super::clock::CommitClock;
 use super::counters::{LocalCounter, ModuleCounters};
 use super::dead_letters::{dead_letter, Refusals};
-use super::offsets::{offset_stamp, Committed};
+use super::offsets::offset_stamp;
 use super::output::{finish, record, send, take_changelog_ends, transaction_failed, JobProducer, Source};
 use super::progress::{Stage, ThreadProgress};
 use super::reconcile::{Resync, Rewriter};
-use super::restore::{RestoreDone, Restores};
+use super::restore::{RestoreDone, Restored, Restores};
 use super::{Health, RuntimeError, ThreadHealth};
 use crate::modules::{Input, LiveRoom, Rejection, RoomFolder, ROOM_MODULE};
 use crate::store::{DeadlineIndex, PartitionWrite, StateStore};
@@ -98,7 +98,7 @@ struct Task {
     restoring: bool,
     /// Its restore finished, with where its input resumes; it counts as
     /// restoring until consumption resumed.
-    restored: Option<Committed>,
+    restored: Option<Restored>,
     /// Its consumption could not resume yet: when to try again.
     start_retry: Option<resume::StartRetry>,
     /// Next input offset to commit, once this partition consumed something in the transaction.

@@ -76,9 +76,11 @@ pub fn committed_now<C: ConsumerContext>(
     committed_positions(consumer, partitions, KAFKA_TIMEOUT)
 }
 
-/// How long one ask for a partition's committed offset may take, so a
-/// cancelled wait is not held up long.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one ask for a partition's committed offset or watermarks may
+/// take. librdkafka retries an offset an open transaction holds until then,
+/// so this is also how often a waiting partition asks again, and how long a
+/// revoke may wait for a restore that waits.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Reads the group's committed input offsets off the processing thread,
 /// with a client of the group's own that never joins it.
@@ -99,13 +101,20 @@ impl OffsetsReader {
         Ok(OffsetsReader { client: Arc::new(client), topic: topic.to_owned() })
     }
 
-    /// `partition`'s committed position, or the error that kept it unreadable.
+    /// `partition`'s committed position, or the error that kept it
+    /// unreadable (a timeout, when an open transaction holds it).
     pub fn read(&self, partition: i32) -> Result<Committed, RuntimeError> {
         let mut list = TopicPartitionList::new();
         list.add_partition(&self.topic, partition);
         committed_positions(&self.client, list, READ_TIMEOUT)?
             .pop()
             .ok_or_else(|| RuntimeError::Invalid(format!("the group returned no offset for partition {partition}")))
+    }
+
+    /// `partition`'s first offset and its last stable one: the input a
+    /// read_committed consumer can read now.
+    pub fn watermarks(&self, partition: i32) -> Result<(i64, i64), RuntimeError> {
+        Ok(self.client.fetch_watermarks(&self.topic, partition, READ_TIMEOUT)?)
     }
 }
 

@@ -9,10 +9,12 @@
 //! transaction markers and compaction leave gaps in offsets, so waiting for
 //! a record at the end offset could wait forever.
 //!
-//! Once restored, it reads where the partition's input resumes, the
-//! offset committed with the state it restored. An open transaction can
-//! hold that offset unreadable (see [`super::offsets`]); the restore waits
-//! it out here, so no other partition waits with it.
+//! It first reads where the partition's input resumes, its committed
+//! offset, and only then where the changelog ends: a transaction that
+//! commits both (another member's, finishing late) is then in the store
+//! too. An open transaction can hold that offset unreadable (see
+//! [`super::offsets`]); the restore waits it out here, before it takes a
+//! slot, so no other partition waits with it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,10 +94,13 @@ pub struct RestoreDone {
 }
 
 /// A restored partition, ready to be consumed.
+#[derive(Debug, Clone)]
 pub struct Restored {
     pub records: u64,
     /// Where its input resumes: the offset committed with the restored state.
     pub committed: Committed,
+    /// Its input's first offset and last stable one, read after the restore.
+    pub input: (i64, i64),
 }
 
 struct Running {
@@ -132,7 +137,11 @@ impl Restores {
         reconcile: Option<Rewriter>,
         done: mpsc::Sender<RestoreDone>,
     ) -> Result<Restores, RuntimeError> {
-        let watermarks = Arc::new(changelog.settings.client_config().create()?);
+        // Its high watermark, not its last stable offset: a restore reads to
+        // there, so a transaction that committed the offset just read is in
+        // the store even if its changelog marker came after that offset's.
+        let watermarks =
+            Arc::new(changelog.settings.client_config().set("isolation.level", "read_uncommitted").create()?);
         Ok(Restores {
             changelog,
             watermarks,
@@ -172,16 +181,22 @@ impl Restores {
         let thread = std::thread::Builder::new()
             .name(format!("restore-{partition}"))
             .spawn(move || {
+                let committed = match job.committed_position() {
+                    Ok(Some(committed)) => committed,
+                    Ok(None) => return,
+                    Err(error) => {
+                        let _ = done.send(RestoreDone { partition, generation, result: Err(error) });
+                        return;
+                    }
+                };
                 if !slots.take(&job.cancel) {
                     return;
                 }
                 let records = job.run_to_the_end();
                 slots.give_back();
-                // Waited for with the slot given back: a partition that
-                // cannot start yet holds up no other restore.
-                let result = match records.and_then(|records| Ok((records, job.committed_position()?))) {
-                    Ok((records, Some(committed))) => Ok(Restored { records, committed }),
+                let result = match records.and_then(|records| Ok((records, job.input_watermarks()?))) {
                     Ok((_, None)) => return,
+                    Ok((records, Some(input))) => Ok(Restored { records, committed, input }),
                     Err(error) => Err(error),
                 };
                 let restored = result.is_ok();
@@ -276,9 +291,10 @@ impl Job {
         }
     }
 
-    /// Where the restored partition's input resumes, read only now so it
-    /// matches what the store holds, and waited for while an open
-    /// transaction holds it. `None` when cancelled first.
+    /// Where the partition's input resumes, waited for while an open
+    /// transaction holds it. Read before the changelog's end, so a
+    /// transaction that commits it also ends in what is restored. `None`
+    /// when cancelled first.
     fn committed_position(&self) -> Result<Option<Committed>, RuntimeError> {
         let mut waiting: Option<WaitingToStart> = None;
         let mut delay = Duration::from_millis(100);
@@ -289,9 +305,31 @@ impl Job {
             match self.offsets.read(self.partition) {
                 Ok(committed) => return Ok(Some(committed)),
                 Err(error) if retriable(&error) => match &mut waiting {
-                    None => waiting = Some(WaitingToStart::new(self.partition, &error)),
-                    Some(waiting) => waiting.again(&error),
+                    None => waiting = Some(WaitingToStart::new(self.partition, &offset_held(&error))),
+                    Some(waiting) => waiting.again(&offset_held(&error)),
                 },
+                Err(error) => return Err(error),
+            }
+            if !self.sleep_unless_cancelled(delay) {
+                return Ok(None);
+            }
+            delay = (delay * 2).min(MOST_OFFSET_RETRY_DELAY);
+        }
+    }
+
+    /// The input partition's watermarks, asked until Kafka answers. `None`
+    /// when cancelled first.
+    fn input_watermarks(&self) -> Result<Option<(i64, i64)>, RuntimeError> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            match self.offsets.watermarks(self.partition) {
+                Ok(watermarks) => return Ok(Some(watermarks)),
+                Err(error) if retriable(&error) => {
+                    tracing::warn!(partition = self.partition, %error, "cannot read the input's watermarks; retrying");
+                }
                 Err(error) => return Err(error),
             }
             if !self.sleep_unless_cancelled(delay) {
@@ -416,6 +454,12 @@ impl Job {
         }
         Err(Interrupted::Cancelled)
     }
+}
+
+/// Why a partition's committed offset could not be read: librdkafka says
+/// only that its retries timed out.
+fn offset_held(error: &RuntimeError) -> String {
+    format!("its committed offset is not readable yet (an open transaction may hold it): {error}")
 }
 
 /// Whether a failed restore is worth another attempt: anything Kafka says

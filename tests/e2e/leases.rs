@@ -26,7 +26,7 @@ fn send(producer: &BaseProducer, topic: &str, room: &str, value: &[u8], headers:
 }
 
 /// A recording start in `room` carrying a lease of `ttl`; returns the lease id.
-fn leased_start(producer: &BaseProducer, topic: &str, room: &str, recording: &str, ttl: Duration) -> String {
+pub(crate) fn leased_start(producer: &BaseProducer, topic: &str, room: &str, recording: &str, ttl: Duration) -> String {
     let lease_id = format!("lease-{}", uuid::Uuid::new_v4().simple());
     let lease = Lease { lease_id: lease_id.clone(), ttl_ms: ttl.as_millis() as i64 };
     let start = Kind::RecordingStarted(RecordingStarted { recording_id: recording.into(), started_by: "u1".into() });
@@ -89,7 +89,7 @@ fn plain(producer: &BaseProducer, topic: &str, room: &str, kind: Kind) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-fn room(topology: &Topology, name: &str) -> String {
+pub(crate) fn room(topology: &Topology, name: &str) -> String {
     format!("app/{}/room/{name}", topology.application_id)
 }
 

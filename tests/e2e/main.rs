@@ -25,4 +25,5 @@ mod serve;
 mod serve_faults;
 mod serve_transports;
 mod standby;
+mod transactions;
 mod view_faults;

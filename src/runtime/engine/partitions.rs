@@ -53,7 +53,7 @@ impl Engine {
             let Some(task) = self.tasks.get_mut(&done.partition) else { continue };
             let restored = done.result?;
             tracing::info!(partition = done.partition, records = restored.records, "partition restored");
-            task.restored = Some(restored.committed);
+            task.restored = Some(restored);
         }
         // Kept apart from the reports: a start that fails is tried again.
         self.start_restored(consumer)

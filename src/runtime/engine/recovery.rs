@@ -70,9 +70,14 @@ impl Engine {
     }
 
     /// Seeks every active partition, except those in `leaving`, to its
-    /// committed offset. Its timers then wait until it consumed again what
-    /// it had: the keep-alives the aborted transaction processed renewed
-    /// leases only in memory, and count again once processed again.
+    /// committed offset (its first one when it never committed: absolute,
+    /// as in [`Engine::start_restored`]).
+    ///
+    /// A partition that had consumed past it then fires no timer until it
+    /// consumed that far again: the keep-alives the aborted transaction
+    /// processed renewed leases only in memory, and count once processed
+    /// again. One that had consumed nothing since has nothing to read again,
+    /// and its timers go on.
     fn rewind<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, leaving: &[i32]) -> Result<(), RuntimeError> {
         let mut active = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
@@ -85,12 +90,18 @@ impl Engine {
         }
         let consumed = consumer.position()?;
         for Committed { partition, offset, .. } in committed_now(consumer, active)? {
-            tracing::info!(partition, ?offset, "rewinding to the committed offset");
-            consumer.seek(&self.topics.input, partition, offset, KAFKA_TIMEOUT)?;
-            let reached = consumed.find_partition(&self.topics.input, partition).map(|e| e.offset());
-            if let (Some(Offset::Offset(reached)), Some(task)) = (reached, self.tasks.get_mut(&partition)) {
-                let wait_for = task.timers_wait_for.map_or(reached, |end| end.max(reached));
-                task.timers_wait_for = Some(wait_for);
+            let committed = match offset {
+                Offset::Offset(at) => at,
+                _ => consumer.fetch_watermarks(&self.topics.input, partition, KAFKA_TIMEOUT)?.0,
+            };
+            tracing::info!(partition, offset = committed, "rewinding to the committed offset");
+            consumer.seek(&self.topics.input, partition, Offset::Offset(committed), KAFKA_TIMEOUT)?;
+            let reached = match consumed.find_partition(&self.topics.input, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(reached)) if reached > committed => reached,
+                _ => continue,
+            };
+            if let Some(task) = self.tasks.get_mut(&partition) {
+                task.timers_wait_for = Some(task.timers_wait_for.map_or(reached, |end| end.max(reached)));
             }
         }
         Ok(())

@@ -1,9 +1,10 @@
 //! Starting to consume a partition once its store is restored, from the
-//! offset committed with that state, which the restore read (see
-//! [`crate::runtime::restore`]). A start that fails (librdkafka has not
-//! started the partition's fetcher yet, a broker is away) is that
-//! partition's alone: it stays paused and is tried again shortly, while the
-//! others go on, and it is counted and logged until it starts.
+//! offset committed with that state, which the restore read with the
+//! input's watermarks (see [`crate::runtime::restore`]): no call here waits
+//! on a broker. A start that fails (librdkafka has not started the
+//! partition's fetcher yet) is that partition's alone: it stays paused and
+//! is tried again shortly, while the others go on, and it is counted and
+//! logged until it starts.
 
 use std::time::{Duration, Instant};
 
@@ -11,8 +12,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{timers, Engine};
-use crate::runtime::offsets::{Committed, WaitingToStart};
+use crate::runtime::offsets::WaitingToStart;
 use crate::runtime::output::KAFKA_TIMEOUT;
+use crate::runtime::restore::Restored;
 use crate::runtime::RuntimeError;
 
 /// Longest pause between two attempts at starting a partition.
@@ -34,14 +36,14 @@ impl Engine {
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
         let now = Instant::now();
-        let due: Vec<(i32, Committed)> = self
+        let due: Vec<(i32, Restored)> = self
             .tasks
             .iter()
             .filter(|(_, task)| task.restoring && task.start_retry.as_ref().is_none_or(|r| r.next_attempt <= now))
             .filter_map(|(&partition, task)| Some((partition, task.restored.clone()?)))
             .collect();
-        for (partition, committed) in due {
-            if let Err(error) = self.resume_restored(consumer, partition, committed) {
+        for (partition, restored) in due {
+            if let Err(error) = self.resume_restored(consumer, partition, restored) {
                 if !matches!(error, RuntimeError::Client(_) | RuntimeError::Kafka(_)) {
                     return Err(error);
                 }
@@ -64,9 +66,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts consuming a restored partition at its committed offset: a
-    /// seek, made only now, since one made before the partition was paused
-    /// for its restore does not always survive the pause.
+    /// Starts consuming a restored partition at its committed offset, or
+    /// its first one when it never committed: absolute, since librdkafka
+    /// looks a logical one up, and a lookup still in flight at a later
+    /// seek (a rewind) is retried and overrides it.
     ///
     /// Its timers are loaded with leases counted from the commit's stamp,
     /// and wait until the partition consumed what its topic held now: a
@@ -76,11 +79,14 @@ impl Engine {
         &mut self,
         consumer: &BaseConsumer<C>,
         partition: i32,
-        committed: Committed,
+        Restored { committed, input: (low, end), .. }: Restored,
     ) -> Result<(), RuntimeError> {
-        let (low, end) = consumer.fetch_watermarks(&self.topics.input, partition, KAFKA_TIMEOUT)?;
-        tracing::info!(partition, offset = ?committed.offset, "consuming the restored partition");
-        consumer.seek(&self.topics.input, partition, committed.offset, KAFKA_TIMEOUT)?;
+        let from = match committed.offset {
+            Offset::Offset(at) => at,
+            _ => low,
+        };
+        tracing::info!(partition, offset = from, "consuming the restored partition");
+        consumer.seek(&self.topics.input, partition, Offset::Offset(from), KAFKA_TIMEOUT)?;
         // Held back for Redis, it resumes with the others.
         if !self.backpressure.held_back() {
             let mut resume = TopicPartitionList::new();
@@ -93,10 +99,6 @@ impl Engine {
         let Some(task) = self.tasks.get_mut(&partition) else { return Ok(()) };
         task.deadlines = deadlines;
         task.keepalives_committed_ms = keepalives_committed_ms;
-        let from = match committed.offset {
-            Offset::Offset(at) => at,
-            _ => low,
-        };
         task.timers_wait_for = (from < end).then_some(end);
         // Only once consuming again: a failed seek or resume must not
         // leave a partition paused and counted as ready.
