@@ -373,7 +373,8 @@ kafka_reset_if_full() {
   local i kept
   for i in $(seq 1 "$KAFKA_NODES"); do kafka_node "$i"; [ -n "$(kafka_pid)" ] && return 0; done
   kafka_node 1
-  kept=$(find "$KDIR/data" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)
+  [ -d "$KDIR/data" ] || return 0
+  kept=$(find "$KDIR/data" -mindepth 1 -maxdepth 1 -type d | wc -l)
   [ "$kept" -gt "$MOST_KEPT_PARTITIONS" ] || return 0
   log "kafka's data holds $kept partitions left by earlier runs; starting it afresh"
   for i in $(seq 1 "$KAFKA_NODES"); do kafka_node "$i"; rm -rf "$KDIR/data"; mkdir -p "$KDIR/data"; done
