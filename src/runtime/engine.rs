@@ -103,6 +103,11 @@ struct Task {
     start_retry: Option<resume::StartRetry>,
     /// Next input offset to commit, once this partition consumed something in the transaction.
     next_offset: Option<i64>,
+    /// The input offset the group holds for it, once it is consumed: a
+    /// transaction that writes its changelog without consuming (timers
+    /// alone) commits it again, so the group checks that this member still
+    /// owns the partition (KIP-447) and a zombie's transaction fails.
+    committed_offset: Option<i64>,
     dirty: RoomMap<DirtyRoom>,
     /// Committed states of recently touched rooms.
     recent: RoomMap<LiveRoom>,
@@ -356,9 +361,11 @@ impl Engine {
         let stamp_ms = timers::wall_clock_ms();
         let mut offsets = TopicPartitionList::new();
         for (&partition, task) in &self.tasks {
-            if let Some(next) = task.next_offset {
+            let wrote = || task.dirty.values().any(|d| d.changed || d.timers_changed);
+            let offset = task.next_offset.or_else(|| task.committed_offset.filter(|_| wrote()));
+            if let Some(offset) = offset {
                 let mut element = offsets.add_partition(&self.topics.input, partition);
-                element.set_offset(Offset::Offset(next))?;
+                element.set_offset(Offset::Offset(offset))?;
                 element.set_metadata(offset_stamp(stamp_ms));
             }
         }
@@ -369,8 +376,12 @@ impl Engine {
                 metrics::histogram!("omni_commit_seconds").record(started.elapsed().as_secs_f64());
                 self.open_since = None;
                 self.commits += 1;
-                for task in self.tasks.values_mut().filter(|task| task.next_offset.is_some()) {
+                for element in offsets.elements_for_topic(&self.topics.input) {
+                    let Some(task) = self.tasks.get_mut(&element.partition()) else { continue };
                     task.keepalives_committed_ms = stamp_ms;
+                    if let Offset::Offset(offset) = element.offset() {
+                        task.committed_offset = Some(offset);
+                    }
                 }
                 self.after_commit()?;
                 metrics::histogram!("omni_transaction_seconds").record(opened.elapsed().as_secs_f64());

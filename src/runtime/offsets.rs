@@ -4,7 +4,8 @@
 //! A read_committed client asks for *stable* offsets (KIP-447): while a
 //! transaction that carries a partition's offset is open (a dead
 //! instance's, until the coordinator times it out), that partition's
-//! offset cannot be read. Whoever asks must wait for that partition alone.
+//! offset cannot be read. Whoever asks must wait for that partition alone,
+//! and says so while it waits ([`WaitingToStart`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

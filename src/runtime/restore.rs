@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -341,8 +341,8 @@ impl Job {
 
     /// Sleeps for `delay`; false if cancelled meanwhile.
     fn sleep_unless_cancelled(&self, delay: Duration) -> bool {
-        let deadline = std::time::Instant::now() + delay;
-        while std::time::Instant::now() < deadline {
+        let deadline = Instant::now() + delay;
+        while Instant::now() < deadline {
             if self.cancel.load(Ordering::Relaxed) {
                 return false;
             }

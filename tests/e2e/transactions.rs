@@ -1,7 +1,9 @@
 //! Transactions that end late or badly around the job's own: another
 //! member's transaction that commits a partition's offset and state after
-//! the partition was assigned here (its state is not lost), and an abort on
-//! one partition that must leave an idle partition's leases due.
+//! the partition was assigned here (its state is not lost), an abort on
+//! one partition that must leave an idle partition's leases due, and a
+//! transaction of timers alone, which still carries its partition's offset
+//! so the group can fence a zombie's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -164,5 +166,46 @@ async fn an_idle_partitions_lease_fires_after_an_abort_on_another_partition() {
 
     let fired = wait_for_version(&topology, &quiet, 2, ttl + Duration::from_secs(40)).await;
     assert!(fired.modules["recording"].to_string().contains("heartbeat_lost"), "{:?}", fired.modules);
+    job.stop().await;
+}
+
+/// The stamp omni leaves on the group's committed offset of partition 0.
+fn committed_stamp(topology: &Topology) -> Option<String> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &services().brokers)
+        .set("group.id", &topology.application_id)
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topology.input_topic(), 0);
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).ok()?;
+    let element = committed.elements().into_iter().next()?;
+    Some(element.metadata().to_owned()).filter(|m| !m.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_timers_alone_commits_its_partitions_offset_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = fresh_topology("timer-offsets", 1, &dir.path().join("state"));
+    create_input(&topology).await;
+    let topic = topology.input_topic().to_owned();
+    let job = RunningJob::start(topology.clone(), Registry::with_builtins()).await;
+    let quiet = room(&topology, "quiet");
+    let producer = producer();
+    leased_start(&producer, &topic, &quiet, "rq", Duration::from_secs(4));
+    producer.flush(Duration::from_secs(30)).unwrap();
+    wait_for_version(&topology, &quiet, 1, Duration::from_secs(30)).await;
+    let before =
+        wait_for(Duration::from_secs(30), "the start's commit stamped", || async { committed_stamp(&topology) }).await;
+
+    // No input after the start: the fire's transaction holds the timer's change alone.
+    wait_for_version(&topology, &quiet, 2, Duration::from_secs(30)).await;
+    let after = wait_for(Duration::from_secs(30), "a commit after the fire", || async {
+        committed_stamp(&topology).filter(|stamp| *stamp != before)
+    })
+    .await;
+    assert!(after > before, "the fire's transaction re-committed the offset with a later stamp: {before} then {after}");
     job.stop().await;
 }

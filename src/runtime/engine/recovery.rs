@@ -63,7 +63,7 @@ impl Engine {
     ) -> Result<(), RuntimeError> {
         self.producer = producer;
         self.discard_open();
-        self.rewind(consumer, &[])?;
+        // No rewind: each partition's restore reads its committed offset, and it is sought there once restored.
         let active: Vec<i32> = self.tasks.iter().filter(|(_, task)| !task.restoring).map(|(&p, _)| p).collect();
         self.assign(consumer, &active);
         Ok(())

@@ -100,6 +100,7 @@ impl Engine {
         task.deadlines = deadlines;
         task.keepalives_committed_ms = keepalives_committed_ms;
         task.timers_wait_for = (from < end).then_some(end);
+        task.committed_offset = Some(from);
         // Only once consuming again: a failed seek or resume must not
         // leave a partition paused and counted as ready.
         task.restored = None;
