@@ -43,6 +43,16 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
+/// Lets a client that only asks for offsets (it never consumes, so
+/// librdkafka refreshes no topic's metadata for it) see a new partition
+/// leader: its cached metadata expires after 5 s, not 15 minutes. Without
+/// it, a leader lost while the cache was filled answers "unknown
+/// partition" until the entry expires, however often it is asked.
+pub fn fresh_leaders(mut config: ClientConfig) -> ClientConfig {
+    config.set("metadata.max.age.ms", "5000");
+    config
+}
+
 /// Bounds a consumer's prefetched input to about `kib` KiB of records.
 ///
 /// Small records cost librdkafka far more memory than their bytes (about

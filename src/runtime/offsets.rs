@@ -93,8 +93,7 @@ pub struct OffsetsReader {
 
 impl OffsetsReader {
     pub fn new(settings: &KafkaSettings, group_id: &str, topic: &str) -> Result<OffsetsReader, RuntimeError> {
-        let client = settings
-            .client_config()
+        let client = crate::kafka::fresh_leaders(settings.client_config())
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")

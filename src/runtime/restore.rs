@@ -30,7 +30,7 @@ use super::changelog::{changelog_write, position_past_markers, resume_offset, Ch
 use super::offsets::{Committed, OffsetsReader, WaitingToStart};
 use super::reconcile::{rewrite_partition, Rewriter};
 use super::{Health, RuntimeError};
-use crate::kafka::{not_served_yet, KafkaSettings};
+use crate::kafka::{fresh_leaders, not_served_yet, KafkaSettings};
 use crate::store::StateStore;
 
 const BATCH: usize = 10_000;
@@ -140,8 +140,8 @@ impl Restores {
         // Its high watermark, not its last stable offset: a restore reads to
         // there, so a transaction that committed the offset just read is in
         // the store even if its changelog marker came after that offset's.
-        let watermarks =
-            Arc::new(changelog.settings.client_config().set("isolation.level", "read_uncommitted").create()?);
+        let mut client = fresh_leaders(changelog.settings.client_config());
+        let watermarks = Arc::new(client.set("isolation.level", "read_uncommitted").create()?);
         Ok(Restores {
             changelog,
             watermarks,
