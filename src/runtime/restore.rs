@@ -297,39 +297,41 @@ impl Job {
     /// when cancelled first.
     fn committed_position(&self) -> Result<Option<Committed>, RuntimeError> {
         let mut waiting: Option<WaitingToStart> = None;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Ok(None);
-            }
-            match self.offsets.read(self.partition) {
-                Ok(committed) => return Ok(Some(committed)),
-                Err(error) if retriable(&error) => match &mut waiting {
-                    None => waiting = Some(WaitingToStart::new(self.partition, &offset_held(&error))),
-                    Some(waiting) => waiting.again(&offset_held(&error)),
-                },
-                Err(error) => return Err(error),
-            }
-            if !self.sleep_unless_cancelled(delay) {
-                return Ok(None);
-            }
-            delay = (delay * 2).min(MOST_OFFSET_RETRY_DELAY);
-        }
+        self.ask_until_answered(
+            || self.offsets.read(self.partition),
+            |error| match &mut waiting {
+                None => waiting = Some(WaitingToStart::new(self.partition, &offset_held(error))),
+                Some(waiting) => waiting.again(&offset_held(error)),
+            },
+        )
     }
 
     /// The input partition's watermarks, asked until Kafka answers. `None`
     /// when cancelled first.
     fn input_watermarks(&self) -> Result<Option<(i64, i64)>, RuntimeError> {
+        self.ask_until_answered(
+            || self.offsets.watermarks(self.partition),
+            |error| tracing::warn!(partition = self.partition, %error, "cannot read the input's watermarks; retrying"),
+        )
+    }
+
+    /// Asks `ask` until it answers, after a pause of 100 ms doubling to
+    /// [`MOST_OFFSET_RETRY_DELAY`] past each error Kafka says can pass,
+    /// which `failed` reports. Another error is returned; `None` when
+    /// cancelled first.
+    fn ask_until_answered<T>(
+        &self,
+        ask: impl Fn() -> Result<T, RuntimeError>,
+        mut failed: impl FnMut(&RuntimeError),
+    ) -> Result<Option<T>, RuntimeError> {
         let mut delay = Duration::from_millis(100);
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            match self.offsets.watermarks(self.partition) {
-                Ok(watermarks) => return Ok(Some(watermarks)),
-                Err(error) if retriable(&error) => {
-                    tracing::warn!(partition = self.partition, %error, "cannot read the input's watermarks; retrying");
-                }
+            match ask() {
+                Ok(answer) => return Ok(Some(answer)),
+                Err(error) if retriable(&error) => failed(&error),
                 Err(error) => return Err(error),
             }
             if !self.sleep_unless_cancelled(delay) {
