@@ -530,8 +530,8 @@ async fn a_zombie_woken_after_its_partitions_moved_is_fenced_and_rejoins_and_the
         other.alive("while the partitions were shared out");
         let (a, b) = (zombie.addr.clone(), other.addr.clone());
         async move {
-            let a = metric_sum(&http_get(&a, "/metrics").await?.1, "omni_assigned_partitions")?;
-            let b = metric_sum(&http_get(&b, "/metrics").await?.1, "omni_assigned_partitions")?;
+            let a = scraped_metric(&a, "omni_assigned_partitions").await?;
+            let b = scraped_metric(&b, "omni_assigned_partitions").await?;
             (a > 0.0 && b > 0.0 && a + b == 4.0).then_some(())
         }
     })
@@ -553,7 +553,7 @@ async fn a_zombie_woken_after_its_partitions_moved_is_fenced_and_rejoins_and_the
     wait_for(RECOVERY, "the woken zombie to own partitions again", || {
         zombie.alive("while it rejoined");
         let addr = zombie.addr.clone();
-        async move { (metric_sum(&http_get(&addr, "/metrics").await?.1, "omni_assigned_partitions")? > 0.0).then_some(()) }
+        async move { (scraped_metric(&addr, "omni_assigned_partitions").await? > 0.0).then_some(()) }
     })
     .await;
     let back = zombie.wait_for_a_commit("after it rejoined").await;

@@ -576,6 +576,12 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
+/// The sum of a metric's samples on the `/metrics` of the process whose
+/// operations endpoint is `addr`; `None` while it does not answer or lacks it.
+pub async fn scraped_metric(addr: &str, name: &str) -> Option<f64> {
+    metric_sum(&http_get(addr, "/metrics").await?.1, name)
+}
+
 /// The `omni` binary with the real services in its environment and no other `OMNI_*` variable.
 pub fn omni_cli() -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_omni"));

@@ -227,7 +227,7 @@ async fn kill_9_with_a_thousand_leases_pending_fires_each_exactly_once_right_aft
     assert_eq!(started.len(), 1000, "every start committed");
     let metric = |name: &'static str| {
         let addr = addr.clone();
-        async move { metric_sum(&http_get(&addr, "/metrics").await?.1, name) }
+        async move { scraped_metric(&addr, name).await }
     };
     assert_eq!(metric("omni_leases_active").await, Some(1000.0), "every lease pending");
     job.kill9();

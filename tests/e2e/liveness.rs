@@ -268,10 +268,6 @@ async fn large_states_through_a_small_write_buffer_never_stall_the_store() {
     assert_store_exact(&[&topology.store.dir], topology.partitions, &expected);
 }
 
-async fn metric(addr: &str, name: &str) -> Option<f64> {
-    metric_sum(&http_get(addr, "/metrics").await?.1, name)
-}
-
 /// A dead instance's transaction, left open with an offset of `partition`
 /// for the job's group: until it ends, a read_committed consumer cannot
 /// read that partition's committed offset (KIP-447's stable offsets).
@@ -323,13 +319,13 @@ async fn a_partition_whose_offset_an_open_transaction_holds_waits_alone_while_th
     assert_eq!(changes.len(), elsewhere, "every room off the held partition is processed while it waits");
     assert!(changes.iter().all(|c| !on_held(&c.path)), "nothing of the held partition before its offset is readable");
     let waiting = wait_for(Duration::from_secs(30), "the held partition reported as waiting to start", || async {
-        metric(&addr, "omni_partitions_waiting_to_start").await.filter(|&n| n == 1.0)
+        scraped_metric(&addr, "omni_partitions_waiting_to_start").await.filter(|&n| n == 1.0)
     })
     .await;
     assert_eq!(waiting, 1.0);
     assert_eq!(http_get(&addr, "/readyz").await.map(|r| r.0), Some(503), "not ready while a partition cannot start");
     assert_eq!(
-        metric(&addr, "omni_transaction_aborts_total").await.unwrap_or(0.0),
+        scraped_metric(&addr, "omni_transaction_aborts_total").await.unwrap_or(0.0),
         0.0,
         "a partition that cannot start yet aborts nobody's work"
     );
@@ -339,6 +335,6 @@ async fn a_partition_whose_offset_an_open_transaction_holds_waits_alone_while_th
     assert_broadcast_exact(&changes, &expected);
     assert_redis_exact(&topology, &folder, &expected).await;
     wait_ready(&addr, Duration::from_secs(30)).await;
-    assert_eq!(metric(&addr, "omni_partitions_waiting_to_start").await, Some(0.0));
+    assert_eq!(scraped_metric(&addr, "omni_partitions_waiting_to_start").await, Some(0.0));
     job.terminate();
 }

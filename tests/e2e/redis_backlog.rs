@@ -18,10 +18,6 @@ fn spawn_job(topology: &mut omni::topology::Topology, dir: &std::path::Path) -> 
     (JobProcess::spawn(topology, dir, "i1"), addr)
 }
 
-async fn gauge(addr: &str, name: &str) -> Option<f64> {
-    metric_sum(&http_get(addr, "/metrics").await?.1, name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_slower_than_the_job_holds_consumption_back_within_the_backlog_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,8 +41,8 @@ async fn a_redis_slower_than_the_job_holds_consumption_back_within_the_backlog_b
     produce(&producer(), topology.input_topic(), &events);
     let (mut held_back, mut most) = (false, 0.0f64);
     while Instant::now() < paused_until {
-        held_back |= gauge(&addr, "omni_redis_backpressure_threads").await.unwrap_or(0.0) >= 1.0;
-        most = most.max(gauge(&addr, "omni_redis_backlog_bytes").await.unwrap_or(0.0));
+        held_back |= scraped_metric(&addr, "omni_redis_backpressure_threads").await.unwrap_or(0.0) >= 1.0;
+        most = most.max(scraped_metric(&addr, "omni_redis_backlog_bytes").await.unwrap_or(0.0));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if !held_back {
@@ -63,7 +59,7 @@ async fn a_redis_slower_than_the_job_holds_consumption_back_within_the_backlog_b
     let addr2 = addr.clone();
     wait_for(Duration::from_secs(30), "consumption resumed", || {
         let addr = addr2.clone();
-        async move { (gauge(&addr, "omni_redis_backpressure_threads").await? == 0.0).then_some(()) }
+        async move { (scraped_metric(&addr, "omni_redis_backpressure_threads").await? == 0.0).then_some(()) }
     })
     .await;
     job.terminate();
@@ -115,6 +111,6 @@ async fn a_redis_away_past_the_backlog_budget_holds_nothing_back_and_gets_every_
 
     let _back = ScratchRedis::start_on(&dir.path().join("redis"), port);
     assert_redis_exact(&topology, &folder, &expected).await;
-    assert!(gauge(&addr, "omni_redis_resyncs_total").await.unwrap_or(0.0) >= 1.0, "no rewrite counted");
+    assert!(scraped_metric(&addr, "omni_redis_resyncs_total").await.unwrap_or(0.0) >= 1.0, "no rewrite counted");
     job.terminate();
 }

@@ -9,10 +9,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::common::*;
 
-async fn metric(addr: &str, name: &str) -> Option<f64> {
-    metric_sum(&http_get(addr, "/metrics").await?.1, name)
-}
-
 fn client() -> BaseConsumer {
     kafka().client_config().create().unwrap()
 }
@@ -61,8 +57,10 @@ async fn a_standby_follows_the_owner_and_takes_over_after_a_kill_9_with_next_to_
     let b = JobProcess::spawn(&b_topology, dir.path(), "b");
     wait_ready(&b_addr, Duration::from_secs(90)).await;
     wait_for(Duration::from_secs(60), "both instances to own partitions", || async {
-        let (a_owns, b_owns) =
-            (metric(&a_addr, "omni_assigned_partitions").await?, metric(&b_addr, "omni_assigned_partitions").await?);
+        let (a_owns, b_owns) = (
+            scraped_metric(&a_addr, "omni_assigned_partitions").await?,
+            scraped_metric(&b_addr, "omni_assigned_partitions").await?,
+        );
         (a_owns > 0.0 && b_owns > 0.0 && a_owns + b_owns == 4.0).then_some(())
     })
     .await;
@@ -74,23 +72,23 @@ async fn a_standby_follows_the_owner_and_takes_over_after_a_kill_9_with_next_to_
     let a_partitions = owned_by(&topology.application_id, topology.input_topic(), "a");
     assert!(!a_partitions.is_empty(), "instance a owns partitions");
     wait_for(Duration::from_secs(60), "b's copies of a's partitions to catch up", || async {
-        let following = metric(&b_addr, "omni_standby_partitions").await?;
-        let lag = metric(&b_addr, "omni_standby_lag_records").await?;
-        let copied = metric(&b_addr, "omni_standby_records_total").await?;
+        let following = scraped_metric(&b_addr, "omni_standby_partitions").await?;
+        let lag = scraped_metric(&b_addr, "omni_standby_lag_records").await?;
+        let copied = scraped_metric(&b_addr, "omni_standby_records_total").await?;
         (following == a_partitions.len() as f64 && lag == 0.0 && copied > 0.0).then_some(())
     })
     .await;
-    let restored_before = metric(&b_addr, "omni_restored_records_total").await.unwrap_or(0.0);
+    let restored_before = scraped_metric(&b_addr, "omni_restored_records_total").await.unwrap_or(0.0);
     let changelog_held = changelog_offsets(&topology.changelog_topic(), &a_partitions);
 
     a.kill9();
     wait_for(Duration::from_secs(90), "b to own and restore every partition", || async {
-        let owns = metric(&b_addr, "omni_assigned_partitions").await?;
+        let owns = scraped_metric(&b_addr, "omni_assigned_partitions").await?;
         let ready = http_get(&b_addr, "/readyz").await?.0 == 200;
         (owns == 4.0 && ready).then_some(())
     })
     .await;
-    let restored = metric(&b_addr, "omni_restored_records_total").await.unwrap_or(0.0) - restored_before;
+    let restored = scraped_metric(&b_addr, "omni_restored_records_total").await.unwrap_or(0.0) - restored_before;
     eprintln!(
         "taking over {a_partitions:?} restored {restored} records; their changelog holds {changelog_held} offsets"
     );
