@@ -196,12 +196,19 @@ impl Drop for Registration {
 
 impl Hub {
     /// Starts the shared consumer in the background; it reads from `lookback`
-    /// ago so the replay holds recent changes from the start.
-    pub fn start(settings: KafkaSettings, options: HubOptions) -> Arc<Hub> {
+    /// ago so the replay holds recent changes from the start. It runs on a
+    /// thread of its own: on the service's runtime, a watcher it wakes would
+    /// wait in that worker's next-task slot (which no other worker steals)
+    /// until the consumer had handed on the commit's whole burst.
+    pub fn start(settings: KafkaSettings, options: HubOptions) -> Result<Arc<Hub>, std::io::Error> {
         let (ready, _) = watch::channel(false);
         let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), options, ready });
-        tokio::spawn(Arc::clone(&hub).consume(settings));
-        hub
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let consuming = Arc::clone(&hub);
+        std::thread::Builder::new()
+            .name("omni-serve-hub".into())
+            .spawn(move || runtime.block_on(consuming.consume(settings)))?;
+        Ok(hub)
     }
 
     /// Whether the consumer is subscribed (start offsets fixed).

@@ -61,6 +61,8 @@ pub enum ServeError {
     HalfTls,
     #[error("tls: {0}")]
     Tls(String),
+    #[error("starting the shared broadcast consumer's thread: {0}")]
+    Hub(std::io::Error),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("creating the delivery trace {path}: {source}")]
@@ -135,12 +137,13 @@ pub async fn serve(
             lookback_bytes: service.watch_lookback_bytes,
             trace: trace.clone(),
         },
-    );
+    )
+    .map_err(ServeError::Hub)?;
     let (stopping, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown, trace.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<OmniServer<OmniService>>().await;
+    set_health(&health, tonic_health::ServingStatus::NotServing).await;
     let reflection_v1 = reflection().build_v1()?;
     // grpcurl and Python's grpcio-reflection still ask v1alpha.
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -164,12 +167,19 @@ pub async fn serve(
     let mut server = Server::builder().accept_http1(true).http2_keepalive_interval(Some(Duration::from_secs(30)));
     let tls = tls_acceptor(&topology)?;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let health_on_stop = health.clone();
+    let hub = Arc::clone(&shared.hub);
     tokio::spawn(async move {
-        stop.await;
+        // Serving, as `/readyz` says ready, once the hub has read the broadcast's last minute.
+        let mut stop = std::pin::pin!(stop);
+        tokio::select! {
+            () = hub.wait_ready() => {
+                set_health(&health, tonic_health::ServingStatus::Serving).await;
+                stop.await;
+            }
+            () = &mut stop => {}
+        }
         tracing::info!("shutting down: ending streams with UNAVAILABLE");
-        health_on_stop.set_not_serving::<OmniServer<OmniService>>().await;
-        health_on_stop.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        set_health(&health, tonic_health::ServingStatus::NotServing).await;
         stopping.send_replace(true);
         let _ = stopped_tx.send(());
     });
@@ -186,6 +196,13 @@ pub async fn serve(
         trace.flush();
     }
     served
+}
+
+/// The gRPC health of the service and of the server as a whole (`""`), which
+/// probes and load balancers ask.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(<OmniServer<OmniService> as tonic::server::NamedService>::NAME, status).await;
 }
 
 /// Runs the server until it ends, or until a shutdown and the calls still in

@@ -10,6 +10,7 @@ use omni::modules::Registry;
 use omni::proto::omni::omni_client::OmniClient;
 use omni::proto::omni::{self as pb};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::common::*;
 use crate::serve::*;
@@ -180,11 +181,34 @@ async fn a_fresh_service_is_ready_only_once_it_has_read_the_broadcasts_last_minu
     let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
     serve.client().await;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut polls_not_ready = 0;
     while http_get(&serve.addr, "/readyz").await.map(|r| r.0) != Some(200) {
+        // gRPC health checks, as a load balancer or a Kubernetes probe makes them, say the same.
+        for service in ["", "omni.v1.Omni"] {
+            assert_eq!(grpc_health(&serve.addr, service).await, ServingStatus::NotServing, "health of {service:?}");
+        }
+        polls_not_ready += 1;
         assert!(Instant::now() < deadline, "omni serve not ready within 60 s: {}", serve.log_text());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let metrics = http_get(&serve.addr, "/metrics").await.expect("metrics").1;
     let read = metric_sum(&metrics, "omni_service_broadcast_age_seconds_count").unwrap_or(0.0);
     assert!(read >= records as f64, "ready after reading {read} of the {records} records of the last minute");
+    assert!(polls_not_ready > 0, "the service was ready at once, so the test showed nothing");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for service in ["", "omni.v1.Omni"] {
+        while grpc_health(&serve.addr, service).await != ServingStatus::Serving {
+            assert!(Instant::now() < deadline, "health of {service:?} is not SERVING 5 s after /readyz said ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// What the standard gRPC health service says of `service`.
+async fn grpc_health(addr: &str, service: &str) -> ServingStatus {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await;
+    let mut health = HealthClient::new(channel.expect("connecting for a health check"));
+    let answer = health.check(HealthCheckRequest { service: service.into() }).await.expect("a health check");
+    ServingStatus::try_from(answer.into_inner().status).expect("a known status")
 }

@@ -87,6 +87,28 @@ impl ServeProcess {
         self.child.id()
     }
 
+    /// Waits until its `/readyz` says ready (asked over plain HTTP/1.1, which
+    /// every build answers): a fresh serve first reads the broadcast's last
+    /// minute, the previous phases' load included.
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let request = format!("GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr);
+        loop {
+            let mut answer = Vec::new();
+            if let Ok(mut socket) = tokio::net::TcpStream::connect(&self.addr).await {
+                if socket.write_all(request.as_bytes()).await.is_ok() {
+                    let _ = socket.read_to_end(&mut answer).await;
+                }
+            }
+            if answer.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "omni serve ({}) was not ready within 120 s", self.label);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// SIGTERM, then waits for the exit (which flushes the delivery trace).
     fn terminate(mut self) -> anyhow::Result<()> {
         std::process::Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
@@ -253,6 +275,7 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
                 );
                 let trace = build.traced.then(|| state.path().join(format!("trace-{}-{watchers}", build.label)));
                 let serve = ServeProcess::spawn(build, &topology_file, state.path(), trace.as_deref())?;
+                serve.wait_ready().await?;
                 let run = watch::PhaseRun { args, topology: &topology, job_pid: job.pid(), watchers, trace };
                 let (phase, written) = watch::phase(&run, serve, &mut workload).await?;
                 rooms.extend(written);
@@ -279,7 +302,9 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
         eprintln!("bench {id}: GetSnapshot at {} requests/s over {} rooms", args.service_snapshot_rate, rooms.len());
         let mut serves = Vec::new();
         for build in &builds {
-            serves.push(ServeProcess::spawn(build, &topology_file, state.path(), None)?);
+            let serve = ServeProcess::spawn(build, &topology_file, state.path(), None)?;
+            serve.wait_ready().await?;
+            serves.push(serve);
         }
         let phases = snapshot::phase(args, &serves, job.pid(), &rooms).await?;
         for serve in serves {

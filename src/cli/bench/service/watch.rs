@@ -18,6 +18,10 @@
 //! reference → serve's consumer, serve's consumer → gRPC, and gRPC → the
 //! watcher in the bench. Reference → gRPC is serve's added latency.
 //!
+//! A second reference, the same plain consumer, says how much later than
+//! the first it sees each change: the floor, on this machine under this
+//! load, of the one consumer hop serve's added latency holds.
+//!
 //! The client side is kept cheap: one task per HTTP/2 connection of 500
 //! streams, receipts pushed into a local vector.
 
@@ -51,6 +55,10 @@ pub struct WatchPhase {
     load_average: LoadDuring,
     /// Reference consumer's receipt → the watcher's receipt in the bench, per change.
     pub added_delivery: Percentiles,
+    /// Reference consumer's receipt → a second reference's (the same plain
+    /// consumer on a thread of its own), per change: what one more consumer
+    /// costs on this machine under this load, which serve's consumer also pays.
+    second_reference_behind: Percentiles,
     /// `added_delivery` split at serve's marks, from its delivery trace
     /// (absent for a build without one).
     delivery_split: Option<DeliverySplit>,
@@ -270,6 +278,7 @@ pub async fn phase(
     let catch_up = caught_up(serve.pid()).await;
     let rss_before = rss_mib(serve.pid());
     let reference = reference_reader(run.topology, watchers, stop.clone())?;
+    let second_reference = reference_reader(run.topology, watchers, stop.clone())?;
     let (sampling, rss_peak) = sample_rss(serve.pid());
     let load_start = LoadAverage::now();
     let cpu_start = CpuClock::now(serve.pid(), run.job_pid);
@@ -291,9 +300,13 @@ pub async fn phase(
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_tx.send_replace(true);
     sampling.abort();
-    let reference = tokio::task::spawn_blocking(move || reference.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the reference reader panicked"))?;
+    let (reference, second_reference) =
+        tokio::task::spawn_blocking(move || (reference.join(), second_reference.join())).await?;
+    let panicked = |_| anyhow::anyhow!("a reference reader panicked");
+    let (reference, second_reference) = (reference.map_err(panicked)?, second_reference.map_err(panicked)?);
+    let second_reference_behind = Percentiles::of(
+        reference.iter().filter_map(|(key, at)| second_reference.get(key).map(|second| millis(second - at))).collect(),
+    );
     let mut received = HashMap::new();
     let mut streams_ended = BTreeMap::new();
     for connection in connections {
@@ -327,6 +340,7 @@ pub async fn phase(
         load_average: LoadDuring { start: load_start, end: load_end },
         serve_cpu_us_per_change: cpu.serve * args.service_secs as f64 / received.len().max(1) as f64 * 1e6,
         added_delivery: Percentiles::of(samples),
+        second_reference_behind,
         delivery_split,
         missed,
         streams_ended,
