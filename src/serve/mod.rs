@@ -142,8 +142,10 @@ pub async fn serve(
     let (stopping, shutdown) = watch::channel(false);
     let shared = Arc::new(Shared::new(topology.clone(), redis_client, publisher, hub, shutdown, trace.clone()));
 
+    // `""` is the process (as `/healthz`: a liveness probe must not restart a
+    // service catching up); `omni.v1.Omni` is readiness (as `/readyz`).
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+    health.set_not_serving::<OmniServer<OmniService>>().await;
     let reflection_v1 = reflection().build_v1()?;
     // grpcurl and Python's grpcio-reflection still ask v1alpha.
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -169,17 +171,18 @@ pub async fn serve(
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let hub = Arc::clone(&shared.hub);
     tokio::spawn(async move {
-        // Serving, as `/readyz` says ready, once the hub has read the broadcast's last minute.
+        // Ready, as `/readyz` says, once the hub has read the broadcast's last minute.
         let mut stop = std::pin::pin!(stop);
         tokio::select! {
             () = hub.wait_ready() => {
-                set_health(&health, tonic_health::ServingStatus::Serving).await;
+                health.set_serving::<OmniServer<OmniService>>().await;
                 stop.await;
             }
             () = &mut stop => {}
         }
         tracing::info!("shutting down: ending streams with UNAVAILABLE");
-        set_health(&health, tonic_health::ServingStatus::NotServing).await;
+        health.set_not_serving::<OmniServer<OmniService>>().await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         stopping.send_replace(true);
         let _ = stopped_tx.send(());
     });
@@ -196,13 +199,6 @@ pub async fn serve(
         trace.flush();
     }
     served
-}
-
-/// The gRPC health of the service and of the server as a whole (`""`), which
-/// probes and load balancers ask.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(<OmniServer<OmniService> as tonic::server::NamedService>::NAME, status).await;
 }
 
 /// Runs the server until it ends, or until a shutdown and the calls still in
