@@ -1,8 +1,9 @@
 //! The one broadcast consumer of an `omni serve` process, shared by every
-//! `Watch`: it decodes each change once, keeps the last minute of broadcast
-//! records (bounded in bytes) for watchers that join, and hands each change
-//! to the watchers it concerns, so ten thousand watchers cost one Kafka
-//! consumer and one decode per change.
+//! `Watch`: it keeps the last minute of broadcast records (bounded in bytes)
+//! for watchers that join, and hands each change to the watchers it
+//! concerns, so ten thousand watchers cost one Kafka consumer and at most
+//! one decode per change (none for a change no watcher takes). It runs on a
+//! thread of its own, beside the service's runtime.
 //!
 //! Each watcher has an inbox of its own, empty (and costing nothing) while
 //! the watcher keeps up. Watchers of one room (a pattern with no wildcard,
@@ -343,47 +344,54 @@ impl Hub {
         }
     }
 
-    /// Decodes a broadcast record and hands it on; an undecodable one is logged and skipped.
+    /// Keeps a broadcast record for joiners and hands its change to the
+    /// watchers of its room.
     fn receive(&self, delivery: Delivery, age: &metrics::Histogram) {
         let received = Instant::now();
-        match decode(&delivery.payload, &delivery.subject) {
+        let now_millis = chrono::Utc::now().timestamp_millis();
+        let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
+        age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
+        let (partition, offset) = (delivery.partition, delivery.offset);
+        // The record's key is its change's path (the wire contract): watchers are found by it.
+        let recent = Recent { path: delivery.subject, payload: delivery.payload, at_millis };
+        self.publish(recent, now_millis, |recent| match decode(&recent.payload, &recent.path) {
             Ok((change, bytes)) => {
                 if let Some(trace) = &self.options.trace {
                     trace.note(Mark::Received, &change.0.path, change.0.version);
                 }
-                let now_millis = chrono::Utc::now().timestamp_millis();
-                let at_millis = delivery.timestamp_millis.unwrap_or(now_millis);
-                age.record(now_millis.saturating_sub(at_millis).max(0) as f64 / 1000.0);
-                // The record's key is the change's path: kept rather than copied.
-                let path = if delivery.subject == change.0.path { delivery.subject } else { change.0.path.clone() };
-                let recent = Recent { path, payload: delivery.payload, at_millis };
-                self.publish(Arc::new(Shared { change, bytes, received: Some(received) }), recent, now_millis);
+                Some(Arc::new(Shared { change, bytes, received: Some(received) }))
             }
-            Err(reason) => tracing::warn!(
-                topic = self.options.broadcast_topic,
-                partition = delivery.partition,
-                offset = delivery.offset,
-                reason,
-                "skipping an undecodable broadcast record"
-            ),
-        }
+            Err(reason) => {
+                tracing::warn!(
+                    topic = self.options.broadcast_topic,
+                    partition,
+                    offset,
+                    reason,
+                    "skipping an undecodable broadcast record"
+                );
+                None
+            }
+        });
     }
 
     fn lookback_millis(&self) -> i64 {
         i64::try_from(self.options.lookback.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Adds a record to the replay and the change to every inbox it
-    /// concerns, under the replay's lock so a joining watcher sees it exactly once.
-    fn publish(&self, shared: Arc<Shared>, recent: Recent, now_millis: i64) {
+    /// Adds a record to the replay and its change to every inbox it
+    /// concerns, under the replay's lock so a joining watcher sees it exactly
+    /// once. The record is decoded only when some watcher is there to take
+    /// it: an instance whose watchers follow a few rooms does not decode the
+    /// whole broadcast.
+    fn publish(&self, recent: Recent, now_millis: i64, decode: impl FnOnce(&Recent) -> Option<Arc<Shared>>) {
         let oldest_kept = now_millis.saturating_sub(self.lookback_millis());
         let mut fanout = self.lock();
-        if let Some(inboxes) = fanout.rooms.get(&shared.change.0.path) {
-            inboxes.iter().for_each(|inbox| inbox.push(&shared));
-        }
-        for (pattern, inbox) in &fanout.wildcards {
-            if pattern.matches(&shared.change.0.path) {
-                inbox.push(&shared);
+        let fanout = &mut *fanout;
+        let room = fanout.rooms.get(&recent.path).map_or(&[][..], Vec::as_slice);
+        let mut wildcards = fanout.wildcards.iter().filter(|(pattern, _)| pattern.matches(&recent.path)).peekable();
+        if !room.is_empty() || wildcards.peek().is_some() {
+            if let Some(shared) = decode(&recent) {
+                room.iter().chain(wildcards.map(|(_, inbox)| inbox)).for_each(|inbox| inbox.push(&shared));
             }
         }
         let replay = &mut fanout.replay;
@@ -492,5 +500,89 @@ mod tests {
         tokio::task::yield_now().await;
         inbox.push(&change(7, 10));
         assert_eq!(taking.await.unwrap().unwrap(), 7);
+    }
+
+    fn hub() -> Arc<Hub> {
+        let options = HubOptions {
+            broadcast_topic: "broadcast".into(),
+            buffer: 16,
+            buffer_bytes: 1 << 20,
+            lookback: Duration::from_secs(60),
+            lookback_bytes: 1 << 20,
+            trace: None,
+        };
+        Arc::new(Hub { fanout: Mutex::default(), options, ready: watch::channel(false).0 })
+    }
+
+    fn record(room: &str, version: u64) -> Recent {
+        use prost::Message as _;
+        let change = crate::proto::omni::StateChange {
+            path: room.into(),
+            version,
+            module: "tags".into(),
+            state_json: "{}".into(),
+            ..Default::default()
+        };
+        let at_millis = chrono::Utc::now().timestamp_millis();
+        Recent { path: room.into(), payload: change.encode_to_vec(), at_millis }
+    }
+
+    /// Publishes `recent` as `receive` does, counting the decodes.
+    fn publish(hub: &Hub, recent: Recent, decodes: &mut usize) {
+        let now = chrono::Utc::now().timestamp_millis();
+        hub.publish(recent, now, |recent| {
+            *decodes += 1;
+            let (change, bytes) = decode(&recent.payload, &recent.path).ok()?;
+            Some(Arc::new(Shared { change, bytes, received: None }))
+        });
+    }
+
+    fn versions(items: Vec<Result<(WireChange, usize), PubSubError>>) -> Vec<u64> {
+        items.into_iter().map(|item| item.unwrap().0 .0.version).collect()
+    }
+
+    #[tokio::test]
+    async fn a_record_is_decoded_only_for_a_watcher_and_a_later_joiner_replays_it() {
+        let hub = hub();
+        let mut watched = hub.feed(&Pattern::parse("app/a/room/w").unwrap());
+        let mut decodes = 0;
+        publish(&hub, record("app/a/room/u", 1), &mut decodes);
+        assert_eq!(decodes, 0, "a record no watcher takes is kept as bytes");
+        publish(&hub, record("app/a/room/w", 1), &mut decodes);
+        assert_eq!(decodes, 1);
+        assert_eq!(versions(vec![watched.next().await.unwrap()]), [1]);
+
+        let mut joiner = hub.feed(&Pattern::parse("app/a/room/u").unwrap());
+        publish(&hub, record("app/a/room/u", 2), &mut decodes);
+        assert_eq!(decodes, 2);
+        assert_eq!(versions(vec![joiner.next().await.unwrap(), joiner.next().await.unwrap()]), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_watcher_gets_every_matching_record_once_decoded() {
+        let hub = hub();
+        let mut every = hub.feed(&Pattern::parse("app/a/room/*").unwrap());
+        let mut one = hub.feed(&Pattern::parse("app/a/room/w").unwrap());
+        let mut decodes = 0;
+        publish(&hub, record("app/a/room/w", 1), &mut decodes);
+        publish(&hub, record("app/b/room/w", 1), &mut decodes);
+        publish(&hub, record("app/a/room/v", 1), &mut decodes);
+        assert_eq!(decodes, 2, "one decode per watched record, however many watchers take it");
+        let got: Vec<_> = vec![every.next().await.unwrap(), every.next().await.unwrap()];
+        let paths: Vec<String> = got.into_iter().map(|item| item.unwrap().0 .0.path).collect();
+        assert_eq!(paths, ["app/a/room/w", "app/a/room/v"]);
+        assert_eq!(versions(vec![one.next().await.unwrap()]), [1]);
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_kept_for_joiners_is_skipped_by_them() {
+        let hub = hub();
+        let mut decodes = 0;
+        let mut garbage = record("app/a/room/u", 1);
+        garbage.payload = vec![0xff, 0xff, 0xff];
+        publish(&hub, garbage, &mut decodes);
+        publish(&hub, record("app/a/room/u", 2), &mut decodes);
+        let mut joiner = hub.feed(&Pattern::parse("app/a/room/u").unwrap());
+        assert_eq!(versions(vec![joiner.next().await.unwrap()]), [2]);
     }
 }
