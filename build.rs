@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // One module per package, nested as the packages are, so the service's
         // references to tecate.v1 resolve.
         .include_file("protos.rs")
+        // Small first buffers per stream (see `proto::OmniCodec`).
+        .codec_path("crate::proto::OmniCodec")
         .compile_with_config(
             config,
             &["proto/tecate.proto", "proto/omni.proto", "proto/omni/v1/service.proto"].map(std::path::PathBuf::from),

@@ -289,6 +289,18 @@ async fn serve_answers_every_rpc() {
         (subject.as_str(), &b"hello"[..], "text/plain")
     );
     assert_eq!((record.partition, record.offset), (sent.partition, sent.offset));
+    // A message many times the codec's first buffer (1 KiB), both ways.
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let raw = pb::PublishRequest {
+        path: subject.clone(),
+        body: Some(publish_request::Body::Payload(big.clone())),
+        topic: chat.clone(),
+        content_type: "application/octet-stream".into(),
+        lease_ttl_ms: 0,
+    };
+    client.publish(raw).await.unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(30), records.message()).await.unwrap().unwrap().unwrap();
+    assert!(record.payload == big, "a 100,000-byte payload came back as {} bytes", record.payload.len());
 
     // Operations endpoints and metrics on the same port.
     let (status, _) = http_get(&serve.addr, "/healthz").await.expect("/healthz answers");
