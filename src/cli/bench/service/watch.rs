@@ -67,6 +67,9 @@ pub struct WatchPhase {
     serve_catch_up_s: f64,
     /// Changes the reference saw for watched rooms that no watcher reported.
     missed: usize,
+    /// `resynchronised` events the watchers got (a gap their follower could
+    /// not fill; the changes it covers count as missed).
+    resynchronised: usize,
     /// Watch streams that ended during the phase, by status code.
     streams_ended: BTreeMap<String, usize>,
     /// CPU used while the job was fed, in cores.
@@ -121,6 +124,7 @@ type Receipt = (u32, u64, i64);
 struct Watched {
     receipts: Vec<Receipt>,
     ended: BTreeMap<String, usize>,
+    resynchronised: usize,
 }
 
 /// Opens the watches of `ranks` on one connection, says so, then records
@@ -143,8 +147,12 @@ async fn watch_connection(
         tokio::select! {
             next = streams.next() => match next {
                 Some((rank, Ok(event))) => {
-                    if let Some(watch_event::Event::Change(change)) = event.event {
-                        watched.receipts.push((rank, change.version, wall_micros()));
+                    match event.event {
+                        Some(watch_event::Event::Change(change)) => {
+                            watched.receipts.push((rank, change.version, wall_micros()));
+                        }
+                        Some(watch_event::Event::Resynchronised(_)) => watched.resynchronised += 1,
+                        _ => {}
                     }
                 }
                 Some((_, Err(status))) => {
@@ -309,8 +317,10 @@ pub async fn phase(
     );
     let mut received = HashMap::new();
     let mut streams_ended = BTreeMap::new();
+    let mut resynchronised = 0;
     for connection in connections {
         let watched = connection.await??;
+        resynchronised += watched.resynchronised;
         received.extend(watched.receipts.into_iter().map(|(rank, version, at)| ((rank, version), at)));
         for (code, count) in watched.ended {
             *streams_ended.entry(code).or_default() += count;
@@ -343,6 +353,7 @@ pub async fn phase(
         second_reference_behind,
         delivery_split,
         missed,
+        resynchronised,
         streams_ended,
         cpu,
         serve_rss_mib_before: rss_before,
