@@ -68,7 +68,7 @@ fn endpoint_from_listen(listen: Option<&str>) -> anyhow::Result<String> {
 }
 
 /// One HTTP/1.1 GET: the status code and the body.
-async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub(super) async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream =
         tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to http://{addr}{path}"))?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

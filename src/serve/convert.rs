@@ -56,12 +56,15 @@ pub struct WireChange(pub pb::StateChange);
 impl WireChange {
     /// The change of a broadcast record; a record whose message has no path
     /// takes its key's. Fails on a record that is not a `StateChange` with a
-    /// JSON state.
+    /// JSON state, or whose path is not its key (watchers are found by the
+    /// key, and the follower refuses such a record too).
     pub fn decode(payload: &[u8], key: &str) -> Result<WireChange, String> {
         use prost::Message as _;
         let mut change = pb::StateChange::decode(payload).map_err(|e| e.to_string())?;
         if change.path.is_empty() {
             key.clone_into(&mut change.path);
+        } else if change.path != key {
+            return Err(format!("path {:?} differs from key {:?}", change.path, key));
         }
         // As the change stream in Redis writes them (see `change_record`): a
         // cleared module is `{}`, and a missing time is the epoch.
@@ -158,6 +161,19 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_change_whose_path_is_not_its_key_is_refused() {
+        use prost::Message as _;
+        let change = |path: &str| {
+            pb::StateChange { path: path.into(), version: 1, state_json: "{}".into(), ..Default::default() }
+                .encode_to_vec()
+        };
+        let refused = WireChange::decode(&change("app/a/room/y"), "app/a/room/x").unwrap_err();
+        assert!(refused.contains("differs from key"), "{refused}");
+        assert_eq!(WireChange::decode(&change("app/a/room/x"), "app/a/room/x").unwrap().0.path, "app/a/room/x");
+        assert_eq!(WireChange::decode(&change(""), "app/a/room/x").unwrap().0.path, "app/a/room/x");
+    }
 
     #[test]
     fn timestamps_round_trip_through_rfc3339() {

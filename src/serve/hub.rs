@@ -42,7 +42,8 @@ struct Shared {
 
 /// A broadcast record kept for watchers that join. Kept as the record's
 /// bytes, which are several times smaller than the decoded change, and
-/// decoded again only for a joiner it matches.
+/// decoded (again, if a watcher took it live) only for a joiner it matches;
+/// an undecodable one is skipped then.
 #[derive(Debug)]
 struct Recent {
     path: String,
@@ -167,7 +168,7 @@ pub struct HubOptions {
 pub struct Hub {
     fanout: Mutex<Fanout>,
     options: HubOptions,
-    /// True once the consumer's start offsets are fixed.
+    /// True once the consumer has read the broadcast's last minute.
     ready: watch::Sender<bool>,
 }
 
@@ -204,20 +205,31 @@ impl Hub {
     pub fn start(settings: KafkaSettings, options: HubOptions) -> Result<Arc<Hub>, std::io::Error> {
         let (ready, _) = watch::channel(false);
         let hub = Arc::new(Hub { fanout: Mutex::new(Fanout::default()), options, ready });
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let consuming = Arc::clone(&hub);
-        std::thread::Builder::new()
-            .name("omni-serve-hub".into())
-            .spawn(move || runtime.block_on(consuming.consume(settings)))?;
+        // The runtime is built (and dropped) on the thread itself: dropped on
+        // the service's runtime, as a failed spawn would drop it, it panics.
+        let (built_tx, built) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new().name("omni-serve-hub".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => {
+                    let _ = built_tx.send(Ok(()));
+                    runtime.block_on(consuming.consume(settings));
+                }
+                Err(error) => {
+                    let _ = built_tx.send(Err(error));
+                }
+            }
+        })?;
+        built.recv().map_err(|_| std::io::Error::other("the hub's thread ended before its runtime was built"))??;
         Ok(hub)
     }
 
-    /// Whether the consumer is subscribed (start offsets fixed).
+    /// Whether the consumer has read the broadcast's last minute.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
 
-    /// Waits until the consumer is subscribed.
+    /// Waits until the consumer has read the broadcast's last minute.
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.subscribe();
         // The sender lives as long as the hub, so this only ends when ready.
@@ -345,7 +357,7 @@ impl Hub {
     }
 
     /// Keeps a broadcast record for joiners and hands its change to the
-    /// watchers of its room.
+    /// watchers of its room and the wildcard watchers it matches.
     fn receive(&self, delivery: Delivery, age: &metrics::Histogram) {
         let received = Instant::now();
         let now_millis = chrono::Utc::now().timestamp_millis();

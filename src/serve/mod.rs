@@ -169,23 +169,7 @@ pub async fn serve(
     let mut server = Server::builder().accept_http1(true).http2_keepalive_interval(Some(Duration::from_secs(30)));
     let tls = tls_acceptor(&topology)?;
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let hub = Arc::clone(&shared.hub);
-    tokio::spawn(async move {
-        // Ready, as `/readyz` says, once the hub has read the broadcast's last minute.
-        let mut stop = std::pin::pin!(stop);
-        tokio::select! {
-            () = hub.wait_ready() => {
-                health.set_serving::<OmniServer<OmniService>>().await;
-                stop.await;
-            }
-            () = &mut stop => {}
-        }
-        tracing::info!("shutting down: ending streams with UNAVAILABLE");
-        health.set_not_serving::<OmniServer<OmniService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-        stopping.send_replace(true);
-        let _ = stopped_tx.send(());
-    });
+    tokio::spawn(report_health(health, Arc::clone(&shared.hub), stop, stopping, stopped_tx));
     let stopped = async {
         let _ = stopped_rx.await;
     };
@@ -199,6 +183,31 @@ pub async fn serve(
         trace.flush();
     }
     served
+}
+
+/// Keeps the gRPC health: `omni.v1.Omni` serving once the hub has read the
+/// broadcast's last minute (as `/readyz` says ready), and both it and the
+/// server (`""`) not serving from `stop` on, when the streams are told to end.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    hub: Arc<Hub>,
+    stop: impl Future<Output = ()>,
+    stopping: watch::Sender<bool>,
+    stopped: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut stop = std::pin::pin!(stop);
+    tokio::select! {
+        () = hub.wait_ready() => {
+            health.set_serving::<OmniServer<OmniService>>().await;
+            stop.await;
+        }
+        () = &mut stop => {}
+    }
+    tracing::info!("shutting down: ending streams with UNAVAILABLE");
+    health.set_not_serving::<OmniServer<OmniService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    stopping.send_replace(true);
+    let _ = stopped.send(());
 }
 
 /// Runs the server until it ends, or until a shutdown and the calls still in

@@ -182,11 +182,16 @@ async fn a_fresh_service_is_ready_only_once_it_has_read_the_broadcasts_last_minu
     serve.client().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut polls_not_ready = 0;
-    while http_get(&serve.addr, "/readyz").await.map(|r| r.0) != Some(200) {
+    loop {
         // The gRPC health of the service, as a load balancer or a readiness
-        // probe asks it, says the same; the process's own (`""`) is alive.
-        assert_eq!(grpc_health(&serve.addr, "omni.v1.Omni").await, ServingStatus::NotServing);
+        // probe asks it, says the same as `/readyz`; the process's own (`""`)
+        // is alive. Asked first: it turns SERVING only after `/readyz` says ready.
+        let service = grpc_health(&serve.addr, "omni.v1.Omni").await;
         assert_eq!(grpc_health(&serve.addr, "").await, ServingStatus::Serving);
+        if http_get(&serve.addr, "/readyz").await.map(|r| r.0) == Some(200) {
+            break;
+        }
+        assert_eq!(service, ServingStatus::NotServing, "omni.v1.Omni's health while /readyz is not ready");
         polls_not_ready += 1;
         assert!(Instant::now() < deadline, "omni serve not ready within 60 s: {}", serve.log_text());
         tokio::time::sleep(Duration::from_millis(10)).await;

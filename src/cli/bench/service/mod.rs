@@ -87,21 +87,16 @@ impl ServeProcess {
         self.child.id()
     }
 
-    /// Waits until its `/readyz` says ready (asked over plain HTTP/1.1, which
-    /// every build answers): a fresh serve first reads the broadcast's last
-    /// minute, the previous phases' load included.
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// Waits until its `/readyz` says ready: a fresh serve first reads the
+    /// broadcast's last minute, the previous phases' load included.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let request = format!("GET /readyz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr);
         loop {
-            let mut answer = Vec::new();
-            if let Ok(mut socket) = tokio::net::TcpStream::connect(&self.addr).await {
-                if socket.write_all(request.as_bytes()).await.is_ok() {
-                    let _ = socket.read_to_end(&mut answer).await;
-                }
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("omni serve ({}) exited with {status} before it was ready", self.label);
             }
-            if answer.starts_with(b"HTTP/1.1 200") {
+            let asked = tokio::time::timeout(Duration::from_secs(2), crate::cli::health::get(&self.addr, "/readyz"));
+            if matches!(asked.await, Ok(Ok((200, _)))) {
                 return Ok(());
             }
             anyhow::ensure!(Instant::now() < deadline, "omni serve ({}) was not ready within 120 s", self.label);
@@ -274,7 +269,7 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
                     build.label, args.rate, args.service_secs
                 );
                 let trace = build.traced.then(|| state.path().join(format!("trace-{}-{watchers}", build.label)));
-                let serve = ServeProcess::spawn(build, &topology_file, state.path(), trace.as_deref())?;
+                let mut serve = ServeProcess::spawn(build, &topology_file, state.path(), trace.as_deref())?;
                 serve.wait_ready().await?;
                 let run = watch::PhaseRun { args, topology: &topology, job_pid: job.pid(), watchers, trace };
                 let (phase, written) = watch::phase(&run, serve, &mut workload).await?;
@@ -302,7 +297,7 @@ pub async fn run(args: &BenchArgs, kafka: &KafkaSettings, redis_url: &str) -> an
         eprintln!("bench {id}: GetSnapshot at {} requests/s over {} rooms", args.service_snapshot_rate, rooms.len());
         let mut serves = Vec::new();
         for build in &builds {
-            let serve = ServeProcess::spawn(build, &topology_file, state.path(), None)?;
+            let mut serve = ServeProcess::spawn(build, &topology_file, state.path(), None)?;
             serve.wait_ready().await?;
             serves.push(serve);
         }

@@ -19,8 +19,10 @@
 //! watcher in the bench. Reference → gRPC is serve's added latency.
 //!
 //! A second reference, the same plain consumer, says how much later than
-//! the first it sees each change: the floor, on this machine under this
-//! load, of the one consumer hop serve's added latency holds.
+//! the first it sees each change. The two are as often ahead as behind, so
+//! its p99 is how far behind the reference any one more consumer (serve's
+//! too) already is before doing any work: the floor, on this machine under
+//! this load, of serve's added latency.
 //!
 //! The client side is kept cheap: one task per HTTP/2 connection of 500
 //! streams, receipts pushed into a local vector.
@@ -62,9 +64,9 @@ pub struct WatchPhase {
     /// `added_delivery` split at serve's marks, from its delivery trace
     /// (absent for a build without one).
     delivery_split: Option<DeliverySplit>,
-    /// Seconds serve took, with its watchers open, to read the broadcast's
-    /// recent past (its replay for joiners) before the load started.
-    serve_catch_up_s: f64,
+    /// Seconds serve took, ready and with its watchers open, to go idle
+    /// (under 5 % of a core) before the load started.
+    serve_settle_s: f64,
     /// Changes the reference saw for watched rooms that no watcher reported.
     missed: usize,
     /// `resynchronised` events the watchers got (a gap their follower could
@@ -283,25 +285,14 @@ pub async fn phase(
     let (args, watchers) = (run.args, run.watchers);
     let (stop_tx, stop) = watch::channel(false);
     let connections = open_watchers(&serve, watchers, &stop).await?;
-    let catch_up = caught_up(serve.pid()).await;
+    let settle = caught_up(serve.pid()).await;
     let rss_before = rss_mib(serve.pid());
     let reference = reference_reader(run.topology, watchers, stop.clone())?;
     let second_reference = reference_reader(run.topology, watchers, stop.clone())?;
     let (sampling, rss_peak) = sample_rss(serve.pid());
     let load_start = LoadAverage::now();
     let cpu_start = CpuClock::now(serve.pid(), run.job_pid);
-    let achieved = {
-        let (brokers, input, rate) =
-            (run.topology.kafka.brokers.clone(), run.topology.input_topic().to_owned(), args.rate);
-        let duration = Duration::from_secs(args.service_secs);
-        let mut local = std::mem::replace(workload, Workload::new(args.seed + 1, args.rooms, args.zipf));
-        let (rate, local) = tokio::task::spawn_blocking(move || {
-            produce(&brokers, &input, rate, duration, &mut local).map(|r| (r, local))
-        })
-        .await??;
-        *workload = local;
-        rate
-    };
+    let achieved = feed_the_job(run, workload).await?;
     let cpu = CpuClock::now(serve.pid(), run.job_pid).share_since(&cpu_start);
     let load_end = LoadAverage::now();
     // The last commits and deliveries.
@@ -315,17 +306,7 @@ pub async fn phase(
     let second_reference_behind = Percentiles::of(
         reference.iter().filter_map(|(key, at)| second_reference.get(key).map(|second| millis(second - at))).collect(),
     );
-    let mut received = HashMap::new();
-    let mut streams_ended = BTreeMap::new();
-    let mut resynchronised = 0;
-    for connection in connections {
-        let watched = connection.await??;
-        resynchronised += watched.resynchronised;
-        received.extend(watched.receipts.into_iter().map(|(rank, version, at)| ((rank, version), at)));
-        for (code, count) in watched.ended {
-            *streams_ended.entry(code).or_default() += count;
-        }
-    }
+    let Gathered { received, streams_ended, resynchronised } = gather(connections).await?;
     let mut samples = Vec::new();
     let mut missed = 0;
     for (key, at) in &reference {
@@ -346,7 +327,7 @@ pub async fn phase(
         serve: label,
         watchers,
         achieved_events_per_s: achieved,
-        serve_catch_up_s: catch_up.as_secs_f64(),
+        serve_settle_s: settle.as_secs_f64(),
         load_average: LoadDuring { start: load_start, end: load_end },
         serve_cpu_us_per_change: cpu.serve * args.service_secs as f64 / received.len().max(1) as f64 * 1e6,
         added_delivery: Percentiles::of(samples),
@@ -361,6 +342,41 @@ pub async fn phase(
         serve_rss_target_mib: 100.0 + watchers as f64 * 16.0 / 1024.0,
     };
     Ok((phase, written.into_iter().collect()))
+}
+
+/// Writes the workload to the job's input at `--rate` for `--service-secs`;
+/// returns the rate achieved.
+async fn feed_the_job(run: &PhaseRun<'_>, workload: &mut Workload) -> anyhow::Result<f64> {
+    let args = run.args;
+    let (brokers, input, rate) = (run.topology.kafka.brokers.clone(), run.topology.input_topic().to_owned(), args.rate);
+    let duration = Duration::from_secs(args.service_secs);
+    let mut local = std::mem::replace(workload, Workload::new(args.seed + 1, args.rooms, args.zipf));
+    let (achieved, local) =
+        tokio::task::spawn_blocking(move || produce(&brokers, &input, rate, duration, &mut local).map(|r| (r, local)))
+            .await??;
+    *workload = local;
+    Ok(achieved)
+}
+
+/// What every connection's watchers saw, together.
+struct Gathered {
+    /// When each (rank, version) arrived (wall clock, µs).
+    received: HashMap<(u32, u64), i64>,
+    streams_ended: BTreeMap<String, usize>,
+    resynchronised: usize,
+}
+
+async fn gather(connections: Vec<tokio::task::JoinHandle<anyhow::Result<Watched>>>) -> anyhow::Result<Gathered> {
+    let mut gathered = Gathered { received: HashMap::new(), streams_ended: BTreeMap::new(), resynchronised: 0 };
+    for connection in connections {
+        let watched = connection.await??;
+        gathered.resynchronised += watched.resynchronised;
+        gathered.received.extend(watched.receipts.into_iter().map(|(rank, version, at)| ((rank, version), at)));
+        for (code, count) in watched.ended {
+            *gathered.streams_ended.entry(code).or_default() += count;
+        }
+    }
+    Ok(gathered)
 }
 
 /// Serve's two marks of a change (wall clock, µs), when it has them.
