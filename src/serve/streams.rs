@@ -151,6 +151,10 @@ impl Watcher {
 
 impl Watcher {
     fn message(&self, event: FollowEvent<WireChange>) -> pb::WatchEvent {
+        if matches!(event, FollowEvent::Resynchronised(_)) {
+            // A room's gap that its change stream could not fill.
+            metrics::counter!("omni_service_watchers_resynchronised_total").increment(1);
+        }
         let Some(trace) = &self.trace else { return watch_event(event) };
         let change = matches!(event, FollowEvent::Change(_)).then(|| (event.path().to_owned(), event.version()));
         let message = watch_event(event);

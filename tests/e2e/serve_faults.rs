@@ -1,7 +1,8 @@
 //! `omni serve` when things go wrong: SIGTERM, a restart of the service (a
 //! watcher resumes through `GetDeltas`), Redis down, Kafka down, a slow
-//! watcher that falls behind the shared feed, and a service started on a
-//! busy broadcast topic, ready only once it has read the last minute.
+//! watcher that falls behind the shared feed, a gap no change stream fills
+//! (a resynchronisation, counted), and a service started on a busy
+//! broadcast topic, ready only once it has read the last minute.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -214,4 +215,43 @@ async fn grpc_health(addr: &str, service: &str) -> ServingStatus {
     let mut health = HealthClient::new(channel.expect("connecting for a health check"));
     let answer = health.check(HealthCheckRequest { service: service.into() }).await.expect("a health check");
     ServingStatus::try_from(answer.into_inner().status).expect("a known status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_no_change_stream_fills_is_a_resynchronisation_the_metrics_count() {
+    use omni::proto::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let t = topology_for("serve-resync", dir.path());
+    let spec = omni::kafka::TopicSpec { name: t.broadcast_topic.clone(), partitions: 4, configs: vec![] };
+    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
+    let mut client = serve.client().await;
+    let room = format!("app/{}/room/r1", t.application_id);
+    let mut watch = client.watch(pb::WatchRequest { pattern: room.clone() }).await.unwrap().into_inner();
+
+    // A close at version 2 of a room Redis holds nothing of: version 1 is in
+    // no change stream, so the watcher can only resynchronise.
+    let close = pb::StateChange {
+        path: room.clone(),
+        version: 2,
+        module: omni::modules::ROOM_MODULE.into(),
+        state_json: "{}".into(),
+        ..Default::default()
+    };
+    let producer = producer();
+    produce_raw(&producer, &t.broadcast_topic, Some(room.as_bytes()), Some(&close.encode_to_vec()));
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), watch.message()).await.unwrap().unwrap().unwrap();
+    match event.event {
+        Some(pb::watch_event::Event::Resynchronised(snapshot)) => {
+            assert_eq!((snapshot.path, snapshot.version), (room, 2))
+        }
+        other => panic!("expected a resynchronisation, got {other:?}"),
+    }
+    let name = "omni_service_watchers_resynchronised_total";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scraped_metric(&serve.addr, name).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "{name} is {:?}, not 1", scraped_metric(&serve.addr, name).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
