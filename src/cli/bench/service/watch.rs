@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -176,6 +177,7 @@ type Reference = HashMap<(u32, u64), i64>;
 fn reference_reader(
     topology: &Topology,
     watchers: usize,
+    last_seen: Arc<AtomicI64>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<std::thread::JoinHandle<Reference>> {
     let (kafka, topic) = (topology.kafka.clone(), topology.broadcast_topic.clone());
@@ -201,6 +203,7 @@ fn reference_reader(
                 };
                 let Some(Ok(delivery)) = delivery else { continue };
                 let at = wall_micros();
+                last_seen.fetch_max(at, Ordering::Relaxed);
                 let rank = delivery.subject.strip_prefix(ROOM_PREFIX).and_then(|r| r.parse::<u32>().ok());
                 if let Some(rank) = rank.filter(|&r| (r as usize) < watchers) {
                     if let Ok(change) = pb::StateChange::decode(delivery.payload.as_slice()) {
@@ -287,16 +290,16 @@ pub async fn phase(
     let connections = open_watchers(&serve, watchers, &stop).await?;
     let settle = caught_up(serve.pid()).await;
     let rss_before = rss_mib(serve.pid());
-    let reference = reference_reader(run.topology, watchers, stop.clone())?;
-    let second_reference = reference_reader(run.topology, watchers, stop.clone())?;
+    let last_seen = Arc::new(AtomicI64::new(0));
+    let reference = reference_reader(run.topology, watchers, Arc::clone(&last_seen), stop.clone())?;
+    let second_reference = reference_reader(run.topology, watchers, Arc::clone(&last_seen), stop.clone())?;
     let (sampling, rss_peak) = sample_rss(serve.pid());
     let load_start = LoadAverage::now();
     let cpu_start = CpuClock::now(serve.pid(), run.job_pid);
     let achieved = feed_the_job(run, workload).await?;
     let cpu = CpuClock::now(serve.pid(), run.job_pid).share_since(&cpu_start);
     let load_end = LoadAverage::now();
-    // The last commits and deliveries.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    drained(&last_seen).await;
     stop_tx.send_replace(true);
     sampling.abort();
     let (reference, second_reference) =
@@ -342,6 +345,20 @@ pub async fn phase(
         serve_rss_target_mib: 100.0 + watchers as f64 * 16.0 / 1024.0,
     };
     Ok((phase, written.into_iter().collect()))
+}
+
+/// Waits until the references have seen nothing for a second (at most a
+/// minute): the job has committed the last of its backlog, and every
+/// change's watcher has had that second to receive it, so a change no
+/// watcher reported was lost, not still in flight.
+async fn drained(last_seen: &AtomicI64) {
+    const QUIET_MICROS: i64 = 1_000_000;
+    let started = Instant::now();
+    while wall_micros() - last_seen.load(Ordering::Relaxed) < QUIET_MICROS
+        && started.elapsed() < Duration::from_secs(60)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writes the workload to the job's input at `--rate` for `--service-secs`;
