@@ -46,7 +46,9 @@ mod pattern;
 mod publisher;
 mod subscriber;
 
-pub use follow::{change_record, ChangeFeed, FollowEvent, FollowedChange, Follower, DEFAULT_LOOKBACK};
+pub use follow::{
+    broadcast_change, change_record, ChangeFeed, FollowEvent, FollowedChange, Follower, DEFAULT_LOOKBACK,
+};
 pub use pattern::Pattern;
 pub use publisher::{keep_alive_payload, NewLease, Publisher, CONTENT_TYPE_HEADER, KEEPALIVE_HEADER};
 pub use subscriber::{Delivery, QueueSubscriber, StartAt, Subscriber};

@@ -7,7 +7,7 @@ use prost_types::Timestamp;
 use tonic::Status;
 
 use crate::proto::omni::{self as pb, watch_event};
-use crate::pubsub::{FollowEvent, FollowedChange, PubSubError};
+use crate::pubsub::{broadcast_change, FollowEvent, FollowedChange, PubSubError};
 use crate::view::{ChangeRecord, RoomSnapshot, RoomSnapshotText, ViewError};
 
 /// A timestamp from RFC 3339 text; absent when the text is empty or malformed.
@@ -54,18 +54,11 @@ pub fn change_message(change: ChangeRecord) -> pb::StateChange {
 pub struct WireChange(pub pb::StateChange);
 
 impl WireChange {
-    /// The change of a broadcast record; a record whose message has no path
-    /// takes its key's. Fails on a record that is not a `StateChange` with a
-    /// JSON state, or whose path is not its key (watchers are found by the
-    /// key, and the follower refuses such a record too).
+    /// The change of a broadcast record, as [`broadcast_change`] reads it
+    /// (its key is its path). Fails on a record that is not a `StateChange`
+    /// with a JSON state, or whose path is another room's.
     pub fn decode(payload: &[u8], key: &str) -> Result<WireChange, String> {
-        use prost::Message as _;
-        let mut change = pb::StateChange::decode(payload).map_err(|e| e.to_string())?;
-        if change.path.is_empty() {
-            key.clone_into(&mut change.path);
-        } else if change.path != key {
-            return Err(format!("path {:?} differs from key {:?}", change.path, key));
-        }
+        let mut change = broadcast_change(payload, key)?;
         // As the change stream in Redis writes them (see `change_record`): a
         // cleared module is `{}`, and a missing time is the epoch.
         if change.state_json.is_empty() {

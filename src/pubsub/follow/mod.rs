@@ -340,14 +340,21 @@ fn decode(delivery: &Delivery) -> Result<ChangeRecord, PubSubError> {
         offset: delivery.offset,
         reason,
     };
-    let mut change =
-        StateChange::decode(delivery.payload.as_slice()).map_err(|e| fail(format!("not a StateChange: {e}")))?;
-    if change.path.is_empty() {
-        change.path.clone_from(&delivery.subject);
-    } else if change.path != delivery.subject {
-        return Err(fail(format!("path {:?} differs from key {:?}", change.path, delivery.subject)));
-    }
+    let change = broadcast_change(&delivery.payload, &delivery.subject).map_err(fail)?;
     change_record(change).map_err(|e| fail(format!("state_json is not JSON: {e}")))
+}
+
+/// The change a broadcast record carries. Its key is its path: a change
+/// without a path takes the key, and one whose path is another room's is
+/// refused, since subscribers find a room's changes by key.
+pub fn broadcast_change(payload: &[u8], key: &str) -> Result<StateChange, String> {
+    let mut change = StateChange::decode(payload).map_err(|e| format!("not a StateChange: {e}"))?;
+    if change.path.is_empty() {
+        key.clone_into(&mut change.path);
+    } else if change.path != key {
+        return Err(format!("path {:?} differs from key {:?}", change.path, key));
+    }
+    Ok(change)
 }
 
 /// Whether an error is Redis failing to answer (down, restarting, timing
