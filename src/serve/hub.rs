@@ -447,15 +447,18 @@ fn decode(payload: &[u8], subject: &str) -> Result<(WireChange, usize), String> 
 mod tests {
     use super::*;
 
-    fn change(version: u64, bytes: usize) -> Arc<Shared> {
-        let change = WireChange(crate::proto::omni::StateChange {
-            path: "app/a/room/r".into(),
+    fn state_change(path: &str, version: u64) -> crate::proto::omni::StateChange {
+        crate::proto::omni::StateChange {
+            path: path.into(),
             version,
             module: "tags".into(),
             state_json: "{}".into(),
             ..Default::default()
-        });
-        Arc::new(Shared { change, bytes, received: None })
+        }
+    }
+
+    fn change(version: u64, bytes: usize) -> Arc<Shared> {
+        Arc::new(Shared { change: WireChange(state_change("app/a/room/r", version)), bytes, received: None })
     }
 
     fn inbox(max_changes: usize, max_bytes: usize) -> Inbox {
@@ -528,15 +531,8 @@ mod tests {
 
     fn record(room: &str, version: u64) -> Recent {
         use prost::Message as _;
-        let change = crate::proto::omni::StateChange {
-            path: room.into(),
-            version,
-            module: "tags".into(),
-            state_json: "{}".into(),
-            ..Default::default()
-        };
         let at_millis = chrono::Utc::now().timestamp_millis();
-        Recent { path: room.into(), payload: change.encode_to_vec(), at_millis }
+        Recent { path: room.into(), payload: state_change(room, version).encode_to_vec(), at_millis }
     }
 
     /// Publishes `recent` as `receive` does, counting the decodes.

@@ -207,6 +207,12 @@ pub(crate) async fn create_pubsub_topic(t: &Topology) -> String {
     chat
 }
 
+/// Creates the job's broadcast topic before any job runs, for a test that writes it itself.
+pub(crate) async fn create_broadcast(t: &Topology) {
+    let spec = omni::kafka::TopicSpec { name: t.broadcast_topic.clone(), partitions: 4, configs: vec![] };
+    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+}
+
 pub(crate) fn topology_for(name: &str, dir: &FsPath) -> Topology {
     let mut t = fresh_topology(name, 4, &dir.join("state"));
     t.service.pubsub_topics = vec![format!("{}.chat", t.application_id)];

@@ -161,8 +161,7 @@ async fn a_fresh_service_is_ready_only_once_it_has_read_the_broadcasts_last_minu
     use omni::proto::Message as _;
     let dir = tempfile::tempdir().unwrap();
     let t = topology_for("serve-catchup", dir.path());
-    let spec = omni::kafka::TopicSpec { name: t.broadcast_topic.clone(), partitions: 4, configs: vec![] };
-    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    create_broadcast(&t).await;
     // A busy minute of broadcast, for the service to read before it is ready.
     let records = 300_000;
     let producer = producer();
@@ -222,8 +221,7 @@ async fn a_gap_no_change_stream_fills_is_a_resynchronisation_the_metrics_count()
     use omni::proto::Message as _;
     let dir = tempfile::tempdir().unwrap();
     let t = topology_for("serve-resync", dir.path());
-    let spec = omni::kafka::TopicSpec { name: t.broadcast_topic.clone(), partitions: 4, configs: vec![] };
-    omni::kafka::ensure_topics(&kafka(), &[spec]).await.unwrap();
+    create_broadcast(&t).await;
     let mut serve = ServeProcess::spawn(&t, dir.path(), &[]);
     let mut client = serve.client().await;
     let room = format!("app/{}/room/r1", t.application_id);
